@@ -1,0 +1,42 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv and install
+# what they need from pyproject.toml; nothing has to be installed by hand first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: demo test lint format install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/segray demo --out runs/demo $(DEMO_ARGS)
+
+# pytest exits 5 when it collects no test: say so and do not count it as a failure.
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check segray tests
+	$(BIN)/ruff format --check segray tests
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff format segray tests
+	$(BIN)/ruff check --fix segray tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

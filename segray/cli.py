@@ -1,0 +1,167 @@
+"""The ``segray`` command line: a thin layer that maps flags to library calls.
+
+Heavy libraries (tensorflow, ray) are imported inside the commands that need them, so
+``segray --help`` answers at once. Errors about the user's input (a bad tile, a missing file, an
+unknown model) are printed as one line and exit with status 1; ``SEGRAY_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+
+class _Group(click.Group):
+    """A click group that turns input errors into one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except (ValueError, OSError, KeyError) as exc:
+            if os.environ.get("SEGRAY_DEBUG"):
+                raise
+            raise click.ClickException(str(exc) or type(exc).__name__) from exc
+
+
+endpoint_option = click.option(
+    "--s3-endpoint",
+    "endpoint",
+    default=None,
+    envvar="AWS_ENDPOINT_URL",
+    help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="segray")
+def cli() -> None:
+    """segray: distributed semantic segmentation of satellite imagery on Ray."""
+
+
+@cli.command()
+@click.option("--out", required=True, help="Output folder or s3:// prefix.")
+@click.option(
+    "--layout",
+    type=click.Choice(["paired", "geotiff", "scene"]),
+    default="paired",
+    show_default=True,
+    help="paired PNG folders, GeoTIFF tiles on a grid, or large GeoTIFF scenes.",
+)
+@click.option("--count", default=16, show_default=True, help="Number of tiles (or scenes).")
+@click.option("--size", default=64, show_default=True, help="Tile size in pixels.")
+@click.option("--scene-size", default=2048, show_default=True, help="Scene size (layout=scene).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--mode", type=click.Choice(["multiclass", "binary"]), default="multiclass")
+@click.option("--bands", type=click.IntRange(3, 4), default=3, show_default=True)
+@endpoint_option
+def synth(
+    out: str,
+    layout: str,
+    count: int,
+    size: int,
+    scene_size: int,
+    seed: int,
+    mode: str,
+    bands: int,
+    endpoint: str | None,
+) -> None:
+    """Write a deterministic synthetic satellite collection."""
+    from segray import storage
+    from segray import synth as synth_mod
+
+    storage.make_bucket(out, endpoint=endpoint)
+    summary = synth_mod.write_collection(
+        out,
+        layout=layout,
+        count=count,
+        size=size,
+        seed=seed,
+        mode=mode,
+        bands=bands,
+        endpoint=endpoint,
+        scene_size=scene_size,
+    )
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@cli.command()
+@click.argument("uris", nargs=-1, required=True)
+@click.option("--bands", default=None, help="1-based bands to select, e.g. 1,2,3.")
+@endpoint_option
+def check(uris: tuple[str, ...], bands: str | None, endpoint: str | None) -> None:
+    """Decode tiles (files, folders or s3:// prefixes) and print their shape and georeference."""
+    from segray import imagery, storage
+
+    band_list = tuple(int(b) for b in bands.split(",")) if bands else None
+    files = [
+        f
+        for uri in uris
+        for f in storage.list_files(uri, suffixes=imagery_suffixes(), endpoint=endpoint) or [uri]
+    ]
+    bad = 0
+    for uri in files:
+        try:
+            tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri, bands=band_list)
+        except (imagery.TileError, storage.StorageError) as exc:
+            if len(files) == 1:
+                raise click.ClickException(str(exc)) from exc
+            bad += 1
+            click.echo(f"error: {exc}", err=True)
+            continue
+        h, w, c = tile.shape
+        geo = (
+            f" {tile.crs} origin=({tile.transform.c:.2f}, {tile.transform.f:.2f})"
+            if tile.georeferenced
+            else ""
+        )
+        click.echo(f"{uri}: {tile.format} {w}x{h}x{c} {tile.array.dtype}{geo}")
+    if bad:
+        raise click.ClickException(f"{bad} of {len(files)} tile(s) could not be read")
+
+
+def imagery_suffixes() -> tuple[str, ...]:
+    """File suffixes treated as tiles when a folder is given."""
+    return (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@cli.command()
+@click.option("--classes", "num_classes", default=5, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Input height and width.")
+@click.option("--channels", default=3, show_default=True)
+def models(num_classes: int, size: int, channels: int) -> None:
+    """List every model with its parameter count at the given input size."""
+    from segray.models import describe_models
+
+    rows = describe_models(num_classes=num_classes, input_shape=(size, size, channels))
+    click.echo(f"{'model':<22} {'family':<10} {'stride':>6} {'params':>12}")
+    for row in rows:
+        params = f"{row['params']:,}" if row.get("params") is not None else row.get("error", "")
+        click.echo(f"{row['name']:<22} {row['family']:<10} {row['output_stride']:>6} {params:>12}")
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Folder for every output.")
+@click.option("--s3", "use_s3", is_flag=True, help="Put every URI on a local moto S3 server.")
+@click.option("--count", default=24, show_default=True, help="Synthetic tiles to make.")
+@click.option("--size", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def demo(out: str, use_s3: bool, count: int, size: int, seed: int) -> None:
+    """Run the main job on the embedded default: synthetic tiles, local storage, tiny settings."""
+    from segray.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, use_s3=use_s3, count=count, size=size, seed=seed), echo=click.echo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="segray")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

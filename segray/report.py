@@ -1,0 +1,63 @@
+"""Pictures and tables people look at: overlays of image | truth | prediction, summaries.
+
+Colour follows the collection's palette, so the same class has the same colour in every picture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: Colours for class ids when a collection brings none (background black).
+DEFAULT_PALETTE = (
+    (0, 0, 0),
+    (230, 25, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (60, 180, 75),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+)
+
+
+def colourise(mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """An (H, W, 3) uint8 picture of a class mask."""
+    table = np.asarray(palette or DEFAULT_PALETTE, dtype=np.uint8)
+    if int(mask.max(initial=0)) >= len(table):
+        extra = np.random.default_rng(0).integers(0, 256, (256 - len(table), 3), dtype=np.uint8)
+        table = np.concatenate([table, extra])
+    return table[mask]
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """The first three bands of an image as displayable uint8 RGB (grey for one band)."""
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    rgb = image[..., :3]
+    if rgb.dtype != np.uint8:
+        lo, hi = np.percentile(rgb, (2, 98))
+        rgb = np.clip((rgb - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    return rgb
+
+
+def overlay_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    palette: Sequence[Sequence[int]] | None = None,
+    gap: int = 2,
+) -> np.ndarray:
+    """Tile rows of (image, mask, mask, …) into one RGB picture: image | truth | prediction.
+
+    The first entry of a row is an image (H, W, C); the others are class masks (H, W).
+    """
+    if not rows:
+        raise ValueError("overlay_grid needs at least one row")
+    panels = [[display_rgb(row[0])] + [colourise(m, palette) for m in row[1:]] for row in rows]
+    h, w = panels[0][0].shape[:2]
+    ncols = max(len(p) for p in panels)
+    out = np.full((len(panels) * (h + gap) - gap, ncols * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = panel
+    return out

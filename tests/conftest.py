@@ -1,0 +1,46 @@
+"""Session fixtures: a real moto S3 server process on 127.0.0.1 and a real local Ray instance."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from segray import storage
+from segray.s3server import TEST_CREDENTIALS, MotoServer
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server process, with test credentials in the environment for its lifetime."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in TEST_CREDENTIALS.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(key, raising=False)
+        with MotoServer() as server:
+            yield server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server) -> str:
+    """The URL of the moto server (``http://127.0.0.1:PORT``)."""
+    return s3_server.endpoint
+
+
+@pytest.fixture
+def s3_prefix(s3_endpoint) -> str:
+    """A fresh ``s3://bucket/prefix`` on the moto server for one test."""
+    uri = f"s3://segray-test/{uuid.uuid4().hex[:12]}"
+    storage.make_bucket(uri, endpoint=s3_endpoint)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A local Ray instance whose workers see the S3 server's credentials (forwarded by segray)."""
+    from segray.runtime import init_ray
+
+    ray = init_ray(num_cpus=4, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,86 @@
+"""The CLI through click's runner, and the import-time promise (no tensorflow, no ray)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from segray import imagery, storage, synth
+from segray.cli import cli
+
+
+def test_help_lists_commands_and_import_is_light():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("synth", "check", "models", "demo"):
+        assert command in result.output
+    code = (
+        "import sys, segray, segray.cli, segray.storage, segray.imagery, segray.synth;"
+        "heavy = [m for m in ('tensorflow', 'ray', 'keras', 'boto3') if m in sys.modules];"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_synth_to_s3_endpoint(s3_endpoint):
+    out = "s3://cli-synth-bucket/x"
+    result = CliRunner().invoke(
+        cli,
+        ["synth", "--out", out, "--s3-endpoint", s3_endpoint, "--count", "3", "--size", "32"],
+    )
+    assert result.exit_code == 0, result.output
+    files = storage.list_files(out, endpoint=s3_endpoint)
+    names = sorted(storage.relative_to(out, f) for f in files)
+    assert names == [
+        "classes.json",
+        *[f"images/tile_{i:05d}.png" for i in range(3)],
+        *[f"masks/tile_{i:05d}.png" for i in range(3)],
+    ]
+    image, mask = synth.generate_tile(32, synth.tile_seed(0, 1))
+    written = imagery.decode(
+        storage.read_bytes(f"{out}/images/tile_00001.png", endpoint=s3_endpoint)
+    )
+    assert (written.array == image).all()
+
+
+def test_check_describes_geotiff_and_names_corrupt_tile(tmp_path):
+    synth.write_collection(str(tmp_path), layout="geotiff", count=2, size=32)
+    good = CliRunner().invoke(cli, ["check", str(tmp_path / "images")])
+    assert good.exit_code == 0, good.output
+    assert "EPSG:32633" in good.output and "32x32x3 uint8" in good.output
+
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes((tmp_path / "images" / "tile_r000_c000.tif").read_bytes()[:300])
+    result = CliRunner().invoke(cli, ["check", str(bad)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "corrupt or truncated TIFF" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_check_folder_with_one_bad_tile_reports_it_and_fails(tmp_path):
+    synth.write_collection(str(tmp_path), count=2, size=32)
+    (tmp_path / "images" / "zero.png").write_bytes(b"")
+    result = CliRunner().invoke(cli, ["check", str(tmp_path / "images")])
+    assert result.exit_code == 1
+    assert "zero.png: empty file" in result.output
+    assert "1 of 3 tile(s) could not be read" in result.output
+
+
+def test_bad_option_value_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path), "--size", "4"])
+    assert result.exit_code == 1
+    assert "size" in result.output and "Traceback" not in result.output
+
+
+def test_demo_runs_and_says_where_outputs_are(tmp_path, ray_local):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--count", "6", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    assert str(out / "preview.png") in result.output
+    preview = imagery.decode((out / "preview.png").read_bytes())
+    assert preview.shape[2] == 3 and preview.shape[1] == 2 * 32 + 2
+    assert (out / "scenes" / "scene_000.tif").exists()

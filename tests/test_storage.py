@@ -1,0 +1,99 @@
+"""Storage on both backends: local folders and a real S3 endpoint (moto server over HTTP)."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+
+from segray import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def base(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "data"), None
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return request.getfixturevalue("s3_prefix"), endpoint
+
+
+def test_write_read_exists_list(base):
+    root, endpoint = base
+    files = {"images/a.png": b"A", "images/b.tif": b"BB", "images/sub/c.PNG": b"C", "x.txt": b"x"}
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(root, rel), data, endpoint=endpoint)
+    for rel, data in files.items():
+        assert storage.read_bytes(storage.join(root, rel), endpoint=endpoint) == data
+        assert storage.exists(storage.join(root, rel), endpoint=endpoint)
+    assert not storage.exists(storage.join(root, "images/zzz.png"), endpoint=endpoint)
+    assert storage.exists(storage.join(root, "images"), endpoint=endpoint)
+
+    everything = storage.list_files(root, endpoint=endpoint)
+    assert sorted(storage.relative_to(root, u) for u in everything) == sorted(files)
+    pngs = storage.list_files(storage.join(root, "images"), suffixes=".png", endpoint=endpoint)
+    assert [storage.relative_to(root, u) for u in pngs] == ["images/a.png", "images/sub/c.PNG"]
+    tifs = storage.list_files(root, pattern="*.tif", endpoint=endpoint)
+    assert [storage.relative_to(root, u) for u in tifs] == ["images/b.tif"]
+    sub = storage.list_files(root, pattern="images/sub/*", endpoint=endpoint)
+    assert [storage.relative_to(root, u) for u in sub] == ["images/sub/c.PNG"]
+
+
+def test_overwrite_replaces_whole_object(base):
+    root, endpoint = base
+    uri = storage.join(root, "m.bin")
+    storage.write_bytes(uri, b"0" * 1000, endpoint=endpoint)
+    storage.write_bytes(uri, b"new", endpoint=endpoint)
+    assert storage.read_bytes(uri, endpoint=endpoint) == b"new"
+
+
+def test_local_write_leaves_no_temp_files_and_survives_failure(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "mask.png"
+    storage.write_bytes(str(target), b"good")
+    assert os.listdir(tmp_path / "out") == ["mask.png"]
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_bytes(str(target), b"half")
+    assert target.read_bytes() == b"good"
+    assert os.listdir(tmp_path / "out") == ["mask.png"]
+
+
+def test_file_uri_and_errors(tmp_path):
+    path = tmp_path / "a.bin"
+    storage.write_bytes(f"file://{path}", b"abc")
+    assert storage.read_bytes(str(path)) == b"abc"
+    with pytest.raises(storage.StorageError, match="missing.bin"):
+        storage.read_bytes(str(tmp_path / "missing.bin"))
+    with pytest.raises(storage.StorageError, match="unsupported scheme 'gs'"):
+        storage.parse("gs://bucket/x")
+    with pytest.raises(storage.StorageError, match="needs a bucket"):
+        storage.parse("s3:///x")
+
+
+def test_s3_missing_object_names_uri(s3_prefix, s3_endpoint):
+    uri = storage.join(s3_prefix, "nope.png")
+    with pytest.raises(storage.StorageError, match="nope.png"):
+        storage.read_bytes(uri, endpoint=s3_endpoint)
+
+
+def test_endpoint_from_environment(s3_prefix, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    uri = storage.join(s3_prefix, "env.bin")
+    storage.write_bytes(uri, b"via env")
+    assert storage.read_bytes(uri, endpoint=s3_endpoint) == b"via env"
+
+
+def test_pyarrow_filesystem_reads_what_boto3_wrote(base):
+    root, endpoint = base
+    uri = storage.join(root, "pa/one.bin")
+    storage.write_bytes(uri, b"payload", endpoint=endpoint)
+    fs, path = storage.pyarrow_filesystem(uri, endpoint=endpoint)
+    with fs.open_input_stream(path) as f:
+        assert f.read() == b"payload"
+    fs_dir, dir_path = storage.pyarrow_filesystem(storage.join(root, "pa"), endpoint=endpoint)
+    infos = fs_dir.get_file_info(pafs.FileSelector(dir_path, recursive=True))
+    assert [i.base_name for i in infos if i.type == pafs.FileType.File] == ["one.bin"]
