@@ -145,6 +145,100 @@ def models(num_classes: int, size: int, channels: int) -> None:
         click.echo(f"{row['name']:<22} {row['family']:<10} {row['output_stride']:>6} {params:>12}")
 
 
+def _parse_bands(value: str | None) -> tuple[int, ...] | None:
+    return tuple(int(b) for b in value.split(",")) if value else None
+
+
+def train_options(func: Any) -> Any:
+    """The options of ``segray train`` (shared with jobs/train.py)."""
+    options = [
+        click.option("--data", required=True, help="Labelled collection: folder or s3:// prefix."),
+        click.option(
+            "--layout",
+            type=click.Choice(["paired", "nuclei", "palette", "polygons"]),
+            default="paired",
+            show_default=True,
+        ),
+        click.option("--model", default="unet", show_default=True, help="See `segray models`."),
+        click.option("--encoder", default=None, help="Backbone for encoder models."),
+        click.option("--weights", default=None, help="'imagenet' for pretrained encoders."),
+        click.option(
+            "--model-option",
+            "model_option",
+            multiple=True,
+            help="Model option KEY=VALUE (JSON value), e.g. base_filters=8.",
+        ),
+        click.option("--classes", "num_classes", default=2, show_default=True),
+        click.option("--size", default=128, show_default=True, help="Tile size for training."),
+        click.option("--bands", default=None, help="1-based bands, e.g. 1,2,3."),
+        click.option("--palette", default=None, help="Palette JSON for --layout palette."),
+        click.option("--epochs", default=20, show_default=True),
+        click.option("--batch-size", default=16, show_default=True, help="Global batch size."),
+        click.option("--workers", default=2, show_default=True),
+        click.option("--gpu", "use_gpu", is_flag=True, help="One GPU per worker."),
+        click.option("--cpus-per-worker", default=1.0, show_default=True),
+        click.option("--optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default="adam"),
+        click.option("--lr", "learning_rate", default=1e-3, show_default=True),
+        click.option(
+            "--schedule", type=click.Choice(["constant", "cosine", "step"]), default="constant"
+        ),
+        click.option("--loss", default="ce+dice", show_default=True, help="e.g. 0.7*ce+0.3*dice"),
+        click.option("--monitor", default="val_miou", show_default=True),
+        click.option("--patience", default=None, type=int, help="Early stopping patience."),
+        click.option("--val-fraction", default=0.2, show_default=True),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--no-augment", is_flag=True, help="Turn augmentation off."),
+        click.option("--out", required=True, help="Run folder: local or s3:// prefix."),
+        click.option("--resume", is_flag=True, help="Continue this run from its last checkpoint."),
+        click.option("--resume-from", default=None, help="Start from a checkpoint folder."),
+        click.option("--max-failures", default=2, show_default=True),
+        endpoint_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def train_config_from_options(**kw: Any) -> Any:
+    """A TrainConfig from ``segray train`` options."""
+    from segray.augment import AugmentConfig
+    from segray.train import TrainConfig
+
+    model_options = {}
+    for item in kw.pop("model_option"):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(
+                f"expected KEY=VALUE, got {item!r}", param_hint="--model-option"
+            )
+        try:
+            model_options[key] = json.loads(value)
+        except ValueError:
+            model_options[key] = value
+    no_augment = kw.pop("no_augment")
+    kw["bands"] = _parse_bands(kw["bands"])
+    return TrainConfig(
+        model_options=model_options,
+        augment=AugmentConfig.off() if no_augment else AugmentConfig(),
+        **kw,
+    )
+
+
+@cli.command()
+@train_options
+def train(**kw: Any) -> None:
+    """Train a model on N Ray Train workers and write a run folder."""
+    from segray.train import train as run_training
+
+    result = run_training(train_config_from_options(**kw))
+    best = {k: round(v, 4) for k, v in result.best.items() if isinstance(v, float)}
+    click.echo(
+        f"trained epochs {result.starts[-1]}..{result.epochs_run} "
+        f"in {result.seconds:.0f} s; best epoch {result.best_epoch}: {best}\n"
+        f"run folder: {result.out} (model.keras, model.json, metrics.csv, curves.png)"
+    )
+
+
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, help="Folder for every output.")
 @click.option("--s3", "use_s3", is_flag=True, help="Put every URI on a local moto S3 server.")

@@ -1,0 +1,349 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Keras 3's ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` inside Ray Train ("Attempt to
+convert a value (PerReplica…)", ray-project/ray#47464, keras-team/keras#20585), so the step is
+written out: ``strategy.run`` of a ``GradientTape`` step, the loss summed over the worker's samples
+and divided by the sample count of the *global* batch (``tf.nn.compute_average_loss``), and
+``optimizer.apply_gradients``, whose cross-replica gradient sum keeps every replica identical.
+Padding rows (weight 0, see :func:`segray.train.pad_to_multiple`) count for nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from segray import storage
+from segray.augment import AugmentConfig, augment_batch
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.npz"
+
+
+def make_optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> Any:
+    """The optimiser with its learning-rate schedule."""
+    import keras
+
+    lr: Any = cfg["learning_rate"]
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+    if cfg["schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total, alpha=0.01)
+    elif cfg["schedule"] == "step":
+        lr = keras.optimizers.schedules.ExponentialDecay(
+            lr, cfg["step_epochs"] * steps_per_epoch, cfg["step_gamma"], staircase=True
+        )
+    if cfg["optimizer"] == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg["momentum"])
+    if cfg["optimizer"] == "rmsprop":
+        return keras.optimizers.RMSprop(lr)
+    return keras.optimizers.Adam(lr)
+
+
+class Steps:
+    """The compiled distributed train and validation steps of one model."""
+
+    def __init__(
+        self, strategy: Any, model: Any, optimizer: Any, loss: Any, classes: int, global_batch: int
+    ) -> None:
+        import tensorflow as tf
+
+        from segray import metrics
+
+        self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        sum_ = tf.distribute.ReduceOp.SUM
+
+        def global_count(w: Any) -> Any:
+            ctx = tf.distribute.get_replica_context()
+            return tf.maximum(ctx.all_reduce(sum_, tf.reduce_sum(w)), 1.0)
+
+        def train_step(x: Any, y: Any, w: Any) -> Any:
+            with tf.GradientTape() as tape:
+                per_sample = loss(y, model(x, training=True))
+                # Average over the real samples of the global batch: padding rows weigh 0, so
+                # the weights are rescaled by (global batch / real samples in it).
+                scaled = tf.nn.compute_average_loss(
+                    per_sample,
+                    sample_weight=w * (global_batch / global_count(w)),
+                    global_batch_size=global_batch,
+                )
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return tf.reduce_sum(per_sample * w), tf.reduce_sum(w)
+
+        def val_step(x: Any, y: Any, w: Any) -> Any:
+            logits = model(x, training=False)
+            per_sample = loss(y, logits)
+            pred = metrics.logits_to_labels(logits)
+            keep = tf.reshape(w > 0, (-1, 1, 1))
+            truth = tf.where(keep, tf.cast(y, tf.int32), classes)  # padding → ignored label
+            cm = metrics.confusion_matrix(truth, pred, classes)
+            return tf.reduce_sum(per_sample * w), tf.reduce_sum(w), tf.cast(cm, tf.float32)
+
+        def reduce(values: Any) -> Any:
+            return [strategy.reduce(sum_, v, axis=None) for v in values]
+
+        spec = (
+            tf.TensorSpec([None, None, None, None], tf.float32),
+            tf.TensorSpec([None, None, None], tf.int32),
+            tf.TensorSpec([None], tf.float32),
+        )
+        self.train = tf.function(
+            lambda x, y, w: reduce(strategy.run(train_step, (x, y, w))), input_signature=spec
+        )
+        self.val = tf.function(
+            lambda x, y, w: reduce(strategy.run(val_step, (x, y, w))), input_signature=spec
+        )
+
+
+def weights_checksum(model: Any) -> str:
+    """A hash of every weight's bytes: equal on two replicas only if they are bit-identical."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _batches(shard: Any, batch: int, scale: float) -> Any:
+    for b in shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False):
+        images = np.stack(list(b["image"])) if b["image"].dtype == object else b["image"]
+        masks = np.stack(list(b["mask"])) if b["mask"].dtype == object else b["mask"]
+        yield images.astype(np.float32) / np.float32(scale), masks, b["weight"], b["id"]
+
+
+def _restore(checkpoint: Any, model: Any, optimizer: Any) -> dict[str, Any]:
+    """Load weights, optimiser state and the loop state of a checkpoint into live objects."""
+    from segray import models
+
+    with checkpoint.as_directory() as folder:
+        saved = models.load_model(os.path.join(folder, "model.keras"))
+        model.set_weights(saved.get_weights())
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            state = json.load(f)
+        opt_path = os.path.join(folder, OPTIMIZER_FILE)
+        if os.path.exists(opt_path):
+            arrays = np.load(opt_path)
+            optimizer.build(model.trainable_variables)
+            for i, var in enumerate(optimizer.variables):
+                var.assign(arrays[f"v{i}"])
+    return state
+
+
+def _save(model: Any, optimizer: Any, card: dict[str, Any], state: dict[str, Any]) -> str:
+    from segray.modelio import ModelCard, save_model
+
+    folder = tempfile.mkdtemp(prefix="segray-ckpt-")
+    save_model(model, ModelCard(**card), folder)
+    np.savez(
+        os.path.join(folder, OPTIMIZER_FILE),
+        **{f"v{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)},
+    )
+    with open(os.path.join(folder, STATE_FILE), "w") as f:
+        json.dump(state, f, indent=2)
+    return folder
+
+
+def _summary(cm: np.ndarray) -> dict[str, float]:
+    from segray import metrics
+
+    ious = metrics.iou_per_class(cm)
+    out = {
+        "val_miou": float(metrics.mean_iou(cm)),
+        "val_pixel_accuracy": float(metrics.pixel_accuracy(cm)),
+    }
+    out.update({f"val_iou_{i}": float(v) for i, v in enumerate(ious)})
+    return out
+
+
+def _build(cfg: dict[str, Any], card: dict[str, Any]) -> Any:
+    from segray import models
+
+    return models.build_model(
+        cfg["model"],
+        cfg["num_classes"],
+        tuple(card["input_shape"]),
+        encoder=cfg["encoder"],
+        weights=cfg["weights"],
+        **cfg["model_options"],
+    )
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: one worker's share of the whole run."""
+    import ray.train
+    import tensorflow as tf
+
+    from segray import losses
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    cfg, card = loop["config"], dict(loop["card"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    per_worker = cfg["batch_size"] // cfg["workers"]
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop["val_count"] else None
+    steps_per_epoch = max(1, -(-loop["train_count"] // (per_worker * world)))
+    if cfg["use_gpu"]:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    with strategy.scope():
+        model = _build(cfg, card)
+        optimizer = make_optimizer(cfg, steps_per_epoch)
+        optimizer.build(model.trainable_variables)
+        state = {"epoch": 0, "history": [], "best": None, "bad_epochs": 0}
+        checkpoint = ray.train.get_checkpoint() or latest_checkpoint(cfg["out"], cfg["endpoint"])
+        if checkpoint is None and cfg["resume_from"]:
+            checkpoint = _checkpoint_from_uri(cfg["resume_from"], cfg["endpoint"])
+        if checkpoint is not None:
+            state = _restore(checkpoint, model, optimizer)
+            if rank == 0:
+                sys.stdout.write(f"resuming after epoch {state['epoch']} ({checkpoint.path})\n")
+    # Each start of the loop (fresh, resumed, or restarted after a worker failure) is recorded.
+    state["starts"] = [*state.get("starts", []), state["epoch"] + 1]
+    loss = losses.build_loss(cfg["loss"], cfg["num_classes"], cfg["class_weights"])
+    steps = Steps(strategy, model, optimizer, loss, cfg["num_classes"], per_worker * world)
+    aug = AugmentConfig(**cfg["augment"])
+    for epoch in range(state["epoch"] + 1, cfg["epochs"] + 1):
+        _maybe_fail(cfg, epoch, rank)
+        row, ids = _train_epoch(steps, train_shard, cfg, card, aug, per_worker, epoch, rank)
+        row.update(_validate(steps, val_shard, per_worker, card["scale"]) if val_shard else {})
+        row["epoch"] = epoch
+        state = _advance(state, row, cfg)
+        if cfg["diagnostics"]:
+            _write_diagnostics(cfg, epoch, rank, ids, model, per_worker * world)
+        if rank == 0:
+            _print_progress(row, cfg["epochs"])
+        card["metrics"], card["epoch"] = row, epoch
+        ckpt = None
+        if rank == 0:
+            ckpt = ray.train.Checkpoint.from_directory(_save(model, optimizer, card, state))
+        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if state["bad_epochs"] and cfg["patience"] and state["bad_epochs"] >= cfg["patience"]:
+            if rank == 0:
+                print(
+                    f"early stopping: {cfg['monitor']} did not improve for {cfg['patience']} epochs"
+                )
+            break
+
+
+def _train_epoch(
+    steps: Steps,
+    shard: Any,
+    cfg: dict,
+    card: dict,
+    aug: AugmentConfig,
+    per_worker: int,
+    epoch: int,
+    rank: int,
+) -> tuple[dict[str, float], list[str]]:
+    rng = np.random.default_rng([cfg["seed"], epoch, rank])
+    total, count, ids, start = 0.0, 0.0, [], time.monotonic()
+    for images, masks, weights, batch_ids in _batches(shard, per_worker, card["scale"]):
+        images, masks = augment_batch(images, masks, aug, rng)
+        loss_sum, n = steps.train(images, masks.astype(np.int32), weights.astype(np.float32))
+        total, count = total + float(loss_sum), count + float(n)
+        ids.extend(str(i) for i, w in zip(batch_ids, weights, strict=True) if w > 0)
+    seconds = time.monotonic() - start
+    return {"loss": total / max(count, 1.0), "img_per_s": count / max(seconds, 1e-9)}, ids
+
+
+def _validate(steps: Steps, shard: Any, per_worker: int, scale: float) -> dict[str, float]:
+    total, count, cm = 0.0, 0.0, None
+    for images, masks, weights, _ in _batches(shard, per_worker, scale):
+        loss_sum, n, batch_cm = steps.val(
+            images, masks.astype(np.int32), weights.astype(np.float32)
+        )
+        total, count = total + float(loss_sum), count + float(n)
+        cm = np.asarray(batch_cm) if cm is None else cm + np.asarray(batch_cm)
+    out = {"val_loss": total / max(count, 1.0)}
+    if cm is not None:
+        out.update(_summary(cm.astype(np.int64)))
+    return out
+
+
+def _advance(state: dict[str, Any], row: dict[str, float], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Record an epoch and update the early-stopping bookkeeping (identical on every worker)."""
+    from segray.train import MONITOR_MODES
+
+    value = row.get(cfg["monitor"], float("nan"))
+    better = state["best"] is None or (
+        value > state["best"] if MONITOR_MODES[cfg["monitor"]] == "max" else value < state["best"]
+    )
+    return {
+        **state,
+        "epoch": row["epoch"],
+        "history": [*state["history"], row],
+        "best": value if better else state["best"],
+        "bad_epochs": 0 if better else state["bad_epochs"] + 1,
+    }
+
+
+def _print_progress(row: dict[str, float], epochs: int) -> None:
+    val = (
+        f" val_loss {row['val_loss']:.4f} val_mIoU {row['val_miou']:.3f}"
+        if "val_miou" in row
+        else ""
+    )
+    # sys.stdout, not print: Ray Train patches print() into its logger, which doubles the line.
+    sys.stdout.write(
+        f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}{val} {row['img_per_s']:.1f} img/s\n"
+    )
+    sys.stdout.flush()
+
+
+def latest_checkpoint(out: str, endpoint: str | None) -> Any:
+    """The newest complete ``epoch_NNNN`` checkpoint under a run folder, or None.
+
+    Ray Train hands restarted workers its latest registered checkpoint, but a worker lost right
+    after a report can beat the registration (seen with Ray 2.60): the folders themselves are the
+    record, and one counts only when all its files are there.
+    """
+    files = set(storage.list_files(out, pattern="epoch_*/*", endpoint=endpoint))
+    folders = sorted({f.rsplit("/", 1)[0] for f in files}, reverse=True)
+    needed = ("model.keras", "model.json", OPTIMIZER_FILE, STATE_FILE)
+    for folder in folders:
+        if all(storage.join(folder, name) in files for name in needed):
+            return _checkpoint_from_uri(folder, endpoint)
+    return None
+
+
+def _checkpoint_from_uri(uri: str, endpoint: str | None) -> Any:
+    import ray.train
+
+    if storage.is_s3(uri):
+        fs, path = storage.pyarrow_filesystem(uri, endpoint=endpoint)
+        return ray.train.Checkpoint(path=path, filesystem=fs)
+    return ray.train.Checkpoint.from_directory(storage.parse(uri).path)
+
+
+def _maybe_fail(cfg: dict[str, Any], epoch: int, rank: int) -> None:
+    """Test-only fault injection: the last worker dies once, at the start of ``fail_at_epoch``."""
+    if cfg["fail_at_epoch"] != epoch or rank != cfg["workers"] - 1:
+        return
+    marker = storage.join(cfg["out"], "_fault_injected")
+    if storage.exists(marker, endpoint=cfg["endpoint"]):
+        return
+    storage.write_text(marker, f"worker {rank} killed at epoch {epoch}\n", endpoint=cfg["endpoint"])
+    os._exit(1)
+
+
+def _write_diagnostics(
+    cfg: dict[str, Any], epoch: int, rank: int, ids: list[str], model: Any, global_batch: int
+) -> None:
+    doc = {
+        "rank": rank,
+        "epoch": epoch,
+        "ids": ids,
+        "weights_sha256": weights_checksum(model),
+        "global_batch": global_batch,
+    }
+    uri = storage.join(cfg["out"], "diagnostics", f"epoch{epoch:04d}_rank{rank}.json")
+    storage.write_text(uri, json.dumps(doc), endpoint=cfg["endpoint"])

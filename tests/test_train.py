@@ -1,0 +1,171 @@
+"""Distributed training on a real local Ray: sync, sharding, faults, resume, learning, S3."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from segray import datasets, imagery, inference, metrics, modelio, storage, synth
+from segray.augment import AugmentConfig
+from segray.models import ModelError
+from segray.train import TrainConfig, TrainError, prepare, train
+
+TINY = {"base_filters": 4, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def binary_tiles(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("tiles"))
+    synth.write_collection(root, count=22, size=32, mode="binary", seed=3)
+    return root
+
+
+def tiny_config(data: str, out: str, **kw) -> TrainConfig:
+    base = dict(
+        data=data,
+        out=out,
+        model_options=TINY,
+        num_classes=2,
+        size=32,
+        epochs=2,
+        batch_size=4,
+        workers=2,
+        max_failures=0,
+        diagnostics=True,
+        augment=AugmentConfig.off(),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def diagnostics(out: str, epoch: int, workers: int) -> list[dict]:
+    return [
+        json.loads(storage.read_text(f"{out}/diagnostics/epoch{epoch:04d}_rank{r}.json"))
+        for r in range(workers)
+    ]
+
+
+@pytest.mark.slow
+def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
+    binary_tiles, tmp_path, ray_local
+):
+    out = str(tmp_path / "run")
+    result = train(tiny_config(binary_tiles, out))
+    assert result.epochs_run == 2 and result.starts == [1]
+    train_ids, _ = datasets.split_samples(
+        datasets.find_samples(datasets.DatasetSpec(binary_tiles)), 0.2, 0
+    )
+    expected = sorted(s.id for s in train_ids)
+    for epoch in (1, 2):
+        ranks = diagnostics(out, epoch, 2)
+        # replicas bit-identical after every epoch
+        assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+        # every training sample exactly once across workers; global batch = 2 per worker x 2
+        seen = ranks[0]["ids"] + ranks[1]["ids"]
+        assert sorted(seen) == expected
+        assert all(r["global_batch"] == 4 for r in ranks)
+    # the run folder has what bulk prediction and Serve load
+    for name in ("model.keras", "model.json", "metrics.csv", "curves.png", "last/model.keras"):
+        assert storage.exists(f"{out}/{name}"), name
+    assert len(storage.read_text(f"{out}/metrics.csv").strip().splitlines()) == 3
+    curves = imagery.decode(storage.read_bytes(f"{out}/curves.png"))
+    assert curves.shape[0] > 100 and curves.shape[1] > 100
+
+    # without --resume the folder is refused; with it, a 4-epoch run starts at epoch 3
+    with pytest.raises(TrainError, match="already holds checkpoints"):
+        prepare(tiny_config(binary_tiles, out, epochs=4))
+    resumed = train(tiny_config(binary_tiles, out, epochs=4, resume=True))
+    assert resumed.starts == [1, 3]
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert len(storage.read_text(f"{out}/metrics.csv").strip().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_lost_worker_restarts_from_last_checkpoint(binary_tiles, tmp_path, ray_local):
+    out = str(tmp_path / "fault")
+    result = train(tiny_config(binary_tiles, out, epochs=3, fail_at_epoch=2, max_failures=1))
+    assert storage.exists(f"{out}/_fault_injected")
+    assert result.starts == [1, 2]  # the group restarted at epoch 2 from epoch 1's checkpoint
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert "val_miou" in result.best
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3_load_back_identical(
+    binary_tiles, tmp_path, s3_prefix, s3_endpoint, ray_local
+):
+    out = f"{s3_prefix}/run"
+    train(tiny_config(binary_tiles, out, epochs=1, workers=1, batch_size=4, endpoint=s3_endpoint))
+    s3_model, card = modelio.load_model(out, endpoint=s3_endpoint)
+    local = tmp_path / "copy"
+    for name in ("model.keras", "model.json"):
+        storage.write_bytes(
+            str(local / name), storage.read_bytes(f"{out}/{name}", endpoint=s3_endpoint)
+        )
+    local_model, local_card = modelio.load_model(str(local))
+    assert card == local_card and card.name == "unet" and card.input_shape == (32, 32, 3)
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(s3_model(x)), np.asarray(local_model(x)))
+    epoch_dirs = storage.list_files(out, pattern="epoch_0001/*", endpoint=s3_endpoint)
+    assert any(u.endswith("model.keras") for u in epoch_dirs)
+
+
+@pytest.mark.slow
+def test_small_unet_learns_buildings(tmp_path, ray_local):
+    data = str(tmp_path / "data")
+    synth.write_collection(data, count=96, size=64, mode="binary", seed=11)
+    out = str(tmp_path / "learn")
+    cfg = TrainConfig(
+        data=data,
+        out=out,
+        model_options={"base_filters": 8, "depth": 3},
+        num_classes=2,
+        size=64,
+        epochs=14,
+        batch_size=8,
+        workers=1,
+        learning_rate=3e-3,
+        max_failures=0,
+        augment=AugmentConfig(hue=0.0, brightness=0.05, gamma=0.1),
+    )
+    train(cfg)
+    # evaluate the saved best model ourselves on the validation tiles
+    model, card = modelio.load_model(out)
+    _, val = datasets.split_samples(datasets.find_samples(datasets.DatasetSpec(data)), 0.2, 0)
+    cm = metrics.ConfusionMatrix(2)
+    spec = datasets.DatasetSpec(data)
+    for sample in val:
+        row = datasets.load_sample(sample, spec)
+        x = inference.prepare(imagery.Tile(row["image"]), card)[None]
+        pred = inference.render(inference.infer(model, x, card), card)
+        cm.update(row["mask"][None], pred)
+    assert cm.iou[1] >= 0.6, cm.table()
+
+
+def test_bad_input_refused_before_workers_start(binary_tiles, tmp_path):
+    out = str(tmp_path / "r")
+    with pytest.raises(TrainError, match="smaller than the number of workers"):
+        prepare(tiny_config(binary_tiles, out, batch_size=1, workers=2))
+    with pytest.raises(TrainError, match="not a multiple of workers"):
+        prepare(tiny_config(binary_tiles, out, batch_size=5, workers=2))
+    with pytest.raises(TrainError, match="optimizer must be one of"):
+        prepare(tiny_config(binary_tiles, out, optimizer="adamw"))
+    with pytest.raises(datasets.DatasetError, match="no images under"):
+        prepare(tiny_config(str(tmp_path / "empty"), out))
+
+
+def test_bad_data_and_model_refused(tmp_path, ray_local):
+    data = str(tmp_path / "multi")
+    synth.write_collection(data, count=4, size=32, mode="multiclass")
+    out = str(tmp_path / "r")
+    with pytest.raises(datasets.DatasetError, match="class id 4 found but classes is 2"):
+        prepare(tiny_config(data, out))
+    with pytest.raises(ModelError, match="unknown model"):
+        prepare(tiny_config(data, out, num_classes=5, model="unet3000"))
+    storage.write_bytes(
+        f"{data}/masks/tile_00001.png", imagery.encode_png(np.zeros((8, 8), np.uint8))
+    )
+    with pytest.raises(datasets.DatasetError, match="mask is 8x8 but its image"):
+        prepare(tiny_config(data, out, num_classes=5))
