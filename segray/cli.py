@@ -252,6 +252,53 @@ def demo(out: str, use_s3: bool, count: int, size: int, seed: int) -> None:
     run_demo(DemoConfig(out=out, use_s3=use_s3, count=count, size=size, seed=seed), echo=click.echo)
 
 
+@cli.command("eval")
+@click.option("--model", required=True, help="Run folder or model.keras (local or s3://).")
+@click.option("--data", required=True, help="Labelled collection (any --layout).")
+@click.option("--layout", default="paired", show_default=True)
+@click.option("--out", default=None, help="Report folder (default: <model>/eval).")
+@click.option("--worst", default=4, show_default=True, help="Overlays of the k worst tiles.")
+@click.option("--palette", default=None)
+@endpoint_option
+def eval_cmd(
+    model: str,
+    data: str,
+    layout: str,
+    out: str | None,
+    worst: int,
+    palette: str | None,
+    endpoint: str | None,
+) -> None:
+    """Per-class IoU, Dice, pixel accuracy, confusion matrix and the worst tiles."""
+    from segray import storage
+    from segray.evaluate import EvalConfig, evaluate
+
+    out = out or storage.join(model, "eval")
+    doc = evaluate(
+        EvalConfig(model, data, out, layout=layout, worst=worst, palette=palette, endpoint=endpoint)
+    )
+    click.echo(storage.read_text(storage.join(out, "report.md"), endpoint=endpoint))
+    click.echo(f"report: {storage.join(out, 'report.md')} ({doc['tiles']} tiles)")
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print ratios measured side by side in one run."""
+
+
+@bench.command("train")
+@click.option("--tiles", default=160, show_default=True)
+@click.option("--size", default=64, show_default=True)
+@click.option("--batch-size", "batch", default=16, show_default=True)
+@click.option("--epochs", default=4, show_default=True)
+@click.option("--base-filters", default=16, show_default=True)
+def bench_train_cmd(tiles: int, size: int, batch: int, epochs: int, base_filters: int) -> None:
+    """Ray Train (1 and 2 workers) against bare single-process Keras."""
+    from segray.bench.train import bench_train
+
+    bench_train(tiles, size, batch, epochs, base_filters, echo=click.echo)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="segray")

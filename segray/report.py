@@ -61,3 +61,41 @@ def overlay_grid(
         for c, panel in enumerate(row):
             out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = panel
     return out
+
+
+def confusion_heatmap(matrix: np.ndarray, names: Sequence[str]) -> bytes:
+    """A PNG heatmap of a confusion matrix, rows normalised to recall, with the counts written."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(matrix, dtype=np.float64)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.1 * n + 1.5), dpi=100)
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    for i in range(n):
+        for j in range(n):
+            colour = "white" if rows[i, j] > 0.5 else "black"
+            ax.text(
+                j,
+                i,
+                f"{rows[i, j]:.2f}\n{int(counts[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color=colour,
+            )
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -123,12 +123,13 @@ def test_small_unet_learns_buildings(tmp_path, ray_local):
         model_options={"base_filters": 8, "depth": 3},
         num_classes=2,
         size=64,
-        epochs=14,
+        epochs=16,
         batch_size=8,
         workers=1,
         learning_rate=3e-3,
+        schedule="cosine",
         max_failures=0,
-        augment=AugmentConfig(hue=0.0, brightness=0.05, gamma=0.1),
+        augment=AugmentConfig(hue=0.0, brightness=0.0, gamma=0.0),  # flips and rot90 only
     )
     train(cfg)
     # evaluate the saved best model ourselves on the validation tiles

@@ -1,0 +1,109 @@
+"""``segray bench train``: the cost of Ray Train, measured side by side in one run.
+
+Three trainings of the same model on the same tiles with the same global batch: bare single-process
+Keras (``model.fit``, no Ray), the Ray Train loop on 1 worker, and on 2 workers. Throughput is
+images per second over the epochs after the first (which pays for tracing and start-up). The
+figures that matter are the ratios: Ray 1 worker / bare Keras (overhead), Ray 2 / Ray 1 (scaling).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _bare_keras(data: str, size: int, options: dict, batch: int, epochs: int) -> float:
+    """img/s of plain ``model.fit`` on the same tiles, normalised as training normalises them."""
+    import keras
+
+    from segray import datasets, losses, models
+
+    spec = datasets.DatasetSpec(data, size=size, val_fraction=0.2)
+    train_s, _ = datasets.split_samples(datasets.find_samples(spec), 0.2, 0)
+    rows = [datasets.load_sample(s, spec) for s in train_s]
+    x = np.stack([r["image"] for r in rows]).astype(np.float32) / 255.0
+    y = np.stack([r["mask"] for r in rows]).astype(np.int32)
+    model = models.build_model("unet", 2, (size, size, 3), **options)
+    model.compile(keras.optimizers.Adam(1e-3), loss=losses.build_loss("ce+dice", 2))
+    times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[Timer()])
+    return len(x) * (epochs - 1) / sum(times[1:])
+
+
+def _ray(
+    data: str, out: str, size: int, options: dict, batch: int, epochs: int, workers: int
+) -> float:
+    from segray.augment import AugmentConfig
+    from segray.train import TrainConfig, train
+
+    result = train(
+        TrainConfig(
+            data=data,
+            out=out,
+            model_options=options,
+            num_classes=2,
+            size=size,
+            epochs=epochs,
+            batch_size=batch,
+            workers=workers,
+            max_failures=0,
+            augment=AugmentConfig.off(),
+            cpus_per_worker=1.0,
+        )
+    )
+    rates = [h["img_per_s"] for h in result.history[1:]]
+    return float(np.mean(rates))
+
+
+def bench_train(
+    tiles: int = 160,
+    size: int = 64,
+    batch: int = 16,
+    epochs: int = 4,
+    base_filters: int = 16,
+    echo: Any = print,
+) -> dict[str, float]:
+    """Run the three trainings and print img/s and the ratios; returns the figures."""
+    from segray import synth
+    from segray.runtime import init_ray
+
+    options = {"base_filters": base_filters}
+    init_ray(log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = f"{tmp}/data"
+        synth.write_collection(data, count=tiles, size=size, mode="binary")
+        echo(
+            f"bench train: unet base_filters={base_filters}, {tiles} tiles of {size}px, "
+            f"global batch {batch}, {epochs} epochs (first excluded)"
+        )
+        bare = _bare_keras(data, size, options, batch, epochs)
+        echo(f"  bare Keras model.fit      {bare:8.1f} img/s")
+        one = _ray(data, f"{tmp}/r1", size, options, batch, epochs, 1)
+        echo(f"  Ray Train, 1 worker       {one:8.1f} img/s")
+        two = _ray(data, f"{tmp}/r2", size, options, batch, epochs, 2)
+        echo(f"  Ray Train, 2 workers      {two:8.1f} img/s")
+    figures = {
+        "bare_img_s": bare,
+        "ray1_img_s": one,
+        "ray2_img_s": two,
+        "ray1_over_bare": one / bare,
+        "overhead": 1.0 - one / bare,
+        "ray2_over_ray1": two / one,
+    }
+    echo(
+        f"  ratio Ray 1 worker / bare Keras = {figures['ray1_over_bare']:.2f} "
+        f"(overhead {figures['overhead']:.0%}, goal ≤ 10%)\n"
+        f"  ratio Ray 2 workers / 1 worker  = {figures['ray2_over_ray1']:.2f}"
+    )
+    return figures
