@@ -34,21 +34,78 @@ def prepare(tile: Tile, card: ModelCard) -> np.ndarray:
     return imagery.normalize(array, card.scale)
 
 
-def pad_to_multiple(batch: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reflect-pad (B, H, W, C) so H and W are multiples of ``multiple``; returns the old (H, W)."""
+def pad_to(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad (B, H, W, C) at the bottom and right up to ``size`` (edge-pad when too small
+    to reflect)."""
+    ph, pw = size[0] - batch.shape[1], size[1] - batch.shape[2]
+    if ph < 0 or pw < 0:
+        raise ValueError(f"cannot pad {batch.shape[1:3]} down to {size}")
+    if ph == 0 and pw == 0:
+        return batch
+    mode = "reflect" if ph < batch.shape[1] and pw < batch.shape[2] else "edge"
+    return np.pad(batch, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+
+
+def model_size(model: Any, card: ModelCard, height: int, width: int) -> tuple[int, int]:
+    """The spatial size to run an (height, width) batch at: the model's fixed input size, or the
+    next multiple of the card's ``input_multiple`` for size-flexible models."""
+    fixed = tuple(getattr(model, "input_shape", (None, None, None))[1:3])
+    m = card.input_multiple
+    return (
+        fixed[0] or -(-height // m) * m,
+        fixed[1] or -(-width // m) * m,
+    )
+
+
+def infer(model: Any, batch: np.ndarray, card: ModelCard) -> np.ndarray:
+    """Logits (B, H, W, K) as numpy for a prepared float32 batch no larger than the model input.
+
+    Smaller batches are padded up to the model's size and the logits cropped back; larger images
+    go through :mod:`segray.tiling` windows first (bulk ``--scene`` and Serve do this).
+    """
+    batch = np.asarray(batch, np.float32)
     h, w = batch.shape[1:3]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "edge"
-        batch = np.pad(batch, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
-    return batch, (h, w)
-
-
-def infer(model: Any, batch: np.ndarray, card: ModelCard, mc_samples: int = 0) -> np.ndarray:
-    """Logits (B, H, W, K) as numpy for a prepared float32 batch of any spatial size."""
-    padded, (h, w) = pad_to_multiple(np.asarray(batch, np.float32), card.input_multiple)
-    logits = np.asarray(model(padded, training=False))
+    size = model_size(model, card, h, w)
+    if h > size[0] or w > size[1]:
+        raise ValueError(f"a {h}x{w} batch is larger than the model input {size}: tile it first")
+    logits = np.asarray(model(pad_to(batch, size), training=False))
     return logits[:, :h, :w, :]
+
+
+def infer_mc(
+    model: Any, batch: np.ndarray, card: ModelCard, samples: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Monte-Carlo dropout: ``samples`` stochastic passes → (logits of the mean, uncertainty).
+
+    The returned logits are those of the mean probability (log p for softmax, logit p for one
+    sigmoid channel), so :func:`render` applies the one threshold rule to them unchanged. The
+    uncertainty is the predictive entropy of the mean, scaled to [0, 1] by its maximum log K.
+    Models without Monte-Carlo dropout layers give identical passes and zero-ish uncertainty.
+    """
+    from segray import metrics
+    from segray.models import set_monte_carlo
+
+    if samples < 1:
+        raise ValueError(f"mc_samples must be ≥ 1; got {samples}")
+    set_monte_carlo(model, True)
+    try:
+        probs = np.mean(
+            [
+                np.asarray(metrics.logits_to_probabilities(infer(model, batch, card)))
+                for _ in range(samples)
+            ],
+            axis=0,
+        )
+    finally:
+        set_monte_carlo(model, False)
+    eps = 1e-7
+    p = np.clip(probs, eps, 1 - eps)
+    if p.shape[-1] == 1:
+        q = p[..., 0]
+        entropy = -(q * np.log(q) + (1 - q) * np.log(1 - q)) / np.log(2)
+        return np.log(q / (1 - q))[..., None], entropy.astype(np.float32)
+    entropy = -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
+    return np.log(p), entropy.astype(np.float32)
 
 
 def render(

@@ -126,4 +126,6 @@ def load_model(uri: str, *, endpoint: str | None = None) -> tuple[keras.Model, M
         with open(path, "wb") as f:
             f.write(data)
         model = models.load_model(path)
+    # Monte-Carlo dropout stays off unless a caller asks for samples (inference.infer_mc).
+    models.set_monte_carlo(model, False)
     return model, card
