@@ -1,0 +1,305 @@
+"""What a bulk prediction job reads and what it leaves as its receipt.
+
+Inputs: a folder, prefix or list of URIs, minus those whose mask exists (:func:`plan`). Receipt:
+one Parquet row per input and the job's verdict (:class:`Manifest`, :class:`PredictResult`).
+
+Each run writes ``<output>/_manifest/run-<UTC time>-<id>/part-00000.parquet`` (more parts every
+``rows_per_part`` rows, so the driver's memory stays flat on millions of tiles). Every part is
+written whole, and a rerun writes a new run folder, so no earlier receipt is ever overwritten; a
+run killed midway leaves the parts it had finished. :func:`read_manifest` reads one run folder,
+or every run under ``<output>/_manifest``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segray import storage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from segray.predict import PredictConfig
+
+TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SCENE_SUFFIXES = (".tif", ".tiff")
+MANIFEST_DIR = "_manifest"
+STATUSES = ("ok", "skipped", "error")
+#: Errors quoted in the printed summary; the manifest has all of them.
+SUMMARY_ERRORS = 5
+
+
+# --- inputs: what to predict, what is done already -----------------------------------------------
+
+
+def plan(config: PredictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """``(todo, done)``: inputs to predict as ``(input, output)``, and inputs settled already as
+    ``(input, output, reason)`` (reason empty: the mask exists and is skipped; else an error)."""
+    base, uris = list_inputs(config)
+    existing = set() if config.overwrite else set(list_outputs(config))
+    todo, done, claimed = [], [], {}
+    for uri in uris:
+        out = mask_uri(config.output, _relative(base, uri), config.scene)
+        if out in claimed:
+            done.append((uri, out, f"{uri}: its mask {out} is already made from {claimed[out]}"))
+        elif out in existing:
+            done.append((uri, out, ""))
+        else:
+            todo.append((uri, out))
+        claimed.setdefault(out, uri)
+    return todo, done
+
+
+def list_inputs(config: PredictConfig) -> tuple[str, list[str]]:
+    """``(base, uris)``: the input URIs, sorted, and the base their output paths are relative to.
+
+    Anything under the output prefix (earlier masks, manifests) is never an input.
+    """
+    suffixes = config.suffixes or (SCENE_SUFFIXES if config.scene else TILE_SUFFIXES)
+    if config.manifest:
+        uris = [
+            storage.parse(u).uri for u in read_uri_list(config.manifest, endpoint=config.endpoint)
+        ]
+        base = config.input or common_base(uris)
+    else:
+        base = config.input
+        uris = storage.list_files(
+            base, suffixes=suffixes, pattern=config.pattern, endpoint=config.endpoint
+        )
+        if not uris and base.lower().endswith(suffixes) and storage.exists(base):
+            uris = [storage.parse(base).uri]
+    out = storage.parse(config.output).uri.rstrip("/") + "/"
+    return base, sorted({u for u in uris if not u.startswith(out)})
+
+
+def list_outputs(config: PredictConfig) -> list[str]:
+    """Masks already under the output prefix (temporary ``.tmp-*`` files are not listed)."""
+    return storage.list_files(config.output, endpoint=config.endpoint)
+
+
+def read_uri_list(uri: str, *, endpoint: str | None = None) -> list[str]:
+    """URIs from a Parquet file (``input_uri`` or ``uri`` column) or a text file (one a line)."""
+    data = storage.read_bytes(uri, endpoint=endpoint)
+    if uri.lower().endswith(".parquet"):
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        column = next((c for c in ("input_uri", "uri") if c in table.column_names), None)
+        if column is None:
+            raise ValueError(f"{uri}: a URI list needs an 'input_uri' or 'uri' column")
+        return [u for u in table.column(column).to_pylist() if u]
+    lines = (line.strip() for line in data.decode("utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def common_base(uris: Iterable[str]) -> str:
+    """The deepest folder holding every URI (all local, or all in one S3 bucket)."""
+    parts = [storage.parse(u).uri.split("/")[:-1] for u in uris]
+    if not parts:
+        raise ValueError("the URI list is empty")
+    common = os.path.commonprefix(parts)
+    base = "/".join(common)
+    if base.startswith("s3:") and len(common) < 3:
+        raise ValueError("the listed URIs span several buckets: give input as their common base")
+    return base or "/"
+
+
+def _relative(base: str, uri: str) -> str:
+    return storage.relative_to(base, uri) or uri.rsplit("/", 1)[-1]
+
+
+def mask_uri(output: str, relative: str, scene: bool = False) -> str:
+    """Where the mask of an input at ``relative`` goes: ``.tif`` for TIFF inputs, else ``.png``."""
+    stem, ext = os.path.splitext(relative)
+    return storage.join(
+        output, stem + (".tif" if scene or ext.lower() in SCENE_SUFFIXES else ".png")
+    )
+
+
+# --- the receipt -------------------------------------------------------------------------------
+
+
+def schema() -> pa.Schema:
+    """Columns of a manifest."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("input_uri", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("output_uri", pa.string()),
+            ("class_fractions", pa.list_(pa.float64())),
+            ("model_uri", pa.string()),
+            ("model_version", pa.string()),
+            ("seconds", pa.float64()),
+        ]
+    )
+
+
+@dataclass
+class PredictResult:
+    """What a job did: counts by status, the first errors, where its manifest is."""
+
+    counts: dict[str, int]
+    errors: list[tuple[str, str]]
+    manifest: str
+    seconds: float
+    max_error_rate: float = 0.0
+
+    @property
+    def total(self) -> int:
+        """Inputs seen, whatever their status."""
+        return sum(self.counts.values())
+
+    @property
+    def error_rate(self) -> float:
+        """Fraction of inputs that ended in ``error`` (0 when there were none)."""
+        return self.counts.get("error", 0) / self.total if self.total else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True unless the error fraction exceeds ``max_error_rate``: the job's exit status."""
+        return self.error_rate <= self.max_error_rate
+
+    def summary(self) -> str:
+        """A few lines for people: counts, throughput, the first errors, the manifest."""
+        done = self.counts.get("ok", 0)
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        counts = ", ".join(f"{s} {self.counts.get(s, 0)}" for s in STATUSES)
+        lines = [f"predict: {self.total} input(s): {counts} in {self.seconds:.1f} s"]
+        lines[0] += f" ({rate:.1f} predicted/s)"
+        lines += [f"  error: {reason}" for _, reason in self.errors]
+        more = self.counts.get("error", 0) - len(self.errors)
+        if more > 0:
+            lines.append(f"  ... and {more} more error(s) in the manifest")
+        verdict = "ok" if self.ok else "FAILED"
+        lines.append(
+            f"  error rate {self.error_rate:.2%} (max {self.max_error_rate:.2%}): {verdict}"
+        )
+        lines.append(f"  manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+class Manifest:
+    """Collects manifest rows and writes them in whole Parquet parts under the output prefix."""
+
+    def __init__(
+        self,
+        output: str,
+        model_uri: str,
+        model_version: str,
+        *,
+        endpoint: str | None = None,
+        rows_per_part: int = 10_000,
+    ) -> None:
+        run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.uri = storage.join(output, MANIFEST_DIR, f"run-{run}")
+        self.model = (model_uri, model_version)
+        self.endpoint = endpoint
+        self.rows_per_part = rows_per_part
+        self.counts = dict.fromkeys(STATUSES, 0)
+        self.errors: list[tuple[str, str]] = []
+        self._rows: dict[str, list[Any]] = {name: [] for name in schema().names}
+        self._parts = 0
+
+    def add(
+        self,
+        input_uri: str,
+        status: str,
+        error: str = "",
+        output_uri: str | None = None,
+        class_fractions: Sequence[float] | None = None,
+        seconds: float = 0.0,
+    ) -> None:
+        """Record one input's outcome."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}; got {status!r}")
+        fractions = None
+        if class_fractions is not None and not np.isnan(class_fractions).any():
+            fractions = [float(f) for f in class_fractions]
+        row = {
+            "input_uri": str(input_uri),
+            "status": status,
+            "error": error or None,
+            "output_uri": output_uri or None,
+            "class_fractions": fractions,
+            "model_uri": self.model[0],
+            "model_version": self.model[1],
+            "seconds": float(seconds),
+        }
+        for name, value in row.items():
+            self._rows[name].append(value)
+        self.counts[status] += 1
+        if status == "error" and len(self.errors) < SUMMARY_ERRORS:
+            self.errors.append((str(input_uri), error))
+        if len(self._rows["input_uri"]) >= self.rows_per_part:
+            self.flush()
+
+    def add_batch(self, batch: dict[str, Any]) -> None:
+        """Record a batch of rows (columns ``input_uri``, ``status``, ``error``, ``output_uri``,
+        ``class_fractions``, ``seconds``), as the prediction stages return them."""
+        for i, uri in enumerate(batch["input_uri"]):
+            self.add(
+                uri,
+                str(batch["status"][i]),
+                str(batch["error"][i] or ""),
+                str(batch["output_uri"][i] or "") or None,
+                batch["class_fractions"][i],
+                float(batch["seconds"][i]),
+            )
+
+    def flush(self) -> None:
+        """Write the rows collected so far as the next part (nothing when there are none)."""
+        if not self._rows["input_uri"] and self._parts:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(self._rows, schema=schema())
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        part = storage.join(self.uri, f"part-{self._parts:05d}.parquet")
+        storage.write_bytes(part, sink.getvalue(), endpoint=self.endpoint)
+        self._parts += 1
+        self._rows = {name: [] for name in schema().names}
+
+    def close(self, seconds: float, max_error_rate: float = 0.0) -> PredictResult:
+        """Write the last part and return the job's result."""
+        if self._rows["input_uri"] or not self._parts:
+            self.flush()
+        return PredictResult(
+            dict(self.counts), list(self.errors), self.uri, seconds, max_error_rate
+        )
+
+
+def read_manifest(uri: str, *, endpoint: str | None = None) -> pa.Table:
+    """A run's manifest (its folder), or every run's rows when given ``<output>/_manifest``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = storage.list_files(uri, suffixes=".parquet", endpoint=endpoint)
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p, endpoint=endpoint))) for p in parts]
+    return pa.concat_tables(tables) if tables else schema().empty_table()
+
+
+def run_folders(output: str, *, endpoint: str | None = None) -> list[str]:
+    """The manifest folders of every run into ``output``, oldest first."""
+    parts = storage.list_files(storage.join(output, MANIFEST_DIR), endpoint=endpoint)
+    return sorted({p.rsplit("/", 1)[0] for p in parts})
+
+
+def statuses(table: pa.Table) -> dict[str, int]:
+    """Counts by status of a manifest table."""
+    values: Iterable[str] = table.column("status").to_pylist()
+    return {s: sum(1 for v in values if v == s) for s in STATUSES}

@@ -1,0 +1,356 @@
+"""Bulk prediction on the moto S3 server and a real local Ray: masks, manifest, resumability."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from segray import imagery, inference, modelio, storage, synth
+from segray.manifest import Manifest, PredictResult, common_base, plan, read_manifest, run_folders
+from segray.modelio import ModelCard
+from segray.predict import PredictConfig, predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE, COUNT = 32, 200
+
+
+# --- fixtures: a tiny model and a tile collection on S3, made once ----------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_root(s3_endpoint) -> str:
+    uri = f"s3://segray-test/predict-{uuid.uuid4().hex[:8]}"
+    storage.make_bucket(uri, endpoint=s3_endpoint)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def model_uri(s3_root, s3_endpoint) -> str:
+    import keras
+
+    from segray.models import build_model
+
+    keras.utils.set_random_seed(1)
+    options = {"base_filters": 4, "depth": 2, "dropout": 0}
+    model = build_model("unet", 2, (SIZE, SIZE, 3), **options)
+    card = ModelCard("unet", 2, (SIZE, SIZE, 3), ["background", "building"], options=options)
+    modelio.save_model(model, card, f"{s3_root}/model", endpoint=s3_endpoint)
+    return f"{s3_root}/model"
+
+
+@pytest.fixture(scope="module")
+def collection(s3_root, s3_endpoint) -> tuple[str, dict]:
+    """200 synthetic GeoTIFF tiles on a grid in EPSG:32633, written in parallel; returns their
+    prefix and ``{relative path: Tile}`` as written."""
+    images = f"{s3_root}/data/images"
+    columns = int(np.ceil(np.sqrt(COUNT)))
+
+    def write(index: int) -> tuple[str, imagery.Tile]:
+        image, _ = synth.generate_tile(SIZE, synth.tile_seed(0, index), "binary")
+        row, col = divmod(index, columns)
+        transform = synth.grid_transform(row, col, SIZE)
+        rel = f"tile_r{row:03d}_c{col:03d}.tif"
+        data = imagery.encode_geotiff(image, synth.CRS, transform)
+        storage.write_bytes(f"{images}/{rel}", data, endpoint=s3_endpoint)
+        return rel, imagery.Tile(image, rel, "tiff", synth.CRS, transform)
+
+    with ThreadPoolExecutor(8) as pool:
+        return images, dict(pool.map(write, range(COUNT)))
+
+
+@pytest.fixture(scope="module")
+def tiles(collection) -> str:
+    return collection[0]
+
+
+@pytest.fixture(scope="module")
+def expected(collection, model_uri, s3_endpoint) -> dict:
+    """``{relative path: (tile, mask, logits)}``: the model applied directly to every tile."""
+    model, card = modelio.load_model(model_uri, endpoint=s3_endpoint)
+    rel, decoded = zip(*sorted(collection[1].items()), strict=True)
+    logits = inference.infer(model, np.stack([inference.prepare(t, card) for t in decoded]), card)
+    masks = inference.render(logits, card)
+    return {r: (t, m, lg) for r, t, m, lg in zip(rel, decoded, masks, logits, strict=True)}
+
+
+def config(model_uri, tiles, out, endpoint, **kw) -> PredictConfig:
+    return PredictConfig(model=model_uri, input=tiles, output=out, endpoint=endpoint, **kw)
+
+
+def objects(prefix: str, endpoint: str) -> dict[str, tuple[str, object]]:
+    """Mask objects under ``prefix`` (manifests left out): key -> (ETag, LastModified)."""
+    loc = storage.parse(prefix)
+    pages = storage.s3_client(endpoint).get_paginator("list_objects_v2")
+    found = {}
+    for page in pages.paginate(Bucket=loc.bucket, Prefix=loc.path + "/"):
+        for obj in page.get("Contents", []):
+            if "/_manifest/" not in obj["Key"]:
+                found[obj["Key"]] = (obj["ETag"], obj["LastModified"])
+    return found
+
+
+def assert_masks_correct(out: str, expected: dict, endpoint: str) -> None:
+    """Every tile has one readable mask equal to the direct prediction, with its georeference."""
+    import rasterio
+
+    for rel, (tile, mask, logits) in expected.items():
+        data = storage.read_bytes(storage.join(out, rel), endpoint=endpoint)
+        with rasterio.MemoryFile(data) as mem, mem.open() as ds:
+            assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == (SIZE, SIZE)
+            assert ds.crs.to_string() == tile.crs and ds.transform == tile.transform
+            got = ds.read(1)
+        # Equal up to float noise between batch sizes: only pixels on the threshold may differ.
+        assert np.all((got == mask) | (np.abs(logits[..., 0]) < 1e-4)), rel
+
+
+# --- the main path ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_200_geotiff_tiles_then_a_rerun_skips_all_and_rewrites_nothing(
+    model_uri, tiles, expected, s3_root, s3_endpoint, ray_local
+):
+    out = f"{s3_root}/out-main"
+    cfg = config(model_uri, tiles, out, s3_endpoint, batch_size=32)
+    start = time.monotonic()
+    result = predict(cfg)
+    print(f"{COUNT} tiles S3->S3 in {time.monotonic() - start:.1f} s")
+    assert result.ok and result.counts == {"ok": COUNT, "skipped": 0, "error": 0}
+    assert_masks_correct(out, expected, s3_endpoint)
+    table = read_manifest(result.manifest, endpoint=s3_endpoint)
+    version = modelio.load_card(model_uri, endpoint=s3_endpoint).version
+    rows = {storage.relative_to(tiles, r["input_uri"]): r for r in table.to_pylist()}
+    assert set(rows) == set(expected) and len(table) == COUNT
+    for rel, row in rows.items():
+        assert row["status"] == "ok" and row["error"] is None and row["seconds"] > 0
+        assert row["output_uri"] == f"{out}/{rel}" and row["model_version"] == version
+        fractions = inference.class_fractions(expected[rel][1], 2)
+        np.testing.assert_allclose(row["class_fractions"], fractions, atol=1 / SIZE**2 + 1e-9)
+
+    before = objects(out, s3_endpoint)
+    assert len(before) == COUNT
+    time.sleep(1.1)  # LastModified has a resolution of one second
+    again = predict(cfg)
+    assert again.ok and again.counts == {"ok": 0, "skipped": COUNT, "error": 0}
+    assert objects(out, s3_endpoint) == before
+    statuses = read_manifest(again.manifest, endpoint=s3_endpoint).column("status").to_pylist()
+    assert statuses == ["skipped"] * COUNT
+    assert run_folders(out, endpoint=s3_endpoint) == sorted([result.manifest, again.manifest])
+
+
+def corrupt_collection(root: str, endpoint: str) -> dict[str, str]:
+    """Six good GeoTIFFs, a PNG, a JPEG, a 48 px tile, and one of each kind of bad tile."""
+    synth.write_collection(root, "geotiff", 6, SIZE, seed=3, mode="binary", endpoint=endpoint)
+    image, _ = synth.generate_tile(SIZE, 7, "binary")
+    good = storage.read_bytes(f"{root}/images/tile_r000_c000.tif", endpoint=endpoint)
+    big, _ = synth.generate_tile(48, 8, "binary")
+    files = {
+        "images/extra/photo.png": imagery.encode_png(image),
+        "images/extra/photo2.jpg": imagery.encode_jpeg(image),
+        "images/extra/wide.tif": imagery.encode_geotiff(
+            big, synth.CRS, synth.grid_transform(9, 9, 48)
+        ),
+        "images/bad/zero.tif": b"",
+        "images/bad/truncated.tif": good[: len(good) // 2],
+        "images/bad/text.tif": b"this is not an image at all",
+        "images/bad/one_band.tif": imagery.encode_geotiff(image[..., :1]),
+        "images/bad/float64.tif": imagery.encode_geotiff(image.astype(np.float64)),
+    }
+    for rel, data in files.items():
+        storage.write_bytes(f"{root}/{rel}", data, endpoint=endpoint)
+    return {
+        "zero.tif": "empty file",
+        "truncated.tif": "corrupt or truncated",
+        "text.tif": "not an image",
+        "one_band.tif": "has 1 band(s) but the model expects 3",
+        "float64.tif": "unsupported pixel type float64",
+    }
+
+
+def test_bad_tiles_become_error_rows_and_the_rest_is_done(
+    model_uri, s3_root, s3_endpoint, ray_local
+):
+    root = f"{s3_root}/mixed"
+    reasons = corrupt_collection(root, s3_endpoint)
+    out = f"{root}/pred"
+    cfg = config(model_uri, f"{root}/images", out, s3_endpoint, batch_size=4)
+    result = predict(cfg)
+    assert result.counts == {"ok": 9, "skipped": 0, "error": 5}
+    assert not result.ok and result.error_rate == pytest.approx(5 / 14)
+    assert dataclasses.replace(result, max_error_rate=0.5).ok
+    rows = read_manifest(result.manifest, endpoint=s3_endpoint).to_pylist()
+    errors = {r["input_uri"].rsplit("/", 1)[-1]: r for r in rows if r["status"] == "error"}
+    assert set(errors) == set(reasons)
+    for name, reason in reasons.items():
+        assert reason in errors[name]["error"] and errors[name]["output_uri"] is None
+    assert "FAILED" in result.summary() and "error:" in result.summary()
+    png = imagery.decode(storage.read_bytes(f"{out}/extra/photo.png", endpoint=s3_endpoint))
+    jpg = imagery.decode(storage.read_bytes(f"{out}/extra/photo2.png", endpoint=s3_endpoint))
+    wide = imagery.decode(storage.read_bytes(f"{out}/extra/wide.tif", endpoint=s3_endpoint))
+    assert png.format == jpg.format == "png" and png.shape == (SIZE, SIZE, 1)
+    assert wide.shape == (48, 48, 1) and wide.transform == synth.grid_transform(9, 9, 48)
+
+    # --overwrite redoes every tile (a probability map now), bad ones fail again; 5/14 <= 0.5.
+    before = objects(out, s3_endpoint)
+    redo = predict(
+        config(
+            model_uri,
+            f"{root}/images",
+            out,
+            s3_endpoint,
+            batch_size=4,
+            overwrite=True,
+            output_mode="probability",
+            max_error_rate=0.5,
+        )
+    )
+    assert redo.ok and redo.counts == {"ok": 9, "skipped": 0, "error": 5}
+    after = objects(out, s3_endpoint)
+    assert set(after) == set(before) and all(after[k][0] != before[k][0] for k in before)
+
+
+# --- killed mid-run, then run again -------------------------------------------------------------
+
+
+def local_masks(out) -> dict:
+    """Finished masks under a local output: path -> (inode, mtime); temp files are not masks."""
+    return {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in out.rglob("*.tif")
+        if not p.name.startswith(".tmp-")
+    }
+
+
+@pytest.mark.slow
+def test_killed_job_rerun_ends_with_every_mask_complete_and_correct(
+    model_uri, tiles, expected, s3_endpoint, tmp_path, ray_local
+):
+    out = tmp_path / "masks"  # local: writes are temp file + rename, the case a kill can tear
+    pattern = "tile_r00[0-4]_*"  # 75 of the tiles keep the test short
+    subset = {rel: v for rel, v in expected.items() if fnmatch.fnmatch(rel, pattern)}
+    args = ["--model", model_uri, "--input", tiles, "--output", str(out), "--pattern", pattern]
+    args += ["--s3-endpoint", s3_endpoint, "--batch-size", "2", "--ray-address", "local"]
+    job = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "jobs", "batch_predict.py"), *args],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the job and the Ray it starts share one process group
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while len(local_masks(out)) < 10 and job.poll() is None:
+            assert time.monotonic() < deadline, "the job wrote no masks in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    time.sleep(0.5)
+    survivors = local_masks(out)
+    assert 10 <= len(survivors) < len(subset), "the job must be killed midway"
+    (out / ".tmp-killed-tile_r000_c000.tif").write_bytes(b"half a mask")  # as a torn write leaves
+
+    rerun = config(model_uri, tiles, str(out), s3_endpoint, batch_size=32, pattern=pattern)
+    result = predict(rerun)
+    assert result.ok and result.counts["error"] == 0
+    assert result.counts["skipped"] == len(survivors)
+    assert result.counts["ok"] == len(subset) - len(survivors)
+    masks = local_masks(out)
+    assert sorted(p.relative_to(out).as_posix() for p in masks) == sorted(subset)
+    assert {p: masks[p] for p in survivors} == survivors  # finished masks were left untouched
+    assert_masks_correct(str(out), subset, s3_endpoint)
+
+
+# --- planning, the manifest and the job's options, without Ray -----------------------------------
+
+
+def test_plan_from_a_uri_list_skips_existing_masks_and_refuses_clashes(tmp_path):
+    for name in ("a.tif", "b.png", "sub/c.jpg", "sub/c.png"):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.tif").write_bytes(b"done")
+    listing = tmp_path / "list.txt"
+    names = ["a.tif", "b.png", "sub/c.jpg", "sub/c.png"]
+    listing.write_text("# tiles\n" + "".join(f"{tmp_path}/in/{n}\n" for n in names))
+    cfg = PredictConfig(model="m", manifest=str(listing), output=str(tmp_path / "out"))
+    todo, done = plan(cfg)
+    out = tmp_path / "out"
+    assert todo == [
+        (f"{tmp_path}/in/b.png", f"{out}/b.png"),
+        (f"{tmp_path}/in/sub/c.jpg", f"{out}/sub/c.png"),
+    ]
+    assert done[0] == (f"{tmp_path}/in/a.tif", f"{out}/a.tif", "")  # its mask exists
+    assert "already made from" in done[1][2]
+    (tmp_path / "in" / "pred").mkdir()
+    (tmp_path / "in" / "pred" / "b.png").write_bytes(b"mask")
+    inside = PredictConfig(
+        model="m", input=str(tmp_path / "in"), output=str(tmp_path / "in" / "pred")
+    )
+    inputs = [u for u, _ in plan(inside)[0]] + [u for u, _, _ in plan(inside)[1]]
+    assert not any("/pred/" in u for u in inputs) and len(inputs) == 4
+    assert common_base(["s3://b/x/1.tif", "s3://b/x/y/2.tif"]) == "s3://b/x"
+    with pytest.raises(ValueError, match="several buckets"):
+        common_base(["s3://b1/x/1.tif", "s3://b2/x/2.tif"])
+
+
+def test_an_empty_input_is_an_error_that_says_what_to_check(model_uri, s3_endpoint, tmp_path):
+    cfg = PredictConfig(model=model_uri, input=str(tmp_path), output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="no input found in .*check the URI, --pattern"):
+        predict(PredictConfig(**{**vars(cfg), "endpoint": s3_endpoint}))
+
+
+def test_manifest_parts_and_verdict(tmp_path):
+    manifest = Manifest(str(tmp_path), "model-uri", "v1", rows_per_part=2)
+    manifest.add("a", "ok", output_uri="out/a", class_fractions=[0.25, 0.75], seconds=0.5)
+    manifest.add("b", "skipped", output_uri="out/b")
+    manifest.add("c", "error", "c: empty file (0 bytes)")
+    result = manifest.close(2.0, max_error_rate=0.0)
+    table = read_manifest(result.manifest)
+    assert len(storage.list_files(result.manifest)) == 2 and table.num_rows == 3
+    assert table.column("class_fractions").to_pylist() == [[0.25, 0.75], None, None]
+    assert table.column("model_version").to_pylist() == ["v1"] * 3
+    assert not result.ok and PredictResult(result.counts, [], "m", 1.0, 0.34).ok
+    assert "c: empty file" in result.summary()
+
+
+def test_config_refuses_bad_values_and_the_job_maps_every_option():
+    with pytest.raises(ValueError, match="output_mode must be one of"):
+        PredictConfig(model="m", input="i", output="o", output_mode="logits")
+    with pytest.raises(ValueError, match="max_error_rate"):
+        PredictConfig(model="m", input="i", output="o", max_error_rate=2)
+    sys.path.insert(0, os.path.join(ROOT, "jobs"))
+    try:
+        import batch_predict
+    finally:
+        sys.path.pop(0)
+    args = batch_predict.build_parser().parse_args(
+        "--model m --input i --output o --s3-endpoint http://h:1 --batch-size 8 --concurrency 2 "
+        "--gpus-per-actor 0.5 --scene --window 256 --overlap 32 --overwrite --max-error-rate 0.1 "
+        "--output-mode binary --threshold 0.3 --class-index 1 --bands 3,2,1 --pattern *.tif".split()
+    )
+    cfg = PredictConfig(**vars(args))
+    assert (cfg.endpoint, cfg.batch_size, cfg.concurrency, cfg.gpus_per_actor) == (
+        "http://h:1",
+        8,
+        2,
+        0.5,
+    )
+    assert (cfg.scene, cfg.window, cfg.overlap, cfg.overwrite) == (True, 256, 32, True)
+    assert (cfg.output_mode, cfg.threshold, cfg.bands, cfg.pattern) == (
+        "binary",
+        0.3,
+        (3, 2, 1),
+        "*.tif",
+    )
