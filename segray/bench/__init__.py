@@ -1,0 +1,1 @@
+"""Benchmarks behind ``segray bench``: throughput and latency against the compute ceiling."""

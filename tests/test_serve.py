@@ -1,0 +1,331 @@
+"""The online path through real HTTP on 127.0.0.1: masks, validation, batching, token, config."""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from segray import imagery, inference, modelio, serve, storage, synth
+from segray.bench.serve import free_port
+
+pytestmark = pytest.mark.slow
+
+SIZE = 32
+TOKEN = "s3cret-token"
+MAX_BODY = 256 * 1024
+MAX_PIXELS = 128 * 128
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny untrained binary U-Net at 32x32x3, saved as a segray model folder."""
+    from segray.models import build_model
+
+    folder = str(tmp_path_factory.mktemp("model"))
+    model = build_model("unet", 2, (SIZE, SIZE, 3), base_filters=4, depth=2)
+    card = modelio.ModelCard("unet", 2, (SIZE, SIZE, 3), class_names=["background", "building"])
+    modelio.save_model(model, card, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    """The same model loaded in the test process, for the shared-path masks."""
+    return modelio.load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, model_dir) -> str:
+    """Serve on a free port with the open app at / (Serve shut down after the module)."""
+    from ray import serve as ray_serve
+
+    port = free_port()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = serve.build_app(
+        model_dir,
+        max_batch_size=16,
+        batch_wait_timeout_s=0.05,
+        max_body_bytes=MAX_BODY,
+        max_pixels=MAX_PIXELS,
+        num_cpus=0.5,
+    )
+    ray_serve.run(app, name="segray-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    ray_serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def secure_url(url, model_dir, s3_endpoint) -> str:
+    """A second app at /secure with a bearer token, its model read from the moto S3 server."""
+    from ray import serve as ray_serve
+
+    prefix = f"s3://segray-test/{uuid.uuid4().hex[:12]}"
+    storage.make_bucket(prefix, endpoint=s3_endpoint)
+    for name in (modelio.MODEL_FILE, modelio.CARD_FILE):
+        with open(f"{model_dir}/{name}", "rb") as f:
+            storage.write_bytes(f"{prefix}/model/{name}", f.read(), endpoint=s3_endpoint)
+    app = serve.build_app(f"{prefix}/model", api_token=TOKEN, endpoint=s3_endpoint, num_cpus=0.5)
+    ray_serve.run(app, name="segray-secure", route_prefix="/secure")
+    return f"{url}/secure"
+
+
+def tile_png(seed: int = 1, size: int | tuple[int, int] = SIZE, bands: int = 3) -> bytes:
+    return imagery.encode_png(synth.generate_tile(size, seed, "binary", bands)[0])
+
+
+def shared_mask(data: bytes, model_card) -> np.ndarray:
+    """The mask the shared functions give for these bytes: decode, prepare, infer, render."""
+    model, card = model_card
+    array = inference.prepare(imagery.decode(data), card)
+    return inference.render(inference.infer(model, array[None], card), card)[0]
+
+
+def png_mask(response: requests.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return imagery.as_mask(imagery.decode(response.content).array)
+
+
+def post(url: str, data: bytes, **kwargs) -> requests.Response:
+    return requests.post(f"{url}/v1/segment", data=data, timeout=60, **kwargs)
+
+
+# --- through HTTP -----------------------------------------------------------------------------
+
+
+def test_bench_serve_smoke(ray_local, model_dir):
+    """Runs before the module's Serve starts: the bench starts and shuts down its own."""
+    from segray.bench.serve import bench_serve
+
+    lines: list[str] = []
+    result = bench_serve(
+        model_dir,
+        requests_per_level=4,
+        concurrencies=(1, 2),
+        max_batch_size=4,
+        ceiling_seconds=0.2,
+        echo=lines.append,
+    )
+    assert result["ceiling_images_per_s"] > 0 and result["ratio_to_ceiling"] > 0
+    assert set(result["runs"]) == {"batching", "no_batching"}
+    assert all(f["errors"] == 0 for run in result["runs"].values() for f in run.values())
+    assert "x ceiling" in lines[-1] or "x ceiling" in "\n".join(lines)
+
+
+def test_health_model_and_docs(url):
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    info = requests.get(f"{url}/v1/model", timeout=10).json()
+    assert info["classes"] == ["background", "building"]
+    assert info["input_size"] == [SIZE, SIZE] and info["channels"] == 3 and info["version"]
+    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+    assert "/v1/segment" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_png_mask_equals_shared_path(url, loaded):
+    for seed in (1, 2, 3):
+        data = tile_png(seed)
+        np.testing.assert_array_equal(png_mask(post(url, data)), shared_mask(data, loaded))
+    multipart = requests.post(
+        f"{url}/v1/segment", files={"file": ("t.png", data, "image/png")}, timeout=60
+    )
+    np.testing.assert_array_equal(png_mask(multipart), shared_mask(data, loaded))
+
+
+def test_geotiff_mask_and_json_polygons_in_crs(url, loaded, tmp_path):
+    synth.write_collection(str(tmp_path), "geotiff", count=1, size=SIZE, mode="binary")
+    data = (tmp_path / "images" / "tile_r000_c000.tif").read_bytes()
+    np.testing.assert_array_equal(png_mask(post(url, data)), shared_mask(data, loaded))
+
+    doc = post(url, data, params={"class": 1}, headers={"Accept": "application/json"}).json()
+    assert doc["shape"] == [SIZE, SIZE] and doc["crs"] == synth.CRS
+    assert sum(doc["fractions"].values()) == pytest.approx(1.0)
+    expected = inference.class_fractions(shared_mask(data, loaded), 2)
+    assert list(doc["fractions"].values()) == pytest.approx(expected)
+    polygons = doc["polygons"]
+    assert polygons["type"] == "FeatureCollection" and polygons["features"]
+    x0, y0 = synth.ORIGIN
+    side = SIZE * synth.RESOLUTION
+    for feature in polygons["features"]:
+        for x, y in feature["geometry"]["coordinates"][0]:
+            assert x0 <= x <= x0 + side and y0 - side <= y <= y0
+
+
+def test_json_polygons_in_pixels_for_png(url):
+    doc = post(url, tile_png(4), params={"format": "json", "class": 1}).json()
+    assert doc["crs"] is None and sum(doc["fractions"].values()) == pytest.approx(1.0)
+    for feature in doc["polygons"]["features"]:
+        for x, y in feature["geometry"]["coordinates"][0]:
+            assert 0 <= x <= SIZE and 0 <= y <= SIZE
+
+
+def test_any_size_is_windowed_like_the_bulk_path(url, loaded):
+    model, card = loaded
+    data = tile_png(5, (2 * SIZE, 2 * SIZE))
+    mask = png_mask(post(url, data))
+    array = inference.prepare(imagery.decode(data), card)
+    # Windows of 32 over 64 px with overlap 16 start at 0, 16, 32: the outer corners of the
+    # first and last windows are theirs alone.
+    first, last = (array[:SIZE, :SIZE], array[SIZE:, SIZE:])
+    logits = inference.infer(model, np.stack([first, last]), card)
+    corners = inference.render(logits, card)
+    np.testing.assert_array_equal(mask[:16, :16], corners[0][:16, :16])
+    np.testing.assert_array_equal(mask[-16:, -16:], corners[1][-16:, -16:])
+    assert png_mask(post(url, tile_png(6, (50, 70)))).shape == (50, 70)
+    assert png_mask(post(url, tile_png(7, (20, 24)))).shape == (20, 24)
+
+
+def _bad_inputs() -> list[tuple[str, dict, int, str]]:
+    good = tile_png(8)
+    rgba = imagery.encode_png(synth.generate_tile(SIZE, 8, "binary", 4)[0])
+    boundary = "b0undary"
+    no_file = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="x"\r\n\r\nhi\r\n--{boundary}--'
+    )
+    return [
+        ("empty", {"data": b""}, 400, "empty body"),
+        ("not an image", {"data": b"hello, not an image"}, 415, "unsupported media type"),
+        ("truncated", {"data": good[: len(good) // 2]}, 400, "corrupt or truncated image"),
+        ("4 bands", {"data": rgba}, 415, "unsupported band count"),
+        ("float64", {"data": imagery.encode_geotiff(np.zeros((8, 8, 3)))}, 415, "unsupported"),
+        ("17 bands", {"data": imagery.encode_geotiff(np.zeros((8, 8, 17), np.uint8))}, 415, ""),
+        ("body", {"data": good + b"\0" * MAX_BODY}, 413, "body too large"),
+        ("pixels", {"data": imagery.encode_png(np.zeros((200, 200), np.uint8))}, 413, "too large"),
+        (
+            "multipart",
+            {
+                "data": no_file.encode(),
+                "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            },
+            400,
+            "invalid multipart body",
+        ),
+        ("format", {"data": good, "params": {"format": "xml"}}, 400, "invalid request"),
+        ("class", {"data": good, "params": {"class": 7}}, 400, "invalid request"),
+        ("threshold", {"data": good, "params": {"threshold": "high"}}, 400, "invalid request"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_gets_4xx_json_and_service_goes_on(url, loaded, case):
+    _, kwargs, status, error = case
+    response = requests.post(f"{url}/v1/segment", timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["detail"]
+    assert error in body["error"]
+    good = tile_png(9)
+    np.testing.assert_array_equal(png_mask(post(url, good)), shared_mask(good, loaded))
+
+
+def test_64_concurrent_requests_are_batched(url):
+    before = requests.get(f"{url}/v1/stats", timeout=10).json()["batch_sizes"]
+    tiles = [tile_png(100 + i % 8) for i in range(64)]
+    with ThreadPoolExecutor(64) as pool:
+        codes = list(pool.map(lambda data: post(url, data).status_code, tiles))
+    assert codes == [200] * 64
+    after = requests.get(f"{url}/v1/stats", timeout=10).json()["batch_sizes"]
+    new = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    assert sum(k * v for k, v in new.items()) == 64
+    assert max(new) > 1, new
+
+
+def test_token_required_on_v1_only(secure_url):
+    data = tile_png(10)
+    assert requests.get(f"{secure_url}/healthz", timeout=10).status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        response = post(secure_url, data, headers=headers)
+        assert response.status_code == 401 and response.json()["error"] == "unauthorized"
+        assert (
+            requests.get(f"{secure_url}/v1/model", headers=headers, timeout=10).status_code == 401
+        )
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    assert post(secure_url, data, headers=right).status_code == 200
+    assert requests.get(f"{secure_url}/v1/model", headers=right, timeout=10).status_code == 200
+
+
+def test_bulk_predict_gives_the_same_masks(url, model_dir, tmp_path):
+    predict = pytest.importorskip("segray.predict")
+    folder = tmp_path / "in"
+    synth.write_collection(str(folder), "paired", count=2, size=SIZE, mode="binary")
+    (folder / "images" / "odd.png").write_bytes(tile_png(11, (40, 52)))
+    out = tmp_path / "out"
+    config = predict.PredictConfig(model=model_dir, input=str(folder / "images"), output=str(out))
+    predict.predict(config, echo=lambda _: None)
+    for name in ("tile_00000.png", "tile_00001.png", "odd.png"):
+        bulk = imagery.as_mask(imagery.decode((out / name).read_bytes()).array)
+        served = png_mask(post(url, (folder / "images" / name).read_bytes()))
+        np.testing.assert_array_equal(served, bulk)
+
+
+# --- without Serve --------------------------------------------------------------------------
+
+
+def test_deploy_yaml_validates_and_import_path_resolves():
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    with open("deploy/serve.yaml") as f:
+        doc = yaml.safe_load(f)
+    config = ServeDeploySchema.model_validate(doc)
+    (application,) = config.applications
+    module, _, attr = application.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert callable(builder)
+    assert isinstance(builder(application.args), Application)
+    assert application.deployments[0].name == serve.DEPLOYMENT
+
+
+def test_app_builder_and_build_app_refuse_bad_settings():
+    with pytest.raises(ValueError, match="model_uri"):
+        serve.app_builder({"max_batch_size": 4})
+    with pytest.raises(ValueError, match="nonsense"):
+        serve.app_builder({"model_uri": "m", "nonsense": 1})
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1; got 0"):
+        serve.build_app("m", max_batch_size=0)
+    with pytest.raises(ValueError, match="blend must be one of"):
+        serve.build_app("m", blend="smear")
+    app = serve.build_app("m", replicas={"min_replicas": 1, "max_replicas": 3}, num_gpus=0.5)
+    deployment = app._bound_deployment
+    assert deployment._deployment_config.max_ongoing_requests == 64
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert deployment.ray_actor_options["num_gpus"] == 0.5
+
+
+def test_multipart_extraction_is_byte_exact():
+    payload = bytes(range(256)) * 4 + b"\r\n--not-the-boundary\r\n\r\n"
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="meta"\r\n\r\n{}\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="upload"; filename="a.tif"\r\n'
+        b"Content-Type: image/tiff\r\n\r\n" + payload + b"\r\n--xyz--\r\n"
+    )
+    assert serve.image_bytes(body, 'multipart/form-data; boundary="xyz"') == payload
+    assert serve.image_bytes(b"raw", "image/png") == b"raw"
+
+
+def test_cut_and_join_round_trip():
+    array = np.random.default_rng(0).random((50, 70, 2)).astype(np.float32)
+    parts = serve.cut(array, (SIZE, SIZE), 16)
+    assert all(p.shape == (SIZE, SIZE, 2) for _, p in parts)
+    np.testing.assert_allclose(
+        serve.join((50, 70), parts, (SIZE, SIZE), 16, "cosine"), array, rtol=1e-6
+    )
+    small = array[:20, :24]
+    ((win, padded),) = serve.cut(small, (SIZE, SIZE), 16)
+    assert padded.shape == (SIZE, SIZE, 2)
+    np.testing.assert_array_equal(
+        serve.join((20, 24), [(win, padded)], (SIZE, SIZE), 16, "linear"), small
+    )
+
+
+def test_response_format_from_accept():
+    assert serve.response_format(None, "") == "png"
+    assert serve.response_format(None, "application/json") == "json"
+    assert serve.response_format("png", "application/json") == "png"
+    with pytest.raises(serve.ApiError):
+        serve.response_format("xml", "")
