@@ -242,14 +242,137 @@ def train(**kw: Any) -> None:
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, help="Folder for every output.")
 @click.option("--s3", "use_s3", is_flag=True, help="Put every URI on a local moto S3 server.")
-@click.option("--count", default=24, show_default=True, help="Synthetic tiles to make.")
-@click.option("--size", default=64, show_default=True)
+@click.option("--count", default=160, show_default=True, help="Synthetic training tiles.")
+@click.option("--size", default=64, show_default=True, help="Tile size in pixels.")
+@click.option("--epochs", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Ray Train workers.")
+@click.option("--scene-size", default=512, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def demo(out: str, use_s3: bool, count: int, size: int, seed: int) -> None:
-    """Run the main job on the embedded default: synthetic tiles, local storage, tiny settings."""
+def demo(
+    out: str,
+    use_s3: bool,
+    count: int,
+    size: int,
+    epochs: int,
+    workers: int,
+    scene_size: int,
+    seed: int,
+) -> None:
+    """Run the main job on the embedded default: synthesise, train, bulk-predict, evaluate."""
     from segray.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, use_s3=use_s3, count=count, size=size, seed=seed), echo=click.echo)
+    config = DemoConfig(
+        out=out,
+        use_s3=use_s3,
+        count=count,
+        size=size,
+        epochs=epochs,
+        workers=workers,
+        scene_size=scene_size,
+        seed=seed,
+    )
+    run_demo(config, echo=click.echo)
+
+
+def _csv_strings(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def predict_options(func: Any) -> Any:
+    """The options of ``segray predict`` (also parsed by jobs/batch_predict.py)."""
+    options = [
+        click.option("--model", required=True, help="Run folder, model folder or .keras file."),
+        click.option("--input", "input_", default="", help="Folder or s3:// prefix of tiles."),
+        click.option("--output", required=True, help="Folder or s3:// prefix for the masks."),
+        click.option("--manifest", default=None, help="Parquet or text list of input URIs."),
+        endpoint_option,
+        click.option("--pattern", default=None, help="Glob on the relative path or file name."),
+        click.option("--suffixes", default=None, help="e.g. .tif,.png"),
+        click.option("--batch-size", default=16, show_default=True),
+        click.option("--concurrency", default=1, show_default=True, help="Predictor actors."),
+        click.option("--gpus-per-actor", default=0.0, show_default=True),
+        click.option("--cpus-per-actor", default=1.0, show_default=True),
+        click.option(
+            "--output-mode",
+            type=click.Choice(["classes", "binary", "probability"]),
+            default="classes",
+            show_default=True,
+        ),
+        click.option("--class-index", default=1, show_default=True),
+        click.option("--threshold", default=None, type=float),
+        click.option("--bands", default=None, help="1-based bands, e.g. 1,2,3."),
+        click.option("--overwrite", is_flag=True, help="Redo tiles whose mask exists."),
+        click.option("--max-error-rate", default=0.0, show_default=True),
+        click.option("--scene", is_flag=True, help="Inputs are large GeoTIFF scenes."),
+        click.option("--window", default=None, type=int, help="Scene window (default: model)."),
+        click.option("--overlap", default=64, show_default=True),
+        click.option("--blend", type=click.Choice(["linear", "cosine", "crop"]), default="cosine"),
+        click.option("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@predict_options
+def predict(**kw: Any) -> None:
+    """Segment a tile collection (or scenes) with Ray Data; write masks and a manifest."""
+    from segray.predict import PredictConfig
+    from segray.predict import predict as run_predict
+
+    kw["input"] = kw.pop("input_")
+    kw["bands"] = _parse_bands(kw["bands"])
+    kw["suffixes"] = _csv_strings(kw["suffixes"])
+    result = run_predict(PredictConfig(**kw), echo=click.echo)
+    if not result.ok:
+        raise click.ClickException(
+            f"{result.error_rate:.1%} of inputs failed, above --max-error-rate "
+            f"{kw['max_error_rate']:.1%}; see the manifest for each reason"
+        )
+
+
+@cli.command()
+@click.option("--model", required=True, help="Run folder, model folder or .keras file.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--replicas", default=1, show_default=True)
+@click.option("--max-replicas", default=None, type=int, help="Autoscale from --replicas.")
+@click.option("--max-batch-size", default=16, show_default=True)
+@click.option("--batch-wait-ms", default=10.0, show_default=True)
+@click.option("--num-gpus", default=0.0, show_default=True, help="GPUs per replica.")
+@click.option("--max-body-mb", default=64, show_default=True)
+@endpoint_option
+def serve(
+    model: str,
+    host: str,
+    port: int,
+    replicas: int,
+    max_replicas: int | None,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    num_gpus: float,
+    max_body_mb: int,
+    endpoint: str | None,
+) -> None:
+    """Serve the model over HTTP (POST /v1/segment); the token comes from SEGRAY_API_TOKEN."""
+    from segray.serve import run
+
+    scale: Any = replicas
+    if max_replicas:
+        scale = {"min_replicas": replicas, "max_replicas": max_replicas}
+    click.echo(f"serving {model} on http://{host}:{port} (docs at /docs); Ctrl-C stops")
+    run(
+        model,
+        host=host,
+        port=port,
+        replicas=scale,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_ms / 1000,
+        num_gpus=num_gpus,
+        max_body_bytes=max_body_mb * 2**20,
+        endpoint=endpoint,
+    )
 
 
 @cli.command("eval")
@@ -297,6 +420,35 @@ def bench_train_cmd(tiles: int, size: int, batch: int, epochs: int, base_filters
     from segray.bench.train import bench_train
 
     bench_train(tiles, size, batch, epochs, base_filters, echo=click.echo)
+
+
+@bench.command("serve")
+@click.option("--model", default=None, help="Model URI (default: untrained 128 px U-Net).")
+@click.option("--requests", default=200, show_default=True, help="Requests per level.")
+@click.option("--concurrency", default="1,4,16", show_default=True)
+@click.option("--max-batch-size", default=16, show_default=True)
+@click.option("--batch-wait-ms", default=5.0, show_default=True)
+@click.option("--ceiling-seconds", default=5.0, show_default=True)
+def bench_serve_cmd(
+    model: str | None,
+    requests: int,
+    concurrency: str,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    ceiling_seconds: float,
+) -> None:
+    """Serve throughput and latency at 1/4/16 clients, batching on and off, vs the ceiling."""
+    from segray.bench.serve import bench_serve
+
+    bench_serve(
+        model_uri=model,
+        requests_per_level=requests,
+        concurrencies=tuple(int(c) for c in concurrency.split(",")),
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_ms / 1000,
+        ceiling_seconds=ceiling_seconds,
+        echo=click.echo,
+    )
 
 
 def main() -> None:

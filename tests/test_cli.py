@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import rasterio
 from click.testing import CliRunner
 
 from segray import imagery, storage, synth
@@ -76,11 +78,20 @@ def test_bad_option_value_is_one_line(tmp_path):
     assert "size" in result.output and "Traceback" not in result.output
 
 
-def test_demo_runs_and_says_where_outputs_are(tmp_path, ray_local):
+@pytest.mark.slow
+def test_demo_end_to_end_says_where_outputs_are(tmp_path, ray_local):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--count", "6", "--size", "32"])
+    args = ["demo", "--out", str(out), "--count", "16", "--size", "32", "--epochs", "2"]
+    result = CliRunner().invoke(cli, [*args, "--scene-size", "96"])
     assert result.exit_code == 0, result.output
-    assert str(out / "preview.png") in result.output
-    preview = imagery.decode((out / "preview.png").read_bytes())
-    assert preview.shape[2] == 3 and preview.shape[1] == 2 * 32 + 2
-    assert (out / "scenes" / "scene_000.tif").exists()
+    for name in ("run/model.keras", "run/curves.png", "eval/report.md", "eval/confusion.png"):
+        assert (out / name).exists(), name
+        assert str(out / name.split("/")[0]) in result.output
+    masks = sorted((out / "masks").rglob("*.tif"))
+    tiles = sorted((out / "heldout" / "images").glob("*.tif"))
+    assert len(masks) == len(tiles) == 16
+    with rasterio.open(masks[0]) as m, rasterio.open(tiles[0]) as t:
+        assert m.crs == t.crs and m.transform == t.transform
+    with rasterio.open(out / "scene_masks" / "scene_000.tif") as scene:
+        assert scene.shape == (96, 96) and scene.crs.to_string() == synth.CRS
+    assert "building" in result.output and "pixel accuracy" in result.output
