@@ -102,7 +102,7 @@ def check(uris: tuple[str, ...], bands: str | None, endpoint: str | None) -> Non
     files = [
         f
         for uri in uris
-        for f in storage.list_files(uri, suffixes=imagery_suffixes(), endpoint=endpoint) or [uri]
+        for f in storage.list_files(uri, suffixes=imagery.TILE_SUFFIXES, endpoint=endpoint) or [uri]
     ]
     bad = 0
     for uri in files:
@@ -123,11 +123,6 @@ def check(uris: tuple[str, ...], bands: str | None, endpoint: str | None) -> Non
         click.echo(f"{uri}: {tile.format} {w}x{h}x{c} {tile.array.dtype}{geo}")
     if bad:
         raise click.ClickException(f"{bad} of {len(files)} tile(s) could not be read")
-
-
-def imagery_suffixes() -> tuple[str, ...]:
-    """File suffixes treated as tiles when a folder is given."""
-    return (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 @cli.command()

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import ray.data
 
 LAYOUTS = ("paired", "nuclei", "palette", "polygons")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_SUFFIXES = imagery.TILE_SUFFIXES
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 MAX_PIXELS = 64 * 1024 * 1024
 #: Largest band count accepted.
 MAX_BANDS = 16
+#: File suffixes of the formats decode() reads.
+TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 #: Pixel types accepted from any format.
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "float32")
 

@@ -120,20 +120,19 @@ class TrainResult:
     seconds: float
 
 
-def _run_paths(out: str) -> tuple[str, str, Any]:
-    """``(storage_path, name, filesystem)`` for Ray Train's RunConfig from a run URI."""
+def _run_paths(out: str) -> tuple[str, str]:
+    """``(storage_path, name)`` for Ray Train's RunConfig from a run URI (S3: ``bucket/prefix``)."""
     loc = storage.parse(out)
-    if loc.scheme == "s3":
-        parent, _, name = loc.path.rstrip("/").rpartition("/")
-        return f"{loc.bucket}/{parent}".rstrip("/"), name, None
     parent, _, name = loc.path.rstrip("/").rpartition("/")
-    return parent or "/", name, None
+    if loc.scheme == "s3":
+        return f"{loc.bucket}/{parent}".rstrip("/"), name
+    return parent or "/", name
 
 
 def _run_config(config: TrainConfig) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    storage_path, name, _ = _run_paths(config.out)
+    storage_path, name = _run_paths(config.out)
     fs = storage.s3_filesystem(config.endpoint) if storage.is_s3(config.out) else None
     return RunConfig(
         name=name,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from segray import storage
+from segray import imagery, storage
 from segray.augment import AugmentConfig, augment_batch
 
 STATE_FILE = "state.json"
@@ -115,7 +115,7 @@ def _batches(shard: Any, batch: int, scale: float) -> Any:
     for b in shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False):
         images = np.stack(list(b["image"])) if b["image"].dtype == object else b["image"]
         masks = np.stack(list(b["mask"])) if b["mask"].dtype == object else b["mask"]
-        yield images.astype(np.float32) / np.float32(scale), masks, b["weight"], b["id"]
+        yield imagery.normalize(images, scale), masks, b["weight"], b["id"]
 
 
 def _restore(checkpoint: Any, model: Any, optimizer: Any) -> dict[str, Any]:

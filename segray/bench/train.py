@@ -19,12 +19,12 @@ def _bare_keras(data: str, size: int, options: dict, batch: int, epochs: int) ->
     """img/s of plain ``model.fit`` on the same tiles, normalised as training normalises them."""
     import keras
 
-    from segray import datasets, losses, models
+    from segray import datasets, imagery, losses, models
 
     spec = datasets.DatasetSpec(data, size=size, val_fraction=0.2)
     train_s, _ = datasets.split_samples(datasets.find_samples(spec), 0.2, 0)
     rows = [datasets.load_sample(s, spec) for s in train_s]
-    x = np.stack([r["image"] for r in rows]).astype(np.float32) / 255.0
+    x = imagery.normalize(np.stack([r["image"] for r in rows]))
     y = np.stack([r["mask"] for r in rows]).astype(np.int32)
     model = models.build_model("unet", 2, (size, size, 3), **options)
     model.compile(keras.optimizers.Adam(1e-3), loss=losses.build_loss("ce+dice", 2))
