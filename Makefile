@@ -22,8 +22,9 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# `make demo S3=1` puts every URI on s3://, against a moto server the demo starts and stops.
 demo: $(VENV)/.installed
-	$(BIN)/segray demo --out runs/demo $(DEMO_ARGS)
+	$(BIN)/segray demo --out runs/demo $(if $(S3),--s3) $(DEMO_ARGS)
 
 # pytest exits 5 when it collects no test: say so and do not count it as a failure.
 test: $(VENV)/.installed-test
@@ -31,12 +32,12 @@ test: $(VENV)/.installed-test
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check segray tests
-	$(BIN)/ruff format --check segray tests
+	$(BIN)/ruff check segray tests jobs
+	$(BIN)/ruff format --check segray tests jobs
 
 format: $(VENV)/.installed-test
-	$(BIN)/ruff format segray tests
-	$(BIN)/ruff check --fix segray tests
+	$(BIN)/ruff format segray tests jobs
+	$(BIN)/ruff check --fix segray tests jobs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -275,6 +275,8 @@ def _csv_strings(value: str | None) -> tuple[str, ...] | None:
 
 def predict_options(func: Any) -> Any:
     """The options of ``segray predict`` (also parsed by jobs/batch_predict.py)."""
+    from segray import tiling  # numpy only: keeps `segray --help` instant
+
     options = [
         click.option("--model", required=True, help="Run folder, model folder or .keras file."),
         click.option("--input", "input_", default="", help="Folder or s3:// prefix of tiles."),
@@ -300,8 +302,22 @@ def predict_options(func: Any) -> Any:
         click.option("--max-error-rate", default=0.0, show_default=True),
         click.option("--scene", is_flag=True, help="Inputs are large GeoTIFF scenes."),
         click.option("--window", default=None, type=int, help="Scene window (default: model)."),
-        click.option("--overlap", default=64, show_default=True),
-        click.option("--blend", type=click.Choice(["linear", "cosine", "crop"]), default="cosine"),
+        click.option(
+            "--overlap", default=tiling.OVERLAP, show_default=True, help="Window overlap (px)."
+        ),
+        click.option("--blend", type=click.Choice(tiling.BLENDS), default=tiling.BLEND),
+        click.option(
+            "--mc-samples",
+            default=0,
+            show_default=True,
+            help="Monte-Carlo dropout passes; writes <name>.uncertainty.<ext> beside each mask.",
+        ),
+        click.option(
+            "--footprints",
+            default=None,
+            type=int,
+            help="Class id to vectorise; writes <name>.geojson beside each mask.",
+        ),
         click.option("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS)."),
     ]
     for option in reversed(options):
@@ -309,17 +325,23 @@ def predict_options(func: Any) -> Any:
     return func
 
 
-@cli.command()
-@predict_options
-def predict(**kw: Any) -> None:
-    """Segment a tile collection (or scenes) with Ray Data; write masks and a manifest."""
+def predict_config_from_options(**kw: Any) -> Any:
+    """A PredictConfig from ``segray predict`` options."""
     from segray.predict import PredictConfig
-    from segray.predict import predict as run_predict
 
     kw["input"] = kw.pop("input_")
     kw["bands"] = _parse_bands(kw["bands"])
     kw["suffixes"] = _csv_strings(kw["suffixes"])
-    result = run_predict(PredictConfig(**kw), echo=click.echo)
+    return PredictConfig(**kw)
+
+
+@cli.command()
+@predict_options
+def predict(**kw: Any) -> None:
+    """Segment a tile collection (or scenes) with Ray Data; write masks and a manifest."""
+    from segray.predict import predict as run_predict
+
+    result = run_predict(predict_config_from_options(**kw), echo=click.echo)
     if not result.ok:
         raise click.ClickException(
             f"{result.error_rate:.1%} of inputs failed, above --max-error-rate "

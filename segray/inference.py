@@ -1,12 +1,14 @@
 """From decoded tiles to masks: the one preparation and output rule of bulk, Serve and eval.
 
-``prepare`` checks bands and normalises exactly as training did (the model card says how);
-``infer`` runs the model on a batch of any size, padding to the model's input multiple and
-cropping back; ``render`` turns logits into the mask a user asked for.
+``load`` loads a model for inference; ``prepare`` checks bands and normalises exactly as training
+did (the model card says how); ``infer`` runs the compiled model on a batch of any size, padding to
+the model's input multiple and cropping back; ``infer_stacks`` runs the window stacks of many
+images together; ``render`` turns logits into the mask a user asked for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +20,31 @@ if TYPE_CHECKING:
     from segray.modelio import ModelCard
 
 OUTPUTS = ("classes", "binary", "probability")
+#: Most windows per model call unless the caller says otherwise.
+MAX_BATCH = 32
+
+
+def load(uri: str, *, endpoint: str | None = None) -> tuple[Any, ModelCard]:
+    """A model and its card, loaded for inference (by a Predictor actor or a Serve replica)."""
+    from segray import modelio
+
+    gpu_memory_growth()
+    return modelio.load_model(uri, endpoint=endpoint)
+
+
+def gpu_memory_growth() -> None:
+    """Let several actors or replicas share one GPU: TensorFlow otherwise takes all its memory."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process
+            pass
 
 
 def prepare(tile: Tile, card: ModelCard) -> np.ndarray:
@@ -57,55 +84,151 @@ def model_size(model: Any, card: ModelCard, height: int, width: int) -> tuple[in
     )
 
 
-def infer(model: Any, batch: np.ndarray, card: ModelCard) -> np.ndarray:
+def model_window(model: Any) -> tuple[int, int] | None:
+    """The model's fixed input ``(height, width)``, or None for a size-flexible model."""
+    size = tuple(getattr(model, "input_shape", (None, None, None))[1:3])
+    return size if all(isinstance(v, int) for v in size) else None  # type: ignore[return-value]
+
+
+def infer(
+    model: Any, batch: np.ndarray, card: ModelCard, batch_size: int = MAX_BATCH
+) -> np.ndarray:
     """Logits (B, H, W, K) as numpy for a prepared float32 batch no larger than the model input.
 
-    Smaller batches are padded up to the model's size and the logits cropped back; larger images
-    go through :mod:`segray.tiling` windows first (bulk ``--scene`` and Serve do this).
+    Smaller images are padded up to the model's size and the logits cropped back; larger images
+    go through :func:`segray.tiling.cut_windows` first (bulk and Serve do this). At most
+    ``batch_size`` images go to the model per call.
     """
     batch = np.asarray(batch, np.float32)
     h, w = batch.shape[1:3]
     size = model_size(model, card, h, w)
     if h > size[0] or w > size[1]:
         raise ValueError(f"a {h}x{w} batch is larger than the model input {size}: tile it first")
-    logits = np.asarray(model(pad_to(batch, size), training=False))
-    return logits[:, :h, :w, :]
+    x = pad_to(batch, size)
+    step = max(1, batch_size)
+    parts = [_predict(model, x[i : i + step], step) for i in range(0, len(x), step)]
+    return np.concatenate(parts)[:, :h, :w, :]
+
+
+def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """One compiled model call (Keras caches ``predict_function``; eager calls cost ~10x more).
+
+    Where the compiled function is specialised per input shape (XLA on a GPU, JAX), the batch is
+    padded up to a power of two (at most ``batch_size``), so that a server whose batches take
+    every size from 1 to ``batch_size`` compiles a handful of programs, not one per size.
+    """
+    if not hasattr(model, "predict_on_batch"):  # a plain callable
+        return np.asarray(model(x, training=False))
+    n = len(x)
+    if _shape_specialised(model):
+        bucket = min(1 << (n - 1).bit_length(), max(batch_size, n))
+        x = np.concatenate([x, np.repeat(x[-1:], bucket - n, axis=0)]) if bucket > n else x
+    return np.asarray(model.predict_on_batch(x))[:n]
+
+
+def _shape_specialised(model: Any) -> bool:
+    import keras
+
+    return keras.backend.backend() == "jax" or bool(getattr(model, "jit_compile", False))
+
+
+def warm_up(model: Any, card: ModelCard, batch_size: int = MAX_BATCH) -> None:
+    """Compile the model's predict function before the first request needs it: for each
+    power-of-two batch size up to ``batch_size`` (the sizes :func:`infer` pads to under XLA or
+    JAX; TensorFlow's relaxed trace covers every size after the second)."""
+    sizes = {1 << i for i in range(batch_size.bit_length())} | {batch_size}
+    for n in sorted(s for s in sizes if s <= batch_size):
+        infer(model, np.zeros((n, *card.input_shape), np.float32), card, batch_size)
+
+
+def infer_stacks(
+    model: Any,
+    stacks: Sequence[np.ndarray],
+    card: ModelCard,
+    batch_size: int = MAX_BATCH,
+    mc_samples: int = 0,
+) -> list[np.ndarray | Exception]:
+    """Logits of many window stacks (n_i, h, w, C), each the windows of one image, in few calls.
+
+    Stacks of one shape share model calls of up to ``batch_size`` windows. A shape group that
+    fails gives each of its stacks the exception instead of logits, so one bad image spoils no
+    other. With ``mc_samples`` > 0 (:func:`infer_mc`), each result has one more channel, last: the
+    uncertainty, which is then stitched with the logits.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, stack in enumerate(stacks):
+        groups.setdefault(stack.shape[1:], []).append(i)
+    out: list[Any] = [None] * len(stacks)
+    for rows in groups.values():
+        windows = np.concatenate([stacks[i] for i in rows])
+        try:
+            if mc_samples:
+                logits, entropy = infer_mc(model, windows, card, mc_samples, batch_size)
+                logits = np.concatenate([logits, entropy[..., None]], axis=-1)
+            else:
+                logits = infer(model, windows, card, batch_size)
+        except Exception as exc:  # handed to the caller, per image: one bad image spoils no other
+            for i in rows:
+                out[i] = exc
+            continue
+        splits = np.cumsum([len(stacks[i]) for i in rows])[:-1]
+        for i, part in zip(rows, np.split(logits, splits), strict=True):
+            out[i] = part
+    return out
 
 
 def infer_mc(
-    model: Any, batch: np.ndarray, card: ModelCard, samples: int
+    model: Any, batch: np.ndarray, card: ModelCard, samples: int, batch_size: int = MAX_BATCH
 ) -> tuple[np.ndarray, np.ndarray]:
     """Monte-Carlo dropout: ``samples`` stochastic passes → (logits of the mean, uncertainty).
 
     The returned logits are those of the mean probability (log p for softmax, logit p for one
     sigmoid channel), so :func:`render` applies the one threshold rule to them unchanged. The
     uncertainty is the predictive entropy of the mean, scaled to [0, 1] by its maximum log K.
-    Models without Monte-Carlo dropout layers give identical passes and zero-ish uncertainty.
+    Models without Monte-Carlo dropout layers give identical passes, so they run one.
+
+    Monte-Carlo mode is switched on for the call and back off after, unless it was on already: a
+    bulk job switches it on once, since every switch recompiles the model's predict function.
     """
     from segray import metrics
     from segray.models import set_monte_carlo
 
     if samples < 1:
         raise ValueError(f"mc_samples must be ≥ 1; got {samples}")
-    set_monte_carlo(model, True)
+    layers = _mc_layers(model)
+    was_on = any(layer.monte_carlo for layer in layers)
+    if not layers:
+        samples = 1
+    elif not was_on:
+        set_monte_carlo(model, True)
     try:
-        probs = np.mean(
-            [
-                np.asarray(metrics.logits_to_probabilities(infer(model, batch, card)))
-                for _ in range(samples)
-            ],
-            axis=0,
+        total = sum(
+            np.asarray(metrics.logits_to_probabilities(infer(model, batch, card, batch_size)))
+            for _ in range(samples)
         )
     finally:
-        set_monte_carlo(model, False)
+        if layers and not was_on:
+            set_monte_carlo(model, False)
     eps = 1e-7
-    p = np.clip(probs, eps, 1 - eps)
+    p = np.clip(total / samples, eps, 1 - eps)
     if p.shape[-1] == 1:
         q = p[..., 0]
         entropy = -(q * np.log(q) + (1 - q) * np.log(1 - q)) / np.log(2)
         return np.log(q / (1 - q))[..., None], entropy.astype(np.float32)
     entropy = -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
     return np.log(p), entropy.astype(np.float32)
+
+
+def monte_carlo_enabled(model: Any) -> bool:
+    """True when the model has Monte-Carlo dropout layers and they are switched on."""
+    return any(layer.monte_carlo for layer in _mc_layers(model))
+
+
+def _mc_layers(model: Any) -> list[Any]:
+    from segray.models import MCDropout
+
+    layers = model._flatten_layers() if hasattr(model, "_flatten_layers") else []
+    return [layer for layer in layers if isinstance(layer, MCDropout)]
 
 
 def render(
@@ -138,6 +261,41 @@ def render(
         return (p >= t).astype(np.uint8)
     labels = np.asarray(metrics.logits_to_labels(logits, threshold=t)).astype(np.uint8)
     return (labels == class_index).astype(np.uint8) if output == "binary" else labels
+
+
+def render_outputs(
+    logits: np.ndarray,
+    card: ModelCard,
+    output: str = "classes",
+    class_index: int = 1,
+    threshold: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, labels)``: the mask :func:`render` gives, and the class-id mask at the same
+    threshold, from which a job's class fractions and footprints are taken (one array when the
+    mask is the class-id mask)."""
+    labels = render(logits, card, "classes", threshold=threshold)
+    if output == "classes":
+        return labels, labels
+    return render(logits, card, output, class_index, threshold), labels
+
+
+def render_uncertainty(entropy: np.ndarray) -> np.ndarray:
+    """The uint8 uncertainty map of an entropy in [0, 1] (:func:`infer_mc`): round(255 x it)."""
+    return np.round(np.clip(entropy, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def footprint_doc(
+    labels: np.ndarray, like: Tile, class_index: int, name: str | None = None
+) -> dict[str, Any]:
+    """GeoJSON polygons of ``class_index`` in a class-id mask, in ``like``'s CRS (in pixels when
+    it has no georeference), simplified by half a pixel: bulk ``footprints`` and Serve's JSON."""
+    from segray.footprints import footprints
+
+    transform = like.transform
+    simplify = abs(transform.a) / 2 if transform is not None else 0.5
+    return footprints(
+        labels, class_index, transform=transform, crs=like.crs, simplify=simplify, name=name
+    )
 
 
 def class_fractions(mask: np.ndarray, num_classes: int) -> list[float]:

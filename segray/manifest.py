@@ -1,7 +1,8 @@
 """What a bulk prediction job reads and what it leaves as its receipt.
 
-Inputs: a folder, prefix or list of URIs, minus those whose mask exists (:func:`plan`). Receipt:
-one Parquet row per input and the job's verdict (:class:`Manifest`, :class:`PredictResult`).
+Inputs: a folder, prefix or list of URIs, minus those whose outputs exist (:func:`plan`): the
+mask, and beside it, when the job makes them, its uncertainty map and its footprints. Receipt: one
+Parquet row per input and the job's verdict (:class:`Manifest`, :class:`PredictResult`).
 
 Each run writes ``<output>/_manifest/run-<UTC time>-<id>/part-00000.parquet`` (more parts every
 ``rows_per_part`` rows, so the driver's memory stays flat on millions of tiles). Every part is
@@ -33,6 +34,8 @@ TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SCENE_SUFFIXES = (".tif", ".tiff")
 MANIFEST_DIR = "_manifest"
 STATUSES = ("ok", "skipped", "error")
+#: Manifest columns of the files made beside a mask.
+_SIDE_FILES = ("uncertainty_uri", "footprints_uri")
 #: Errors quoted in the printed summary; the manifest has all of them.
 SUMMARY_ERRORS = 5
 
@@ -42,20 +45,48 @@ SUMMARY_ERRORS = 5
 
 def plan(config: PredictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
     """``(todo, done)``: inputs to predict as ``(input, output)``, and inputs settled already as
-    ``(input, output, reason)`` (reason empty: the mask exists and is skipped; else an error)."""
+    ``(input, output, reason)`` (reason empty: every output exists and is skipped; else an error).
+
+    ``output`` is the mask's URI; :func:`outputs` gives the files made beside it."""
     base, uris = list_inputs(config)
     existing = set() if config.overwrite else set(list_outputs(config))
     todo, done, claimed = [], [], {}
     for uri in uris:
         out = mask_uri(config.output, _relative(base, uri), config.scene)
-        if out in claimed:
-            done.append((uri, out, f"{uri}: its mask {out} is already made from {claimed[out]}"))
-        elif out in existing:
+        files = [f for f in outputs(out, config).values() if f]
+        clash = next((f for f in files if f in claimed), None)
+        if clash is not None:
+            reason = f"{uri}: its output {clash} is already made from {claimed[clash]}"
+            done.append((uri, out, reason))
+        elif all(f in existing for f in files):
             done.append((uri, out, ""))
         else:
             todo.append((uri, out))
-        claimed.setdefault(out, uri)
+        for f in files:
+            claimed.setdefault(f, uri)
     return todo, done
+
+
+def outputs(mask: str, config: PredictConfig) -> dict[str, str | None]:
+    """Every file a job makes for one input, by manifest column: ``output_uri`` (the mask),
+    ``uncertainty_uri`` (with ``mc_samples``) and ``footprints_uri`` (with ``footprints``) beside
+    it; None where the job makes no such file."""
+    return {
+        "output_uri": mask,
+        "uncertainty_uri": uncertainty_uri(mask) if config.mc_samples else None,
+        "footprints_uri": footprints_uri(mask) if config.footprints is not None else None,
+    }
+
+
+def uncertainty_uri(mask: str) -> str:
+    """The uncertainty map beside a mask: ``x.tif`` → ``x.uncertainty.tif``."""
+    stem, ext = os.path.splitext(mask)
+    return f"{stem}.uncertainty{ext}"
+
+
+def footprints_uri(mask: str) -> str:
+    """The footprints beside a mask: ``x.tif`` → ``x.geojson``."""
+    return os.path.splitext(mask)[0] + ".geojson"
 
 
 def list_inputs(config: PredictConfig) -> tuple[str, list[str]]:
@@ -139,6 +170,8 @@ def schema() -> pa.Schema:
             ("status", pa.string()),
             ("error", pa.string()),
             ("output_uri", pa.string()),
+            ("uncertainty_uri", pa.string()),
+            ("footprints_uri", pa.string()),
             ("class_fractions", pa.list_(pa.float64())),
             ("model_uri", pa.string()),
             ("model_version", pa.string()),
@@ -221,8 +254,10 @@ class Manifest:
         output_uri: str | None = None,
         class_fractions: Sequence[float] | None = None,
         seconds: float = 0.0,
+        uncertainty_uri: str | None = None,
+        footprints_uri: str | None = None,
     ) -> None:
-        """Record one input's outcome."""
+        """Record one input's outcome (URIs empty or None: no such file)."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}; got {status!r}")
         fractions = None
@@ -233,6 +268,8 @@ class Manifest:
             "status": status,
             "error": error or None,
             "output_uri": output_uri or None,
+            "uncertainty_uri": uncertainty_uri or None,
+            "footprints_uri": footprints_uri or None,
             "class_fractions": fractions,
             "model_uri": self.model[0],
             "model_version": self.model[1],
@@ -248,8 +285,10 @@ class Manifest:
 
     def add_batch(self, batch: dict[str, Any]) -> None:
         """Record a batch of rows (columns ``input_uri``, ``status``, ``error``, ``output_uri``,
-        ``class_fractions``, ``seconds``), as the prediction stages return them."""
+        ``class_fractions``, ``seconds``, and optionally ``uncertainty_uri``, ``footprints_uri``),
+        as the prediction stages return them."""
         for i, uri in enumerate(batch["input_uri"]):
+            extra = {k: str(batch[k][i] or "") for k in _SIDE_FILES if k in batch}
             self.add(
                 uri,
                 str(batch["status"][i]),
@@ -257,6 +296,7 @@ class Manifest:
                 str(batch["output_uri"][i] or "") or None,
                 batch["class_fractions"][i],
                 float(batch["seconds"][i]),
+                **extra,
             )
 
     def flush(self) -> None:
@@ -290,7 +330,10 @@ def read_manifest(uri: str, *, endpoint: str | None = None) -> pa.Table:
 
     parts = storage.list_files(uri, suffixes=".parquet", endpoint=endpoint)
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(p, endpoint=endpoint))) for p in parts]
-    return pa.concat_tables(tables) if tables else schema().empty_table()
+    if not tables:
+        return schema().empty_table()
+    # parts written before a column was added lack it: it reads as null there
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def run_folders(output: str, *, endpoint: str | None = None) -> list[str]:

@@ -1,12 +1,14 @@
 """Bulk segmentation: tile collections or large scenes in, masks and a manifest out, on Ray Data.
 
-Tile URIs are listed on the driver and those whose mask exists are skipped; the rest stream through
-read + decode tasks, a pool of :class:`Predictor` actors (each loads the model once) and encode +
-write tasks. Masks land under the output prefix at the input's relative path (GeoTIFF with the
-tile's georeference for TIFF inputs, PNG otherwise), each written whole (temp + rename, or one
-PUT). Every input gets one manifest row; bad tiles become ``error`` rows and never stop the job.
+Tile URIs are listed on the driver and those whose outputs exist are skipped; the rest stream
+through read + decode tasks, a pool of :class:`Predictor` actors (each loads the model once) and
+encode + write tasks. Masks land under the output prefix at the input's relative path (GeoTIFF
+with the tile's georeference for TIFF inputs, PNG otherwise), each written whole (temp + rename,
+or one PUT). Every input gets one manifest row; bad tiles become ``error`` rows and never stop the
+job.
 With ``scene=True`` each input is a large GeoTIFF read window by window (see :mod:`segray.tiling`)
-and stitched back into one scene mask by the driver.
+and stitched back into one scene mask by the driver. Optionally an uncertainty map (Monte-Carlo
+dropout) and GeoJSON footprints of one class are written beside each mask.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from segray import inference, stages, tiling
 from segray.imagery import Tile, TileError
-from segray.manifest import Manifest, PredictResult, plan
+from segray.manifest import Manifest, PredictResult, outputs, plan
 from segray.stages import pack, unpack
 
 if TYPE_CHECKING:
@@ -46,8 +48,14 @@ class PredictConfig:
       ``cpus_per_task`` CPUs and use ``io_threads`` threads (they mostly wait on storage).
     - ``output_mode``/``class_index``/``threshold``: as :func:`segray.inference.render`.
     - ``bands``: 1-based bands to read; default the model card's.
-    - ``overwrite`` redoes inputs whose mask exists; ``max_error_rate`` is the share of inputs
+    - ``overwrite`` redoes inputs whose outputs exist; ``max_error_rate`` is the share of inputs
       in error above which the job fails.
+    - ``mc_samples`` > 0: Monte-Carlo dropout with that many passes; the mask is that of the mean
+      probability, and ``<name>.uncertainty.<ext>`` beside it holds round(255 x entropy) in
+      uint8 (georeferenced like the mask).
+    - ``footprints``: a class index; ``<name>.geojson`` beside each mask holds the polygons of
+      that class in the class-id mask at ``threshold`` (in the tile's or scene's CRS, else in
+      pixels; simplified by half a pixel).
     - ``scene``: inputs are large GeoTIFFs cut into ``window`` px windows (default: the model's
       input size) overlapping by ``overlap``, stitched by ``blend`` (see :mod:`segray.tiling`).
       ``overlap`` and ``blend`` also apply to tiles of another size than the model's input.
@@ -74,8 +82,10 @@ class PredictConfig:
     max_error_rate: float = 0.0
     scene: bool = False
     window: int | None = None
-    overlap: int = 64
-    blend: str = "cosine"
+    overlap: int = tiling.OVERLAP
+    blend: str = tiling.BLEND
+    mc_samples: int = 0
+    footprints: int | None = None
     io_threads: int = 8
     manifest_rows: int = 10_000
     ray_address: str | None = None
@@ -94,6 +104,10 @@ class PredictConfig:
             raise ValueError(
                 f"overlap must lie in 0..window-1 ({self.window - 1}); got {self.overlap}"
             )
+        if int(self.mc_samples) < 0:
+            raise ValueError(f"mc_samples must be >= 0; got {self.mc_samples!r}")
+        if self.footprints is not None and int(self.footprints) < 0:
+            raise ValueError(f"footprints must be a class index >= 0; got {self.footprints!r}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must lie in [0, 1]; got {self.max_error_rate}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -113,10 +127,10 @@ def predict(config: PredictConfig, echo: Callable[[str], None] = print) -> Predi
 
     start = time.monotonic()
     card = modelio.load_card(config.model, endpoint=config.endpoint)
-    if not 0 <= config.class_index < card.num_classes:
-        raise ValueError(
-            f"class_index must lie in 0..{card.num_classes - 1}; got {config.class_index}"
-        )
+    for name in ("class_index", "footprints"):
+        value = getattr(config, name)
+        if value is not None and not 0 <= value < card.num_classes:
+            raise ValueError(f"{name} must lie in 0..{card.num_classes - 1}; got {value}")
     todo, done = plan(config)
     if not (todo or done):
         where = config.manifest or config.input
@@ -133,14 +147,14 @@ def predict(config: PredictConfig, echo: Callable[[str], None] = print) -> Predi
     )
     for input_uri, output_uri, reason in done:
         status = "error" if reason else "skipped"
-        manifest.add(input_uri, status, reason, None if reason else output_uri)
+        manifest.add(input_uri, status, reason, **({} if reason else outputs(output_uri, config)))
     if todo:
         _init_ray(config)
         if config.scene:
             for row in _run_scenes(todo, config, card):
                 manifest.add(**row)
         else:
-            for batch in _run_tiles(todo, config):
+            for batch in _run_tiles(todo, config, card):
                 manifest.add_batch(batch)
     result = manifest.close(time.monotonic() - start, config.max_error_rate)
     echo(result.summary())
@@ -159,7 +173,16 @@ def _init_ray(config: PredictConfig) -> None:
 # --- the tile pipeline -------------------------------------------------------------------------
 
 
-def _run_tiles(todo: list[tuple[str, str]], config: PredictConfig) -> Iterable[dict]:
+def footprint_options(config: PredictConfig, card: ModelCard) -> dict[str, Any] | None:
+    """What the writers need to vectorise the ``footprints`` class (None when off)."""
+    if config.footprints is None:
+        return None
+    return {"class_index": config.footprints, "name": card.names()[config.footprints]}
+
+
+def _run_tiles(
+    todo: list[tuple[str, str]], config: PredictConfig, card: ModelCard
+) -> Iterable[dict]:
     import ray.data
 
     items = [{"input_uri": i, "output_uri": o} for i, o in todo]
@@ -170,7 +193,8 @@ def _run_tiles(todo: list[tuple[str, str]], config: PredictConfig) -> Iterable[d
     read = {**io, "bands": config.bands}
     ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
     ds = _predict_stage(ds, config, emit="mask")
-    ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=io, num_cpus=cpus)
+    write = {**io, "footprints": footprint_options(config, card)}
+    ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -198,9 +222,14 @@ def _run_scenes(
             stages.read_windows, batch_size=config.batch_size, fn_kwargs=io, num_cpus=cpus
         )
         ds = _predict_stage(ds, config, emit="logits")
-        render = render_options(config)
-        geometry = (window, config.overlap, config.blend)
-        assembler = stages.SceneAssembler(card, geometry, render, endpoint=config.endpoint)
+        assembler = stages.SceneAssembler(
+            card,
+            (window, config.overlap, config.blend),
+            render_options(config),
+            endpoint=config.endpoint,
+            uncertainty=config.mc_samples > 0,
+            footprints=footprint_options(config, card),
+        )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield from assembler.add_batch(batch)
     finally:
@@ -241,6 +270,8 @@ def _predict_stage(ds: ray.data.Dataset, config: PredictConfig, emit: str) -> ra
             "batch_size": config.batch_size,
             "overlap": config.overlap,
             "blend": config.blend,
+            "mc_samples": config.mc_samples,
+            "footprints": config.footprints is not None,
         },
     )
 
@@ -249,10 +280,12 @@ class Predictor:
     """Ray Data callable class: loads the model once, then predicts batches of decoded rows.
 
     Arrays of the model's input size go to the model as they are, grouped by shape. Other sizes
-    (odd tiles, scene windows of another size) are cut into model-sized windows overlapping by
-    ``overlap`` and stitched back with :mod:`segray.tiling`. ``emit="mask"`` replaces each row's
-    pixels by its uint8 mask and adds per-class pixel fractions; ``emit="logits"`` by its float32
-    logits, for scenes to be stitched.
+    (odd tiles, scene windows of another size) are cut into model-sized windows and stitched back
+    by :func:`segray.tiling.cut_windows` / :func:`segray.tiling.join_windows`, as Serve does.
+    ``emit="mask"`` replaces each row's pixels by its uint8 mask and adds per-class pixel
+    fractions (and, when asked, the ``uncertainty`` map and the class-id ``labels`` for
+    footprints, as uint8 bytes of the mask's shape); ``emit="logits"`` by its float32 logits, for
+    scenes to be stitched (with Monte-Carlo samples, the uncertainty is their last channel).
     """
 
     def __init__(
@@ -262,42 +295,50 @@ class Predictor:
         render: dict[str, Any] | None = None,
         emit: str = "mask",
         batch_size: int = 16,
-        overlap: int = 64,
-        blend: str = "cosine",
+        overlap: int = tiling.OVERLAP,
+        blend: str = tiling.BLEND,
+        mc_samples: int = 0,
+        footprints: bool = False,
     ) -> None:
-        from segray import modelio
+        from segray.models import set_monte_carlo
 
-        _gpu_memory_growth()
-        self.model, self.card = modelio.load_model(model, endpoint=endpoint)
+        self.model, self.card = inference.load(model, endpoint=endpoint)
         self.render = render or {"output": "classes", "class_index": 1, "threshold": None}
         self.emit, self.batch_size = emit, batch_size
-        size = tuple(self.model.input_shape[1:3])
-        self.window = size if all(isinstance(v, int) for v in size) else None
-        self.overlap = min(overlap, min(self.window) // 2) if self.window else 0
-        self.blend = blend
+        self.window = inference.model_window(self.model)
+        self.overlap, self.blend = overlap, blend
+        self.mc_samples, self.footprints = mc_samples, footprints
+        if mc_samples:  # once: every switch recompiles the model's predict function
+            set_monte_carlo(self.model, True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Predict every row without an error; rows that fail here get one."""
         start = time.perf_counter()
         errors = [str(e) for e in batch["error"]]
         logits = self._logits(self._prepare(batch, errors), batch["input_uri"], errors)
-        outputs = self._outputs(logits)
-        fractions = np.full((len(errors), self.card.num_classes), np.nan)
-        packed = [(b"", [0, 0, 0], "uint8")] * len(errors)
-        for i, (out, frac) in outputs.items():
-            packed[i], fractions[i] = pack(out), frac
-        share = (time.perf_counter() - start) / max(1, len(errors))
-        pixels = np.empty(len(packed), dtype=object)
-        pixels[:] = [p[0] for p in packed]
+        n, k = len(errors), self.card.num_classes
+        fractions = np.full((n, k), np.nan)
+        packed = [(b"", [0, 0, 0], "uint8")] * n
+        side = {name: [b""] * n for name in self._side_columns()}
+        for i, out in self._outputs(logits).items():
+            packed[i], fractions[i] = pack(out["mask"]), out["fractions"]
+            for name in side:
+                side[name][i] = out[name].tobytes()
+        share = (time.perf_counter() - start) / max(1, n)
         return {
             **batch,
             "error": np.asarray(errors, dtype=object),
             "seconds": np.asarray(batch["seconds"], np.float64) + share,
-            "pixels": pixels,
+            "pixels": _objects([p[0] for p in packed]),
             "shape": np.asarray([[*p[1], 0, 0, 0][:3] for p in packed]),
             "dtype": np.asarray([p[2] for p in packed], dtype=object),
             "class_fractions": fractions,
+            **{name: _objects(values) for name, values in side.items()},
         }
+
+    def _side_columns(self) -> list[str]:
+        wanted = {"uncertainty": self.mc_samples > 0, "labels": self.footprints}
+        return [name for name, on in wanted.items() if on and self.emit == "mask"]
 
     def _prepare(self, batch: dict[str, np.ndarray], errors: list[str]) -> dict[int, np.ndarray]:
         prepared = {}
@@ -314,85 +355,46 @@ class Predictor:
     def _logits(
         self, prepared: dict[int, np.ndarray], uris: np.ndarray, errors: list[str]
     ) -> dict[int, np.ndarray]:
-        """Logits (h, w, K) per row, windows of all rows batched together by shape."""
-        groups: dict[tuple, list[tuple[int, tiling.Window, np.ndarray]]] = {}
-        for i, array in prepared.items():
-            for win, part in self._cut(array):
-                groups.setdefault(part.shape, []).append((i, win, part))
-        parts: dict[int, list[tuple[tiling.Window, np.ndarray]]] = {}
-        for group in groups.values():
-            try:
-                out = self._run(np.stack([p[2] for p in group]))
-            except Exception as exc:  # one bad shape group must not end the job
-                for i, _, _ in group:
-                    errors[i] = f"{uris[i]}: inference failed: {type(exc).__name__}: {exc}"
-                continue
-            for (i, win, _), one in zip(group, out, strict=True):
-                parts.setdefault(i, []).append((win, one))
-        return {i: self._join(prepared[i], p) for i, p in parts.items() if not errors[i]}
+        """Logits (h, w, K) per row (K + 1 with the uncertainty), windows of all rows batched."""
+        cuts = {i: tiling.cut_windows(a, self.window, self.overlap) for i, a in prepared.items()}
+        results = inference.infer_stacks(
+            self.model, [c[0] for c in cuts.values()], self.card, self.batch_size, self.mc_samples
+        )
+        out = {}
+        for (i, (_, layout)), result in zip(cuts.items(), results, strict=True):
+            if isinstance(result, Exception):
+                errors[i] = f"{uris[i]}: inference failed: {type(result).__name__}: {result}"
+            else:
+                out[i] = tiling.join_windows(result, layout, self.blend)
+        return out
 
-    def _cut(self, array: np.ndarray) -> list[tuple[tiling.Window, np.ndarray]]:
-        h, w = array.shape[:2]
-        if self.window is None or (h, w) == self.window:
-            return [(tiling.Window(0, 0, h, w), array)]
-        padded = _pad_to(array, self.window)
-        wins = tiling.scene_windows(*padded.shape[:2], self.window, self.overlap)
-        return [(win, padded[win.slices]) for win in wins]
-
-    def _join(self, array: np.ndarray, parts: list[tuple[tiling.Window, np.ndarray]]) -> np.ndarray:
-        h, w = array.shape[:2]
-        if len(parts) == 1 and parts[0][1].shape[:2] == (h, w):
-            return parts[0][1]
-        height, width = max(h, self.window[0]), max(w, self.window[1])
-        full = tiling.stitch(parts, height, width, self.window, self.overlap, self.blend)
-        return full[:h, :w]
-
-    def _run(self, windows: np.ndarray) -> np.ndarray:
-        step = self.batch_size
-        chunks = [windows[i : i + step] for i in range(0, len(windows), step)]
-        return np.concatenate([inference.infer(self.model, c, self.card) for c in chunks])
-
-    def _outputs(self, logits: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """``{row: (output, class fractions)}``, rendered a shape group at a time."""
+    def _outputs(self, logits: dict[int, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+        """``{row: {"mask", "fractions", ...side columns}}``, rendered a shape group at a time."""
+        k = self.card.num_classes
+        if self.emit == "logits":  # scenes: the driver renders the stitched logits
+            nan = np.full(k, np.nan)
+            return {
+                i: {"mask": one.astype(np.float32), "fractions": nan} for i, one in logits.items()
+            }
         groups: dict[tuple, list[int]] = {}
         for i, one in logits.items():
             groups.setdefault(one.shape, []).append(i)
-        out = {}
-        k = self.card.num_classes
+        out: dict[int, dict[str, np.ndarray]] = {}
         for rows in groups.values():
             stack = np.stack([logits[i] for i in rows])
-            if self.emit == "logits":  # scenes: the driver renders the stitched logits
-                out.update(
-                    {
-                        i: (stack[j].astype(np.float32), np.full(k, np.nan))
-                        for j, i in enumerate(rows)
-                    }
-                )
-                continue
-            classes = inference.render(stack, self.card, "classes")
-            plain = self.render["output"] == "classes" and self.render["threshold"] is None
-            result = classes if plain else inference.render(stack, self.card, **self.render)
+            uncertainty = None
+            if self.mc_samples:
+                stack, uncertainty = stack[..., :-1], inference.render_uncertainty(stack[..., -1])
+            masks, labels = inference.render_outputs(stack, self.card, **self.render)
             for j, i in enumerate(rows):
-                out[i] = (result[j], np.asarray(inference.class_fractions(classes[j], k)))
+                fractions = np.asarray(inference.class_fractions(labels[j], k))
+                out[i] = {"mask": masks[j], "fractions": fractions, "labels": labels[j]}
+                if uncertainty is not None:
+                    out[i]["uncertainty"] = uncertainty[j]
         return out
 
 
-def _pad_to(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Reflect-pad (h, w, C) at the bottom and right to at least ``size`` (edge-pad when short)."""
-    h, w = array.shape[:2]
-    ph, pw = max(0, size[0] - h), max(0, size[1] - w)
-    if not (ph or pw):
-        return array
-    mode = "reflect" if ph < h and pw < w else "edge"
-    return np.pad(array, ((0, ph), (0, pw), (0, 0)), mode=mode)
-
-
-def _gpu_memory_growth() -> None:
-    """Let several actors share one GPU: TensorFlow otherwise takes all its memory at start."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised in this process
-            pass
+def _objects(values: list) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column

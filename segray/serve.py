@@ -2,9 +2,10 @@
 
 Bytes are checked before decoding, decoded by :mod:`segray.imagery` and run through
 :mod:`segray.inference` in dynamic batches, so a mask from Serve equals the bulk path's. An image
-of another size than the model's input is windowed exactly as the bulk ``Predictor`` does it
-(reflect-padded up to the window, model-sized windows overlapping by ``overlap``, stitched back by
-:func:`segray.tiling.stitch` and cropped); the windows of every request in a batch run together.
+of another size than the model's input is windowed by :func:`segray.tiling.cut_windows` and
+stitched back by :func:`segray.tiling.join_windows`, as the bulk ``Predictor`` does it; the windows
+of every request in a batch run together. JSON polygons are :func:`segray.inference.footprint_doc`,
+as bulk ``--footprints`` writes them.
 
 Status codes: 400 malformed request (empty body, truncated or corrupt image, bad multipart body or
 query); 415 bytes that are no usable image (not PNG/JPEG/TIFF, unsupported pixel type, mode or band
@@ -15,7 +16,6 @@ count, or bands the model cannot take); 413 body over ``max_body_bytes`` or imag
 
 import asyncio
 import collections
-import dataclasses
 import hmac
 import inspect
 import os
@@ -135,54 +135,6 @@ def image_bytes(body: bytes, content_type: str) -> bytes:
     raise ApiError(400, "invalid multipart body", "no file part: send the image as field 'file'")
 
 
-def cut(
-    array: np.ndarray, window: tuple[int, int] | None, overlap: int
-) -> list[tuple[tiling.Window, np.ndarray]]:
-    """Model-sized windows of a prepared (H, W, C) array, as the bulk ``Predictor`` cuts them."""
-    h, w = array.shape[:2]
-    if window is None or (h, w) == window:
-        return [(tiling.Window(0, 0, h, w), array)]
-    ph, pw = max(0, window[0] - h), max(0, window[1] - w)
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "edge"
-        array = np.pad(array, ((0, ph), (0, pw), (0, 0)), mode=mode)
-    wins = tiling.scene_windows(*array.shape[:2], window, overlap)
-    return [(win, array[win.slices]) for win in wins]
-
-
-def join(
-    shape: tuple[int, int],
-    parts: list[tuple[tiling.Window, np.ndarray]],
-    window: tuple[int, int] | None,
-    overlap: int,
-    blend: str,
-) -> np.ndarray:
-    """Logits (H, W, K) of an image of ``shape`` from its windows' logits (inverse of ``cut``)."""
-    h, w = shape
-    if len(parts) == 1 and parts[0][1].shape[:2] == (h, w):
-        return parts[0][1]
-    height, width = max(h, window[0]), max(w, window[1])
-    return tiling.stitch(parts, height, width, window, overlap, blend)[:h, :w]
-
-
-def mask_polygons(mask: np.ndarray, class_index: int, name: str, tile: Tile) -> dict[str, Any]:
-    """GeoJSON of the pixels where ``mask`` is 1: in the tile's CRS, else in pixel coordinates.
-
-    Pixel coordinates are (x = column, y = row) of pixel corners, y pointing down.
-    """
-    from affine import Affine
-    from rasterio import features
-
-    transform = tile.transform if tile.georeferenced else Affine.identity()
-    shapes = features.shapes(mask, mask=mask.astype(bool), transform=transform)
-    props = {"class": class_index, "name": name}
-    feats = [{"type": "Feature", "geometry": g, "properties": props} for g, _ in shapes]
-    doc: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
-    if tile.georeferenced:
-        doc["crs"] = {"type": "name", "properties": {"name": tile.crs}}
-    return doc
-
-
 def response_format(fmt: str | None, accept: str) -> str:
     """``fmt`` when given, else json when the client accepts JSON and not PNG, else png."""
     if fmt is not None:
@@ -191,28 +143,6 @@ def response_format(fmt: str | None, accept: str) -> str:
         return fmt
     accept = accept.lower()
     return "json" if "application/json" in accept and "image/png" not in accept else "png"
-
-
-def bulk_stitching(overlap: int | None, blend: str | None) -> tuple[int, str]:
-    """Window overlap and blend, each defaulting to the bulk path's so that masks agree."""
-    from segray.predict import PredictConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(PredictConfig)}
-    return (
-        defaults["overlap"] if overlap is None else overlap,
-        defaults["blend"] if blend is None else blend,
-    )
-
-
-def _gpu_memory_growth() -> None:
-    """Let replicas share a GPU (``num_gpus`` < 1): TensorFlow otherwise takes all its memory."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised in this process
-            pass
 
 
 # Serve pickles the routes when the class is decorated: what they call must be defined above.
@@ -229,26 +159,21 @@ class SegmentModel:
         batch_wait_timeout_s: float = 0.01,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_pixels: int = MAX_PIXELS,
-        overlap: int | None = None,
-        blend: str | None = None,
+        overlap: int = tiling.OVERLAP,
+        blend: str = tiling.BLEND,
         api_token: str | None = None,
         endpoint: str | None = None,
     ) -> None:
-        from segray import modelio
-
-        _gpu_memory_growth()
-        self.model, self.card = modelio.load_model(model_uri, endpoint=endpoint)
-        size = tuple(self.model.input_shape[1:3])
-        self.window = size if all(isinstance(v, int) for v in size) else None
-        overlap, self.blend = bulk_stitching(overlap, blend)
-        self.overlap = min(overlap, min(self.window) // 2) if self.window else 0
+        self.model, self.card = inference.load(model_uri, endpoint=endpoint)
+        self.window = inference.model_window(self.model)
+        self.overlap, self.blend = overlap, blend
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels
         self.token = api_token or os.environ.get(TOKEN_ENV) or None
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._infer_batch.set_max_batch_size(max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._run_windows(np.zeros((1, *self.card.input_shape), np.float32))  # warm up
+        inference.warm_up(self.model, self.card, max_batch_size)
 
     @app.get("/healthz")
     def healthz(self) -> dict:
@@ -300,12 +225,12 @@ class SegmentModel:
         self._check_options(output, class_index)
         body = await read_body(request, self.max_body_bytes)
         data = image_bytes(body, request.headers.get("content-type", ""))
-        tile, wins, windows = await asyncio.to_thread(self._prepare, data)
+        tile, layout, windows = await asyncio.to_thread(self._prepare, data)
         logits = await self._infer_batch(windows)
+        if isinstance(logits, Exception):  # this request's shape group failed, not the batch
+            raise logits
         options = (fmt, output, class_index, threshold)
-        return await asyncio.to_thread(
-            self._respond, tile, list(zip(wins, logits, strict=True)), options
-        )
+        return await asyncio.to_thread(self._respond, tile, layout, logits, options)
 
     def _authorize(self, request: Request) -> None:
         if not self.token:
@@ -325,7 +250,7 @@ class SegmentModel:
             detail = f"class must lie in 0..{self.card.num_classes - 1}; got {class_index}"
             raise ApiError(400, "invalid request", detail)
 
-    def _prepare(self, data: bytes) -> tuple[Tile, list[tiling.Window], np.ndarray]:
+    def _prepare(self, data: bytes) -> tuple[Tile, tiling.Layout, np.ndarray]:
         if not data:
             raise ApiError(400, "empty body", "the request has no image bytes")
         if imagery.sniff(data) is None:
@@ -335,41 +260,21 @@ class SegmentModel:
             array = inference.prepare(tile, self.card)
         except TileError as err:
             raise tile_error(err) from err
-        parts = cut(array, self.window, self.overlap)
-        return tile, [p[0] for p in parts], np.stack([p[1] for p in parts])
+        windows, layout = tiling.cut_windows(array, self.window, self.overlap)
+        return tile, layout, windows
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
+    async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray | Exception]:
         self.batch_sizes[len(items)] += 1
-        return await asyncio.to_thread(self._run_items, items)
-
-    def _run_items(self, items: list[np.ndarray]) -> list[np.ndarray]:
-        # Windows of one shape share model calls: all of them when the model has a fixed size.
-        groups: dict[tuple, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(item.shape[1:], []).append(i)
-        out: list[np.ndarray] = [np.empty(0)] * len(items)
-        for rows in groups.values():
-            logits = self._run_windows(np.concatenate([items[i] for i in rows]))
-            splits = np.cumsum([len(items[i]) for i in rows])[:-1]
-            for i, part in zip(rows, np.split(logits, splits), strict=True):
-                out[i] = part
-        return out
-
-    def _run_windows(self, windows: np.ndarray) -> np.ndarray:
-        step = max(self.max_batch_size, 1)
-        parts = [
-            inference.infer(self.model, windows[i : i + step], self.card)
-            for i in range(0, len(windows), step)
-        ]
-        return np.concatenate(parts)
+        return await asyncio.to_thread(
+            inference.infer_stacks, self.model, items, self.card, self.max_batch_size
+        )
 
     def _respond(
-        self, tile: Tile, parts: list[tuple[tiling.Window, np.ndarray]], options: tuple
+        self, tile: Tile, layout: tiling.Layout, logits: np.ndarray, options: tuple
     ) -> Response:
         fmt, output, class_index, threshold = options
-        shape = tile.array.shape[:2]
-        full = join(shape, parts, self.window, self.overlap, self.blend)[None]
+        full = tiling.join_windows(logits, layout, self.blend)[None]
         headers = {"X-Segray-Model-Version": self.card.version}
         if fmt == "png":
             index = 1 if class_index is None else class_index
@@ -381,7 +286,7 @@ class SegmentModel:
         self, tile: Tile, logits: np.ndarray, class_index: int | None, threshold: float | None
     ) -> dict:
         names = self.card.names()
-        mask = inference.render(logits, self.card, "classes")[0]
+        mask = inference.render(logits, self.card, "classes", threshold=threshold)[0]
         fractions = inference.class_fractions(mask, self.card.num_classes)
         doc: dict[str, Any] = {
             "shape": list(mask.shape),
@@ -391,9 +296,8 @@ class SegmentModel:
             "crs": tile.crs if tile.georeferenced else None,
         }
         if class_index is not None:
-            binary = inference.render(logits, self.card, "binary", class_index, threshold)[0]
             doc["class"] = class_index
-            doc["polygons"] = mask_polygons(binary, class_index, names[class_index], tile)
+            doc["polygons"] = inference.footprint_doc(mask, tile, class_index, names[class_index])
         return doc
 
 
@@ -408,8 +312,8 @@ def build_app(
     max_ongoing_requests: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_pixels: int = MAX_PIXELS,
-    overlap: int | None = None,
-    blend: str | None = None,
+    overlap: int = tiling.OVERLAP,
+    blend: str = tiling.BLEND,
     api_token: str | None = None,
     endpoint: str | None = None,
 ) -> serve.Application:
@@ -419,19 +323,20 @@ def build_app(
     ``target_ongoing_requests`` - default ``max_batch_size`` so batches fill before scaling out).
     ``max_ongoing_requests`` defaults to ``max(32, 4 * max_batch_size)``: Serve's own default of 5
     would cap every batch at 5. ``overlap`` and ``blend`` (for images of another size than the
-    model's input) default to the bulk path's. ``api_token`` defaults to ``$SEGRAY_API_TOKEN``.
+    model's input) default to the bulk path's, :data:`segray.tiling.OVERLAP` and ``BLEND``.
+    ``api_token`` defaults to ``$SEGRAY_API_TOKEN``.
     """
     _check_positive(max_batch_size=max_batch_size, max_body_bytes=max_body_bytes)
     _check_positive(max_pixels=max_pixels, max_ongoing_requests=max_ongoing_requests or 1)
     numbers = {
         "batch_wait_timeout_s": batch_wait_timeout_s,
         "num_gpus": num_gpus,
-        "overlap": overlap or 0,
+        "overlap": overlap,
     }
     for field, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"{field} must be a number >= 0; got {value!r}")
-    if blend is not None and blend not in tiling.BLENDS:
+    if blend not in tiling.BLENDS:
         raise ValueError(f"blend must be one of {tiling.BLENDS}; got {blend!r}")
     options: dict[str, Any] = {
         "max_ongoing_requests": max_ongoing_requests or max(32, 4 * max_batch_size),

@@ -7,6 +7,7 @@ on one input into that row's ``error`` and goes on: a bad tile never stops the j
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ import numpy as np
 
 from segray import imagery, inference, storage
 from segray.imagery import Tile, TileError
+from segray.manifest import footprints_uri, uncertainty_uri
 from segray.tiling import SceneStitcher, Window, open_scene, read_window, scene_windows
 
 # --- tiles ------------------------------------------------------------------------------------
@@ -86,33 +88,74 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def write_masks(
-    batch: dict[str, np.ndarray], endpoint: str | None, threads: int
+    batch: dict[str, np.ndarray],
+    endpoint: str | None,
+    threads: int,
+    footprints: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data task: encode each mask like its tile and write it whole; returns manifest rows."""
+    """Ray Data task: encode each mask like its tile and write it whole, with the files beside it
+    (an ``uncertainty`` column, GeoJSON ``footprints`` of the ``labels`` column); returns manifest
+    rows."""
 
-    def one(i: int) -> tuple[str, str, float]:
+    def one(i: int) -> tuple[str, str, float, dict[str, str]]:
         if batch["error"][i]:
-            return "error", str(batch["error"][i]), 0.0
+            return "error", str(batch["error"][i]), 0.0, {}
         start = time.perf_counter()
         uri = str(batch["output_uri"][i])
         try:
-            mask = unpack(batch["pixels"][i], batch["shape"][i][:2], batch["dtype"][i])
-            storage.write_bytes(uri, encode_like(mask, _tile_of(batch, i), uri), endpoint=endpoint)
+            shape = batch["shape"][i][:2]
+            side = {k: unpack(batch[k][i], shape, "uint8") for k in SIDE_COLUMNS if k in batch}
+            mask = unpack(batch["pixels"][i], shape, batch["dtype"][i])
+            uris = write_outputs(uri, mask, _tile_of(batch, i), endpoint, footprints, **side)
         except Exception as exc:  # storage or encoder failure: this tile's error, not the job's
-            return "error", f"{uri}: cannot write mask: {exc}", time.perf_counter() - start
-        return "ok", "", time.perf_counter() - start
+            return "error", f"{uri}: cannot write mask: {exc}", time.perf_counter() - start, {}
+        return "ok", "", time.perf_counter() - start, uris
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         rows = list(pool.map(one, range(len(batch["input_uri"]))))
-    ok = np.asarray([r[0] == "ok" for r in rows], bool)
     return {
         "input_uri": batch["input_uri"],
         "status": np.asarray([r[0] for r in rows], dtype=object),
         "error": np.asarray([r[1] for r in rows], dtype=object),
-        "output_uri": np.where(ok, batch["output_uri"], ""),
+        **{
+            k: np.asarray([r[3].get(k, "") for r in rows], dtype=object)
+            for k in ("output_uri", "uncertainty_uri", "footprints_uri")
+        },
         "class_fractions": batch["class_fractions"],
         "seconds": np.asarray(batch["seconds"], np.float64) + [r[2] for r in rows],
     }
+
+
+#: Predictor columns of uint8 arrays of the mask's shape, written beside it.
+SIDE_COLUMNS = ("uncertainty", "labels")
+
+
+def write_outputs(
+    uri: str,
+    mask: np.ndarray,
+    like: Tile,
+    endpoint: str | None,
+    footprints: dict[str, Any] | None = None,
+    *,
+    uncertainty: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> dict[str, str]:
+    """Write a mask at ``uri``, encoded like its tile, and the files beside it: the
+    ``uncertainty`` map, and the ``footprints`` class's polygons from the class-id ``labels``.
+    The mask goes last. Returns their manifest URIs (``output_uri`` and so on)."""
+    uris = {}
+    if uncertainty is not None:
+        uris["uncertainty_uri"] = uncertainty_uri(uri)
+        data = encode_like(uncertainty, like, uris["uncertainty_uri"])
+        storage.write_bytes(uris["uncertainty_uri"], data, endpoint=endpoint)
+    if footprints is not None and labels is not None:
+        uris["footprints_uri"] = footprints_uri(uri)
+        doc = inference.footprint_doc(
+            labels, like, footprints["class_index"], footprints.get("name")
+        )
+        storage.write_bytes(uris["footprints_uri"], json.dumps(doc).encode(), endpoint=endpoint)
+    storage.write_bytes(uri, encode_like(mask, like, uri), endpoint=endpoint)
+    return {"output_uri": uri, **uris}
 
 
 def _tile_of(batch: dict[str, np.ndarray], i: int) -> Tile:
@@ -231,7 +274,9 @@ def read_windows(
 class SceneAssembler:
     """On the driver: stitches window logits into scene masks and writes each scene once whole.
 
-    Holds, per scene in flight, its :class:`SceneStitcher` bands and its uint8 mask (H x W bytes).
+    Holds, per scene in flight, its :class:`SceneStitcher` bands and its uint8 mask (H x W bytes),
+    and as much again for each of the class-id labels (``footprints`` of a class, when the mask is
+    not the class-id mask already) and the ``uncertainty`` map (the logits' last channel then).
     """
 
     def __init__(
@@ -241,8 +286,11 @@ class SceneAssembler:
         render: dict[str, Any],
         *,
         endpoint: str | None = None,
+        uncertainty: bool = False,
+        footprints: dict[str, Any] | None = None,
     ) -> None:
         self.card, self.geometry, self.render, self.endpoint = card, geometry, render, endpoint
+        self.uncertainty, self.footprints = uncertainty, footprints
         self._scenes: dict[str, dict[str, Any]] = {}
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -268,6 +316,7 @@ class SceneAssembler:
                 "transform": [float(v) for v in batch["transform"][i]],
                 "shape": tuple(int(v) for v in batch["scene_shape"][i]),
                 "stitcher": None,
+                "arrays": {},
             }
         return self._scenes[uri]
 
@@ -276,24 +325,35 @@ class SceneAssembler:
         scene["seconds"] += float(batch["seconds"][i])
         if scene["error"] or batch["error"][i]:
             scene["error"] = scene["error"] or str(batch["error"][i])
-            scene["stitcher"] = scene["mask"] = None  # give the memory back at once
+            scene["stitcher"], scene["arrays"] = None, {}  # give the memory back at once
             return
         if scene["stitcher"] is None:
             scene["stitcher"] = SceneStitcher(*scene["shape"], *self.geometry)
-            scene["mask"] = np.zeros(scene["shape"], np.uint8)
+            scene["arrays"] = self._arrays(scene["shape"])
             scene["counts"] = np.zeros(self.card.num_classes, np.int64)
         logits = unpack(batch["pixels"][i], batch["shape"][i], batch["dtype"][i])
         for top, band in scene["stitcher"].add(Window(*map(int, batch["window"][i])), logits):
             self._render_band(scene, top, band)
 
+    def _arrays(self, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+        arrays = {"mask": np.zeros(shape, np.uint8)}
+        if self.footprints is not None:
+            plain = self.render["output"] == "classes"
+            arrays["labels"] = arrays["mask"] if plain else np.zeros(shape, np.uint8)
+        if self.uncertainty:
+            arrays["uncertainty"] = np.zeros(shape, np.uint8)
+        return arrays
+
     def _render_band(self, scene: dict[str, Any], top: int, band: np.ndarray) -> None:
-        classes = inference.render(band[None], self.card, "classes")[0]
-        scene["counts"] += np.bincount(classes.ravel(), minlength=self.card.num_classes)[
-            : self.card.num_classes
-        ]
-        plain = self.render["output"] == "classes" and self.render["threshold"] is None
-        mask = classes if plain else inference.render(band[None], self.card, **self.render)[0]
-        scene["mask"][top : top + band.shape[0]] = mask
+        rows, arrays, k = slice(top, top + band.shape[0]), scene["arrays"], self.card.num_classes
+        if self.uncertainty:
+            band, entropy = band[..., :-1], band[..., -1]
+            arrays["uncertainty"][rows] = inference.render_uncertainty(entropy)
+        mask, labels = inference.render_outputs(band[None], self.card, **self.render)
+        scene["counts"] += np.bincount(labels.ravel(), minlength=k)[:k]
+        arrays["mask"][rows] = mask[0]
+        if "labels" in arrays:
+            arrays["labels"][rows] = labels[0]
 
     def _finish(self, scene: dict[str, Any]) -> dict[str, Any]:
         from affine import Affine
@@ -304,16 +364,15 @@ class SceneAssembler:
         start = time.perf_counter()
         t = scene["transform"]
         transform = None if any(math.isnan(v) for v in t) else Affine(*t)
-        data = imagery.encode_geotiff(scene["mask"], scene["crs"], transform)
+        like = Tile(np.empty((0, 0, 1)), scene["input_uri"], "tiff", scene["crs"], transform)
+        arrays = scene["arrays"]
+        side = {k: arrays[k] for k in SIDE_COLUMNS if k in arrays}
         try:
-            storage.write_bytes(scene["output_uri"], data, endpoint=self.endpoint)
-        except storage.StorageError as exc:
+            uris = write_outputs(
+                scene["output_uri"], arrays["mask"], like, self.endpoint, self.footprints, **side
+            )
+        except Exception as exc:  # storage or encoder failure: this scene's error, not the job's
             return {**row, "status": "error", "error": f"cannot write scene mask: {exc}"}
-        fractions = scene["counts"] / max(1, scene["mask"].size)
         row["seconds"] += time.perf_counter() - start
-        return {
-            **row,
-            "status": "ok",
-            "output_uri": scene["output_uri"],
-            "class_fractions": fractions,
-        }
+        fractions = scene["counts"] / max(1, arrays["mask"].size)
+        return {**row, "status": "ok", "class_fractions": fractions, **uris}

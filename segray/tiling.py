@@ -8,6 +8,9 @@ weighted blending (``linear``/``cosine``: weights ramp up from a window's inner 
 ``overlap`` pixels). All are exact for a field every window agrees on; centre-crop reproduces a
 fully convolutional model's whole-scene output exactly once ``overlap`` is at least twice the
 model's receptive radius and window starts fall on its pooling grid.
+
+:func:`cut_windows` and :func:`join_windows` are the one windowing of an in-memory image of
+another size than the model's input, for bulk tiles and Serve alike, so both give the same mask.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from segray.inference import pad_to
+
 BLENDS = ("linear", "cosine", "crop")
+#: Default overlap (pixels) and blend of windows, for scenes and odd-sized images, bulk and Serve.
+OVERLAP = 64
+BLEND = "cosine"
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,51 @@ def stitch(
     if out is None or not stitcher.done:
         raise ValueError("stitch needs every window of the scene")
     return out
+
+
+# --- in-memory images of any size -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where :func:`cut_windows` cut an image: its size and its windows on the padded image
+    (``window`` None: the image went to the model whole)."""
+
+    height: int
+    width: int
+    windows: tuple[Window, ...]
+    window: tuple[int, int] | None = None
+    overlap: int = 0
+
+
+def cut_windows(
+    image: np.ndarray, window: tuple[int, int] | None, overlap: int = OVERLAP
+) -> tuple[np.ndarray, Layout]:
+    """An (H, W, C) image as a stack (n, h, w, C) of model-sized windows, and their layout.
+
+    An image of the ``window`` size, or of any size when ``window`` is None (a size-flexible
+    model), is one window as it is. A smaller image is reflect-padded up to the window; a larger
+    one is cut into windows overlapping by ``overlap``, at most half the window.
+    """
+    h, w = image.shape[:2]
+    if window is None or (h, w) == tuple(window):
+        return image[None], Layout(h, w, (Window(0, 0, h, w),))
+    window = window_size(window)
+    overlap = min(overlap, min(window) // 2)
+    padded = pad_to(image[None], (max(h, window[0]), max(w, window[1])))[0]
+    windows = tuple(scene_windows(*padded.shape[:2], window, overlap))
+    stack = np.stack([padded[win.slices] for win in windows])
+    return stack, Layout(h, w, windows, window, overlap)
+
+
+def join_windows(logits: np.ndarray, layout: Layout, blend: str = BLEND) -> np.ndarray:
+    """The image's logits (H, W, K) from its windows' logits (n, h, w, K): stitched, cropped."""
+    if layout.window is None:
+        return logits[0]
+    height, width = max(layout.height, layout.window[0]), max(layout.width, layout.window[1])
+    pieces = list(zip(layout.windows, logits, strict=True))
+    full = stitch(pieces, height, width, layout.window, layout.overlap, blend)
+    return full[: layout.height, : layout.width]
 
 
 # --- windowed reads ---------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def test_infer_pads_up_to_the_model_input_and_crops_back():
     logits = inference.infer(model, x, c)
     assert logits.shape == (2, 30, 27, 3)
     padded = np.pad(x, ((0, 0), (0, 2), (0, 5), (0, 0)), mode="reflect")
-    np.testing.assert_allclose(logits, np.asarray(model(padded))[:, :30, :27], atol=1e-6)
+    # compiled (graph) against eager: equal up to float round-off
+    np.testing.assert_allclose(logits, np.asarray(model(padded))[:, :30, :27], atol=1e-5)
     with pytest.raises(ValueError, match="larger than the model input"):
         inference.infer(model, np.zeros((1, 64, 32, 3), np.float32), c)
 
@@ -84,3 +85,68 @@ def test_monte_carlo_dropout_gives_uncertainty_only_for_bayesian_models():
     assert not np.array_equal(inference.render(logits, c), inference.render(before, c)) or (
         entropy.mean() > 0
     )
+
+
+def test_infer_is_compiled_once_for_every_batch_size():
+    """After warm-up no batch size from 1 to the maximum traces the predict function again."""
+    model = models.build_model("unet", 2, (32, 32, 3), base_filters=4, depth=2)
+    c = card()
+    inference.warm_up(model, c, batch_size=8)
+    fn = model.predict_function
+    count = getattr(fn, "experimental_get_tracing_count", None)
+    x = np.random.default_rng(3).random((8, 32, 32, 3), dtype=np.float32)
+    whole = inference.infer(model, x, c, batch_size=8)
+    traced = count() if count else 0
+    for n in range(1, 8):
+        np.testing.assert_allclose(inference.infer(model, x[:n], c, 8), whole[:n], atol=1e-5)
+    assert model.predict_function is fn
+    if count:  # the TensorFlow backend can say how often it traced
+        assert count() == traced
+    np.testing.assert_allclose(inference.infer(model, x, c, batch_size=3), whole, atol=1e-5)
+
+
+def test_monte_carlo_samples_are_stochastic_when_compiled_and_state_is_kept():
+    import keras
+
+    keras.utils.set_random_seed(4)
+    c = ModelCard("bayesian-segnet", 2, (32, 32, 3), input_multiple=4)
+    bayes = models.build_model(
+        "bayesian-segnet", 2, (32, 32, 3), base_filters=4, depth=2, dropout_units=2
+    )
+    models.set_monte_carlo(bayes, True)
+    x = np.random.default_rng(5).random((2, 32, 32, 3), dtype=np.float32)
+    first, second = inference.infer(bayes, x, c), inference.infer(bayes, x, c)
+    assert not np.allclose(first, second)  # dropout draws anew on every compiled call
+    fn = bayes.predict_function
+    _, entropy = inference.infer_mc(bayes, x, c, samples=3)
+    assert inference.monte_carlo_enabled(bayes) and bayes.predict_function is fn  # left on
+    assert entropy.shape == (2, 32, 32) and entropy.max() > 0
+    models.set_monte_carlo(bayes, False)
+    assert not inference.monte_carlo_enabled(bayes)
+    np.testing.assert_array_equal(inference.infer(bayes, x, c), inference.infer(bayes, x, c))
+
+
+def test_infer_stacks_groups_shapes_and_keeps_failures_to_their_images():
+    model = models.build_model("unet", 2, (32, 32, 3), base_filters=4, depth=2)
+    c = card()
+    rng = np.random.default_rng(6)
+    stacks = [rng.random(s, dtype=np.float32) for s in [(2, 32, 32, 3), (1, 20, 12, 3)]]
+    stacks += [rng.random((3, 32, 32, 3), dtype=np.float32), np.zeros((1, 8, 8, 2), np.float32)]
+    out = inference.infer_stacks(model, stacks, c, batch_size=2)
+    assert [o.shape for o in out[:3]] == [(2, 32, 32, 1), (1, 20, 12, 1), (3, 32, 32, 1)]
+    np.testing.assert_allclose(out[2], inference.infer(model, stacks[2], c), atol=1e-5)
+    assert isinstance(out[3], Exception)  # 2 bands for a 3-band model: that image alone fails
+    with_mc = inference.infer_stacks(model, stacks[:1], c, mc_samples=2)[0]
+    assert with_mc.shape == (2, 32, 32, 2)  # the uncertainty rides along as the last channel
+    assert 0 <= with_mc[..., -1].min() and with_mc[..., -1].max() <= 1
+
+
+def test_render_outputs_share_the_threshold_and_uncertainty_is_uint8():
+    c = card()
+    logits = np.array([[[[-2.0], [0.0], [0.5]]]], np.float32)  # p = 0.12, 0.5, 0.62
+    mask, labels = inference.render_outputs(logits, c, "probability", threshold=0.6)
+    assert mask.tolist() == [[[30, 128, 159]]] and labels.tolist() == [[[0, 0, 1]]]
+    same, again = inference.render_outputs(logits, c)
+    assert same is again and same.tolist() == [[[0, 1, 1]]]
+    entropy = np.array([0.0, 0.5, 1.0, 1.2], np.float32)
+    assert inference.render_uncertainty(entropy).tolist() == [0, 128, 255, 255]

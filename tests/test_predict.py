@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import os
 import signal
 import subprocess
@@ -199,6 +200,11 @@ def test_bad_tiles_become_error_rows_and_the_rest_is_done(
     wide = imagery.decode(storage.read_bytes(f"{out}/extra/wide.tif", endpoint=s3_endpoint))
     assert png.format == jpg.format == "png" and png.shape == (SIZE, SIZE, 1)
     assert wide.shape == (48, 48, 1) and wide.transform == synth.grid_transform(9, 9, 48)
+    # without --mc-samples and --footprints nothing is written beside the masks
+    assert not [
+        k for k in objects(out, s3_endpoint) if k.endswith((".geojson", ".uncertainty.tif"))
+    ]
+    assert not any(r["uncertainty_uri"] or r["footprints_uri"] for r in rows)
 
     # --overwrite redoes every tile (a probability map now), bad ones fail again; 5/14 <= 0.5.
     before = objects(out, s3_endpoint)
@@ -217,6 +223,84 @@ def test_bad_tiles_become_error_rows_and_the_rest_is_done(
     assert redo.ok and redo.counts == {"ok": 9, "skipped": 0, "error": 5}
     after = objects(out, s3_endpoint)
     assert set(after) == set(before) and all(after[k][0] != before[k][0] for k in before)
+
+
+# --- Monte-Carlo uncertainty and footprints beside the masks --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bayes_uri(tmp_path_factory) -> str:
+    """A tiny untrained Bayesian SegNet (Monte-Carlo dropout) at 32x32x3."""
+    import keras
+
+    from segray.models import build_model
+
+    keras.utils.set_random_seed(2)
+    options = {"base_filters": 4, "depth": 2, "dropout_units": 2}
+    model = build_model("bayesian-segnet", 2, (SIZE, SIZE, 3), **options)
+    card = ModelCard("bayesian-segnet", 2, (SIZE, SIZE, 3), ["background", "building"])
+    folder = str(tmp_path_factory.mktemp("bayes"))
+    modelio.save_model(model, dataclasses.replace(card, options=options), folder)
+    return folder
+
+
+def read_band(path, like: imagery.Tile) -> np.ndarray:
+    """The one uint8 band of a GeoTIFF, checked to be georeferenced like ``like``."""
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == like.array.shape[:2]
+        assert ds.crs.to_string() == like.crs and ds.transform == like.transform
+        return ds.read(1)
+
+
+def test_mc_samples_and_footprints_write_maps_and_polygons_beside_masks(
+    bayes_uri, tmp_path, ray_local
+):
+    from segray import footprints
+
+    images = tmp_path / "in" / "images"
+    synth.write_collection(str(tmp_path / "in"), "geotiff", 4, SIZE, seed=5, mode="binary")
+    big, _ = synth.generate_tile(48, 9, "binary")
+    wide = imagery.encode_geotiff(big, synth.CRS, synth.grid_transform(9, 9, 48))
+    (images / "wide.tif").write_bytes(wide)  # windowed: its uncertainty is stitched too
+    (images / "photo.png").write_bytes(imagery.encode_png(synth.generate_tile(SIZE, 7)[0]))
+    out = tmp_path / "out"
+    cfg = PredictConfig(
+        model=bayes_uri, input=str(images), output=str(out), mc_samples=4, footprints=1
+    )
+    result = predict(cfg, echo=lambda _: None)
+    assert result.ok and result.counts == {"ok": 6, "skipped": 0, "error": 0}
+    rows = {
+        r["input_uri"].rsplit("/", 1)[-1]: r for r in read_manifest(result.manifest).to_pylist()
+    }
+    uncertain = burnt_and_mask = 0
+    for path in sorted(images.glob("*.tif")):
+        tile = imagery.decode(path.read_bytes(), str(path))
+        stem = out / path.stem
+        row = rows[path.name]
+        assert row["uncertainty_uri"] == f"{stem}.uncertainty.tif"
+        assert row["footprints_uri"] == f"{stem}.geojson"
+        mask = read_band(f"{stem}.tif", tile)
+        uncertain += int(read_band(f"{stem}.uncertainty.tif", tile).astype(bool).sum())
+        doc = json.loads((out / f"{path.stem}.geojson").read_text())
+        assert doc["crs"]["properties"]["name"] == synth.CRS
+        burnt = footprints.rasterize(doc, mask.shape, tile.transform) == 1
+        iou = (burnt & (mask == 1)).sum() / max(1, (burnt | (mask == 1)).sum())
+        assert iou >= 0.95 or not (burnt.any() or (mask == 1).any()), path.name
+        burnt_and_mask += int((burnt & (mask == 1)).sum())
+    assert uncertain > 0 and burnt_and_mask > 0
+    png = imagery.decode((out / "photo.uncertainty.png").read_bytes())
+    assert png.format == "png" and png.shape == (SIZE, SIZE, 1)
+    assert "crs" not in json.loads((out / "photo.geojson").read_text())  # pixel coordinates
+
+    # Done means every output exists: a missing uncertainty map makes its tile run again.
+    (out / "tile_r000_c001.uncertainty.tif").unlink()
+    again = predict(cfg, echo=lambda _: None)
+    assert again.counts == {"ok": 1, "skipped": 5, "error": 0}
+    assert (out / "tile_r000_c001.uncertainty.tif").exists()
+    skipped = [r for r in read_manifest(again.manifest).to_pylist() if r["status"] == "skipped"]
+    assert all(r["uncertainty_uri"] and r["footprints_uri"] for r in skipped)
 
 
 # --- killed mid-run, then run again -------------------------------------------------------------
@@ -314,13 +398,15 @@ def test_an_empty_input_is_an_error_that_says_what_to_check(model_uri, s3_endpoi
 def test_manifest_parts_and_verdict(tmp_path):
     manifest = Manifest(str(tmp_path), "model-uri", "v1", rows_per_part=2)
     manifest.add("a", "ok", output_uri="out/a", class_fractions=[0.25, 0.75], seconds=0.5)
-    manifest.add("b", "skipped", output_uri="out/b")
+    manifest.add("b", "skipped", output_uri="out/b", uncertainty_uri="out/b.uncertainty.png")
     manifest.add("c", "error", "c: empty file (0 bytes)")
     result = manifest.close(2.0, max_error_rate=0.0)
     table = read_manifest(result.manifest)
     assert len(storage.list_files(result.manifest)) == 2 and table.num_rows == 3
     assert table.column("class_fractions").to_pylist() == [[0.25, 0.75], None, None]
     assert table.column("model_version").to_pylist() == ["v1"] * 3
+    assert table.column("uncertainty_uri").to_pylist() == [None, "out/b.uncertainty.png", None]
+    assert table.column("footprints_uri").to_pylist() == [None] * 3
     assert not result.ok and PredictResult(result.counts, [], "m", 1.0, 0.34).ok
     assert "c: empty file" in result.summary()
 
@@ -330,17 +416,19 @@ def test_config_refuses_bad_values_and_the_job_maps_every_option():
         PredictConfig(model="m", input="i", output="o", output_mode="logits")
     with pytest.raises(ValueError, match="max_error_rate"):
         PredictConfig(model="m", input="i", output="o", max_error_rate=2)
-    sys.path.insert(0, os.path.join(ROOT, "jobs"))
-    try:
-        import batch_predict
-    finally:
-        sys.path.pop(0)
-    args = batch_predict.build_parser().parse_args(
+    with pytest.raises(ValueError, match="mc_samples must be >= 0; got -1"):
+        PredictConfig(model="m", input="i", output="o", mc_samples=-1)
+    from segray.cli import cli, predict_config_from_options
+
+    def parse(argv: list[str]) -> PredictConfig:  # the options of `segray predict` and the job
+        return predict_config_from_options(**cli.commands["predict"].make_context("p", argv).params)
+
+    cfg = parse(
         "--model m --input i --output o --s3-endpoint http://h:1 --batch-size 8 --concurrency 2 "
         "--gpus-per-actor 0.5 --scene --window 256 --overlap 32 --overwrite --max-error-rate 0.1 "
-        "--output-mode binary --threshold 0.3 --class-index 1 --bands 3,2,1 --pattern *.tif".split()
+        "--output-mode binary --threshold 0.3 --class-index 1 --bands 3,2,1 --pattern *.tif "
+        "--mc-samples 8 --footprints 1".split()
     )
-    cfg = PredictConfig(**vars(args))
     assert (cfg.endpoint, cfg.batch_size, cfg.concurrency, cfg.gpus_per_actor) == (
         "http://h:1",
         8,
@@ -354,3 +442,6 @@ def test_config_refuses_bad_values_and_the_job_maps_every_option():
         (3, 2, 1),
         "*.tif",
     )
+    assert (cfg.mc_samples, cfg.footprints) == (8, 1)
+    defaults = parse(["--model=m", "--output=o", "--input=i"])
+    assert (defaults.mc_samples, defaults.footprints, defaults.overlap) == (0, None, 64)

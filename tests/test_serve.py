@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,6 +150,10 @@ def test_geotiff_mask_and_json_polygons_in_crs(url, loaded, tmp_path):
     assert list(doc["fractions"].values()) == pytest.approx(expected)
     polygons = doc["polygons"]
     assert polygons["type"] == "FeatureCollection" and polygons["features"]
+    # the one vectorisation: the footprints bulk --footprints writes for this tile
+    tile = imagery.decode(data)
+    same = inference.footprint_doc(shared_mask(data, loaded), tile, 1, "building")
+    assert polygons == json.loads(json.dumps(same))
     x0, y0 = synth.ORIGIN
     side = SIZE * synth.RESOLUTION
     for feature in polygons["features"]:
@@ -306,21 +311,6 @@ def test_multipart_extraction_is_byte_exact():
     )
     assert serve.image_bytes(body, 'multipart/form-data; boundary="xyz"') == payload
     assert serve.image_bytes(b"raw", "image/png") == b"raw"
-
-
-def test_cut_and_join_round_trip():
-    array = np.random.default_rng(0).random((50, 70, 2)).astype(np.float32)
-    parts = serve.cut(array, (SIZE, SIZE), 16)
-    assert all(p.shape == (SIZE, SIZE, 2) for _, p in parts)
-    np.testing.assert_allclose(
-        serve.join((50, 70), parts, (SIZE, SIZE), 16, "cosine"), array, rtol=1e-6
-    )
-    small = array[:20, :24]
-    ((win, padded),) = serve.cut(small, (SIZE, SIZE), 16)
-    assert padded.shape == (SIZE, SIZE, 2)
-    np.testing.assert_array_equal(
-        serve.join((20, 24), [(win, padded)], (SIZE, SIZE), 16, "linear"), small
-    )
 
 
 def test_response_format_from_accept():

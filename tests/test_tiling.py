@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 
 import numpy as np
 import pytest
 
-from segray import imagery, inference, storage, synth, tiling
+from segray import footprints, imagery, inference, storage, synth, tiling
 from segray.imagery import Tile
 from segray.manifest import read_manifest
 from segray.modelio import ModelCard
@@ -82,6 +83,26 @@ def test_stitcher_holds_about_one_window_row_in_row_major_order():
         live = max(live, sum(s[0].shape[0] for s in stitcher._sums.values()))
     assert stitcher.done and not stitcher._sums
     assert live <= window + (window - overlap)
+
+
+def test_cut_and_join_windows_round_trip():
+    array = np.random.default_rng(0).random((50, 70, 2)).astype(np.float32)
+    stack, layout = tiling.cut_windows(array, (32, 32), 16)
+    assert stack.shape[1:] == (32, 32, 2) and len(stack) == len(layout.windows) == 3 * 4
+    np.testing.assert_allclose(tiling.join_windows(stack, layout, "cosine"), array, rtol=1e-6)
+    small = array[:20, :24]
+    stack, layout = tiling.cut_windows(small, (32, 32), 16)
+    assert stack.shape == (1, 32, 32, 2)  # reflect-padded up to the window
+    np.testing.assert_array_equal(tiling.join_windows(stack, layout, "linear"), small)
+    np.testing.assert_array_equal(stack[0, 20:, :24], small[::-1][1:13])
+    # the model's own size, or a size-flexible model: one window as it is
+    for window in ((50, 70), None):
+        stack, layout = tiling.cut_windows(array, window, 16)
+        assert stack.shape == (1, 50, 70, 2)
+        np.testing.assert_array_equal(tiling.join_windows(stack, layout), array)
+    # an overlap above half the window is capped there, so windows still advance
+    _, layout = tiling.cut_windows(array, (32, 32), 31)
+    assert layout.overlap == 16
 
 
 # --- with a real fully convolutional model ----------------------------------------------------
@@ -199,8 +220,7 @@ def test_no_seam_differences_along_window_edges_are_no_larger_than_elsewhere(
 
 @pytest.mark.slow
 def test_scene_masks_from_s3_equal_whole_scene_and_keep_georeference(unet, s3_endpoint, ray_local):
-    import rasterio
-
+    """Scene masks, their uncertainty maps and footprints, all in the scene's georeference."""
     from segray import modelio
     from segray.predict import PredictConfig, predict
 
@@ -223,6 +243,8 @@ def test_scene_masks_from_s3_equal_whole_scene_and_keep_georeference(unet, s3_en
         blend="crop",
         batch_size=4,
         max_error_rate=0.5,
+        mc_samples=2,  # no dropout in this model: one pass, the uncertainty is its entropy
+        footprints=1,
     )
     result = predict(config)
     assert result.ok and result.counts == {"ok": 2, "skipped": 0, "error": 1}
@@ -237,12 +259,27 @@ def test_scene_masks_from_s3_equal_whole_scene_and_keep_georeference(unet, s3_en
         expected = inference.render(logits, card)[0]
         row = rows[f"{root}/scenes/{name}.tif"]
         assert row["output_uri"] == f"{root}/pred/{name}.tif" and row["status"] == "ok"
-        data = storage.read_bytes(row["output_uri"], endpoint=s3_endpoint)
-        with rasterio.MemoryFile(data) as mem, mem.open() as ds:
-            assert ds.count == 1 and ds.dtypes[0] == "uint8"
-            assert ds.crs.to_string() == scene.crs and ds.transform == scene.transform
-            mask = ds.read(1)
+        mask, uncertainty = (
+            read_geotiff(row[key], scene, s3_endpoint) for key in ("output_uri", "uncertainty_uri")
+        )
         # Equal up to float noise between batch sizes: only pixels on the threshold may differ.
         assert np.all((mask == expected) | (np.abs(logits[0, ..., 0]) < 1e-4))
         fractions = inference.class_fractions(expected, 2)
         np.testing.assert_allclose(row["class_fractions"], fractions, atol=1e-3)
+        assert row["uncertainty_uri"] == f"{root}/pred/{name}.uncertainty.tif"
+        assert uncertainty.max() > 0
+        assert row["footprints_uri"] == f"{root}/pred/{name}.geojson"
+        doc = json.loads(storage.read_bytes(row["footprints_uri"], endpoint=s3_endpoint))
+        assert doc["crs"]["properties"]["name"] == scene.crs and mask.any()
+        burnt = footprints.rasterize(doc, mask.shape, scene.transform) == 1
+        assert (burnt & (mask == 1)).sum() / (burnt | (mask == 1)).sum() >= 0.95
+
+
+def read_geotiff(uri: str, like: Tile, endpoint: str) -> np.ndarray:
+    """The one uint8 band of a GeoTIFF, checked to be georeferenced like ``like``."""
+    import rasterio
+
+    with rasterio.MemoryFile(storage.read_bytes(uri, endpoint=endpoint)) as mem, mem.open() as ds:
+        assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == like.array.shape[:2]
+        assert ds.crs.to_string() == like.crs and ds.transform == like.transform
+        return ds.read(1)
