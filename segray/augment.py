@@ -29,11 +29,18 @@ class AugmentConfig:
         """No augmentation at all."""
         return cls(False, False, False, 0.0, 0.0, 0.0, 0.0)
 
+    @property
+    def active(self) -> bool:
+        """True when any augmentation would change a batch."""
+        return self != AugmentConfig.off()
+
 
 def augment_batch(
     images: np.ndarray, masks: np.ndarray, config: AugmentConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Augment a batch; returns new arrays with the shapes of the inputs."""
+    if not config.active:
+        return images, masks
     images, masks = images.copy(), masks.copy()
     for i in range(len(images)):
         images[i], masks[i] = _geometric(images[i], masks[i], config, rng)

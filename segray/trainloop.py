@@ -112,7 +112,10 @@ def weights_checksum(model: Any) -> str:
 
 
 def _batches(shard: Any, batch: int, scale: float) -> Any:
-    for b in shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False):
+    batches = shard.iter_batches(
+        batch_size=batch, batch_format="numpy", drop_last=False, prefetch_batches=2
+    )
+    for b in batches:
         images = np.stack(list(b["image"])) if b["image"].dtype == object else b["image"]
         masks = np.stack(list(b["mask"])) if b["mask"].dtype == object else b["mask"]
         yield imagery.normalize(images, scale), masks, b["weight"], b["id"]
@@ -245,12 +248,14 @@ def _train_epoch(
     rank: int,
 ) -> tuple[dict[str, float], list[str]]:
     rng = np.random.default_rng([cfg["seed"], epoch, rank])
-    total, count, ids, start = 0.0, 0.0, [], time.monotonic()
+    sums, ids, start = [], [], time.monotonic()
     for images, masks, weights, batch_ids in _batches(shard, per_worker, card["scale"]):
         images, masks = augment_batch(images, masks, aug, rng)
-        loss_sum, n = steps.train(images, masks.astype(np.int32), weights.astype(np.float32))
-        total, count = total + float(loss_sum), count + float(n)
+        # keep the step's outputs as tensors: converting each one would sync every step
+        sums.append(steps.train(images, masks.astype(np.int32), weights.astype(np.float32)))
         ids.extend(str(i) for i, w in zip(batch_ids, weights, strict=True) if w > 0)
+    total = sum(float(loss_sum) for loss_sum, _ in sums)
+    count = sum(float(n) for _, n in sums)
     seconds = time.monotonic() - start
     return {"loss": total / max(count, 1.0), "img_per_s": count / max(seconds, 1e-9)}, ids
 

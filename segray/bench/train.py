@@ -8,6 +8,7 @@ figures that matter are the ratios: Ray 1 worker / bare Keras (overhead), Ray 2 
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from typing import Any
@@ -25,9 +26,14 @@ def _bare_keras(data: str, size: int, options: dict, batch: int, epochs: int) ->
     train_s, _ = datasets.split_samples(datasets.find_samples(spec), 0.2, 0)
     rows = [datasets.load_sample(s, spec) for s in train_s]
     x = imagery.normalize(np.stack([r["image"] for r in rows]))
-    y = np.stack([r["mask"] for r in rows]).astype(np.int32)
+    y = np.stack([r["mask"] for r in rows]).astype(np.int32)[..., None]  # keras keeps (B,H,W,1)
     model = models.build_model("unet", 2, (size, size, 3), **options)
-    model.compile(keras.optimizers.Adam(1e-3), loss=losses.build_loss("ce+dice", 2))
+    loss = losses.build_loss("ce+dice", 2)
+
+    def ce_dice(y: Any, logits: Any) -> Any:  # keras wants a scope-safe name, not "ce+dice"
+        return loss(y, logits)
+
+    model.compile(keras.optimizers.Adam(1e-3), loss=ce_dice)
     times: list[float] = []
 
     class Timer(keras.callbacks.Callback):
@@ -59,7 +65,9 @@ def _ray(
             workers=workers,
             max_failures=0,
             augment=AugmentConfig.off(),
-            cpus_per_worker=1.0,
+            # each configuration gets the whole machine, as bare Keras does: Ray pins a worker's
+            # OpenMP/oneDNN threads to its CPU count
+            cpus_per_worker=max(1.0, (os.cpu_count() or 1) / workers),
         )
     )
     rates = [h["img_per_s"] for h in result.history[1:]]
