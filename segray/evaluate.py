@@ -68,21 +68,22 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 
 def predict_rows(model: Any, card: Any, rows: list[dict[str, Any]]) -> list[np.ndarray]:
-    """Class masks for decoded rows, batched by shape, through the shared inference path."""
-    from segray import inference
+    """Class masks for decoded rows through the path bulk prediction takes: prepare, windows of
+    the model's size (any tile size), one batched inference, stitch, render."""
+    from segray import inference, tiling
 
-    out: list[np.ndarray | None] = [None] * len(rows)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_shape.setdefault(row["image"].shape, []).append(i)
-    for idx in by_shape.values():
-        x = np.stack(
-            [inference.prepare(imagery.Tile(rows[i]["image"], rows[i]["id"]), card) for i in idx]
-        )
-        masks = inference.render(inference.infer(model, x, card), card)
-        for i, mask in zip(idx, masks, strict=True):
-            out[i] = mask
-    return [m for m in out if m is not None]
+    window = inference.model_window(model)
+    cuts = [
+        tiling.cut_windows(inference.prepare(imagery.Tile(r["image"], r["id"]), card), window)
+        for r in rows
+    ]
+    stacks = inference.infer_stacks(model, [windows for windows, _ in cuts], card)
+    masks = []
+    for (_, layout), logits in zip(cuts, stacks, strict=True):
+        if isinstance(logits, Exception):
+            raise logits
+        masks.append(inference.render(tiling.join_windows(logits, layout)[None], card)[0])
+    return masks
 
 
 def _write_report(config: EvalConfig, card: Any, total: Any, scored: list) -> dict[str, Any]:
