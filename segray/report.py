@@ -9,17 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: Colours for class ids when a collection brings none (background black).
-DEFAULT_PALETTE = (
-    (0, 0, 0),
-    (230, 25, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (60, 180, 75),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-)
+from segray import synth
+
+#: Colours for class ids when a collection brings none: synth's five classes, then a few more.
+DEFAULT_PALETTE = (*synth.PALETTE, (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
 def colourise(mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:

@@ -111,7 +111,6 @@ class TrainResult:
     """What a run produced: where, how far it got, and its metrics per epoch."""
 
     out: str
-    model_uri: str
     epochs_run: int
     starts: list[int]
     best_epoch: int
@@ -307,7 +306,6 @@ def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:
     best = history[best_state["epoch"] - 1] if history else {}
     return TrainResult(
         out=config.out,
-        model_uri=config.out,
         epochs_run=len(history),
         starts=state["starts"],
         best_epoch=best_state["epoch"],
