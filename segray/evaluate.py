@@ -69,20 +69,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 def predict_rows(model: Any, card: Any, rows: list[dict[str, Any]]) -> list[np.ndarray]:
     """Class masks for decoded rows through the path bulk prediction takes: prepare, windows of
-    the model's size (any tile size), one batched inference, stitch, render."""
+    the model's size (any tile size), batched inference, stitch, render."""
     from segray import inference, tiling
 
-    window = inference.model_window(model)
-    cuts = [
-        tiling.cut_windows(inference.prepare(imagery.Tile(r["image"], r["id"]), card), window)
-        for r in rows
-    ]
-    stacks = inference.infer_stacks(model, [windows for windows, _ in cuts], card)
+    images = [inference.prepare(imagery.Tile(r["image"], r["id"]), card) for r in rows]
     masks = []
-    for (_, layout), logits in zip(cuts, stacks, strict=True):
+    for logits in tiling.infer_images(model, images, card):
         if isinstance(logits, Exception):
             raise logits
-        masks.append(inference.render(tiling.join_windows(logits, layout)[None], card)[0])
+        masks.append(inference.render(logits[None], card)[0])
     return masks
 
 

@@ -191,11 +191,11 @@ def infer_mc(
     bulk job switches it on once, since every switch recompiles the model's predict function.
     """
     from segray import metrics
-    from segray.models import set_monte_carlo
+    from segray.models import monte_carlo_layers, set_monte_carlo
 
     if samples < 1:
         raise ValueError(f"mc_samples must be ≥ 1; got {samples}")
-    layers = _mc_layers(model)
+    layers = monte_carlo_layers(model)
     was_on = any(layer.monte_carlo for layer in layers)
     if not layers:
         samples = 1
@@ -221,14 +221,9 @@ def infer_mc(
 
 def monte_carlo_enabled(model: Any) -> bool:
     """True when the model has Monte-Carlo dropout layers and they are switched on."""
-    return any(layer.monte_carlo for layer in _mc_layers(model))
+    from segray.models import monte_carlo_layers
 
-
-def _mc_layers(model: Any) -> list[Any]:
-    from segray.models import MCDropout
-
-    layers = model._flatten_layers() if hasattr(model, "_flatten_layers") else []
-    return [layer for layer in layers if isinstance(layer, MCDropout)]
+    return any(layer.monte_carlo for layer in monte_carlo_layers(model))
 
 
 def render(

@@ -305,7 +305,6 @@ class Predictor:
         self.model, self.card = inference.load(model, endpoint=endpoint)
         self.render = render or {"output": "classes", "class_index": 1, "threshold": None}
         self.emit, self.batch_size = emit, batch_size
-        self.window = inference.model_window(self.model)
         self.overlap, self.blend = overlap, blend
         self.mc_samples, self.footprints = mc_samples, footprints
         if mc_samples:  # once: every switch recompiles the model's predict function
@@ -356,16 +355,21 @@ class Predictor:
         self, prepared: dict[int, np.ndarray], uris: np.ndarray, errors: list[str]
     ) -> dict[int, np.ndarray]:
         """Logits (h, w, K) per row (K + 1 with the uncertainty), windows of all rows batched."""
-        cuts = {i: tiling.cut_windows(a, self.window, self.overlap) for i, a in prepared.items()}
-        results = inference.infer_stacks(
-            self.model, [c[0] for c in cuts.values()], self.card, self.batch_size, self.mc_samples
+        results = tiling.infer_images(
+            self.model,
+            list(prepared.values()),
+            self.card,
+            self.overlap,
+            self.blend,
+            self.batch_size,
+            self.mc_samples,
         )
         out = {}
-        for (i, (_, layout)), result in zip(cuts.items(), results, strict=True):
+        for i, result in zip(prepared, results, strict=True):
             if isinstance(result, Exception):
                 errors[i] = f"{uris[i]}: inference failed: {type(result).__name__}: {result}"
             else:
-                out[i] = tiling.join_windows(result, layout, self.blend)
+                out[i] = result
         return out
 
     def _outputs(self, logits: dict[int, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from segray import inference
 from segray.inference import pad_to
 
 BLENDS = ("linear", "cosine", "crop")
@@ -253,6 +254,29 @@ def join_windows(logits: np.ndarray, layout: Layout, blend: str = BLEND) -> np.n
     pieces = list(zip(layout.windows, logits, strict=True))
     full = stitch(pieces, height, width, layout.window, layout.overlap, blend)
     return full[: layout.height, : layout.width]
+
+
+def infer_images(
+    model: Any,
+    images: Sequence[np.ndarray],
+    card: Any,
+    overlap: int = OVERLAP,
+    blend: str = BLEND,
+    batch_size: int = inference.MAX_BATCH,
+    mc_samples: int = 0,
+) -> list[np.ndarray | Exception]:
+    """Logits (H, W, K) of prepared images of any size: cut into model-sized windows, the windows
+    of all images run in few batched calls, stitched back. An image whose shape group fails gets
+    the exception instead (with ``mc_samples``, the uncertainty is one more, last channel)."""
+    window = inference.model_window(model)
+    cuts = [cut_windows(image, window, overlap) for image in images]
+    stacks = inference.infer_stacks(
+        model, [windows for windows, _ in cuts], card, batch_size, mc_samples
+    )
+    return [
+        result if isinstance(result, Exception) else join_windows(result, layout, blend)
+        for (_, layout), result in zip(cuts, stacks, strict=True)
+    ]
 
 
 # --- windowed reads ---------------------------------------------------------------------------

@@ -32,11 +32,12 @@ __all__ = [
     "list_models",
     "load_model",
     "model_info",
+    "monte_carlo_layers",
     "output_channels",
     "set_monte_carlo",
 ]
 
-_FROM_BLOCKS = ("MCDropout", "MaxUnpooling2D", "set_monte_carlo")
+_FROM_BLOCKS = ("MCDropout", "MaxUnpooling2D", "monte_carlo_layers", "set_monte_carlo")
 
 
 def __getattr__(name: str) -> Any:

@@ -107,12 +107,17 @@ def _all_layers(model: keras.Model) -> list[layers.Layer]:
     return found
 
 
+def monte_carlo_layers(model: keras.Model) -> list[MCDropout]:
+    """The MCDropout layers of `model`, nested models included."""
+    return [layer for layer in _all_layers(model) if isinstance(layer, MCDropout)]
+
+
 def set_monte_carlo(model: keras.Model, enabled: bool) -> int:
     """Switch Monte-Carlo dropout on or off in every MCDropout layer; return how many.
 
     Compiled predict/evaluate functions are dropped so that `model.predict` sees the change.
     """
-    found = [layer for layer in _all_layers(model) if isinstance(layer, MCDropout)]
+    found = monte_carlo_layers(model)
     for layer in found:
         layer.monte_carlo = bool(enabled)
     for attribute in ("predict_function", "test_function", "train_function"):
