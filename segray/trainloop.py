@@ -193,9 +193,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop["val_count"] else None
     steps_per_epoch = max(1, -(-loop["train_count"] // (per_worker * world)))
-    if cfg["use_gpu"]:
-        import keras
+    import keras
 
+    keras.utils.set_random_seed(cfg["seed"])  # the same initial weights and dropout on every run
+    if cfg["use_gpu"]:
         keras.mixed_precision.set_global_policy("mixed_float16")
     with strategy.scope():
         model = _build(cfg, card)

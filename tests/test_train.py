@@ -123,7 +123,7 @@ def test_small_unet_learns_buildings(tmp_path, ray_local):
         model_options={"base_filters": 8, "depth": 3},
         num_classes=2,
         size=64,
-        epochs=16,
+        epochs=20,
         batch_size=8,
         workers=1,
         learning_rate=3e-3,
