@@ -18,12 +18,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e ".[test]"
+	touch $@ $(VENV)/.installed $(VENV)/.installed-devtools
+
+# The moto S3 server of `make demo S3=1` (the test extra has it too).
+$(VENV)/.installed-devtools: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[devtools]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 
 # `make demo S3=1` puts every URI on s3://, against a moto server the demo starts and stops.
-demo: $(VENV)/.installed
+# The demo owns runs/demo: each run replaces the previous demo's outputs there.
+demo: $(VENV)/.installed $(if $(S3),$(VENV)/.installed-devtools)
 	$(BIN)/segray demo --out runs/demo $(if $(S3),--s3) $(DEMO_ARGS)
 
 # pytest exits 5 when it collects no test: say so and do not count it as a failure.

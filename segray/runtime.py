@@ -37,19 +37,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     """
     import ray
 
+    from segray import log
+
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None and num_cpus is None:
         num_cpus = max(4, os.cpu_count() or 1)
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-    env_vars = {**forwarded_env(), **runtime_env.get("env_vars", {})}
+    quiet = {
+        k: os.environ[k] for k in (log.VERBOSITY_ENV, "TF_CPP_MIN_LOG_LEVEL") if k in os.environ
+    }
+    env_vars = {**forwarded_env(), **quiet, **runtime_env.get("env_vars", {})}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("configure_logging", False)
+    for key, value in log.ray_init_options().items():
+        kwargs.setdefault(key, value)
     if address is None:
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env or None, **kwargs)
     else:
         ray.init(address=address, runtime_env=runtime_env or None, **kwargs)
+    log.quiet_ray()
     return ray

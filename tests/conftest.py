@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from segray import storage
-from segray.s3server import TEST_CREDENTIALS, MotoServer
+from segray.devtools.s3server import TEST_CREDENTIALS, MotoServer
+from segray.io import storage
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ from segray import models
 assert keras.backend.backend() == "jax"
 out = {}
 for name, path in json.loads(sys.argv[1]).items():
-    model = models.load_model(path)
+    model = models.load_keras(path)
     models.set_monte_carlo(model, False)
     x = np.load(sys.argv[2])
     out[name] = np.asarray(model(x, training=False)).tolist()

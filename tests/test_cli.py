@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import click
 import pytest
 import rasterio
 from click.testing import CliRunner
 
-from segray import imagery, storage, synth
 from segray.cli import cli
+from segray.devtools import synth
+from segray.devtools.s3server import free_port
+from segray.io import imagery, storage
 
 
 def test_help_lists_commands_and_import_is_light():
@@ -19,7 +22,8 @@ def test_help_lists_commands_and_import_is_light():
     for command in ("synth", "check", "models", "demo"):
         assert command in result.output
     code = (
-        "import sys, segray, segray.cli, segray.storage, segray.imagery, segray.synth;"
+        "import sys, segray, segray.cli, segray.io.storage, segray.io.imagery;"
+        "import segray.devtools.synth;"
         "heavy = [m for m in ('tensorflow', 'ray', 'keras', 'boto3') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -95,3 +99,73 @@ def test_demo_end_to_end_says_where_outputs_are(tmp_path, ray_local):
     with rasterio.open(out / "scene_masks" / "scene_000.tif") as scene:
         assert scene.shape == (96, 96) and scene.crs.to_string() == synth.CRS
     assert "building" in result.output and "pixel accuracy" in result.output
+
+
+# --- where settings come from, and what the user sees of errors ---------------------------------
+
+
+def _synth_to(out: str, *extra: str):
+    return CliRunner().invoke(cli, ["synth", "--out", out, "--count", "1", "--size", "32", *extra])
+
+
+def test_endpoint_precedence_flag_then_s3_variable_then_generic(s3_endpoint, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: using it would fail
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    result = _synth_to("s3://precedence-a/x")  # AWS_ENDPOINT_URL_S3 beats AWS_ENDPOINT_URL
+    assert result.exit_code == 0, result.output
+    assert storage.exists("s3://precedence-a/x/classes.json", endpoint=s3_endpoint)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+    result = _synth_to("s3://precedence-b/x", "--s3-endpoint", s3_endpoint)  # the flag beats both
+    assert result.exit_code == 0, result.output
+    assert storage.exists("s3://precedence-b/x/classes.json", endpoint=s3_endpoint)
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # alone, the generic variable is used
+    result = _synth_to("s3://precedence-c/x")
+    assert result.exit_code == 0, result.output
+    assert storage.exists("s3://precedence-c/x/classes.json", endpoint=s3_endpoint)
+
+
+def test_train_config_file_gives_settings_and_flags_override_them(tmp_path):
+    from segray.train.config import TrainConfig
+    from segray.train.driver import load_config, save_config
+
+    saved = TrainConfig(
+        data=str(tmp_path / "no-such-data"), out=str(tmp_path / "r1"), epochs=3, batch_size=4
+    )
+    uri = save_config(saved)
+    assert TrainConfig(**load_config(uri)) == saved  # the run folder's config.yaml repeats the run
+    assert TrainConfig(**load_config(str(tmp_path / "r1"))) == saved  # or its folder
+    # the file's data is used ...
+    result = CliRunner().invoke(cli, ["train", "--config", uri, "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 1
+    assert "no-such-data" in result.output and "Traceback" not in result.output
+    # ... and a flag given overrides the file (here with a value the config refuses, by name)
+    result = CliRunner().invoke(cli, ["train", "--config", uri, "--batch-size", "3"])
+    assert result.exit_code == 1
+    assert "batch size 3 is not a multiple of workers 2" in result.output
+
+
+def test_own_errors_are_one_line_and_bugs_keep_their_traceback():
+    from segray.cli import _Group
+    from segray.errors import DatasetError
+
+    @click.group(cls=_Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def ours() -> None:
+        raise DatasetError("no images under /data: check --data")
+
+    @group.command()
+    def bug() -> None:
+        raise KeyError("shape")
+
+    ours_result = CliRunner().invoke(group, ["ours"])
+    assert ours_result.exit_code == 1
+    assert ours_result.output.strip() == "Error: no images under /data: check --data"
+    bug_result = CliRunner().invoke(group, ["bug"])
+    assert isinstance(bug_result.exception, KeyError)  # not turned into a user error

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from segray import imagery, storage
-from segray.datasets import DatasetError, DatasetSpec, find_samples, load_splits, resize_mask
+from segray.errors import ConfigError, DatasetError
+from segray.io import imagery, storage
+from segray.io.labels import DatasetSpec, find_samples, resize_mask
+from segray.train.data import load_splits
 
 PALETTE = [[0, 0, 0], [255, 0, 0], [0, 0, 255]]
 
@@ -43,7 +45,9 @@ def test_paired_layout_split_and_summary(backend, tmp_path, request, ray_local):
     else:
         endpoint, root = None, str(tmp_path)
     write_paired(root, 6, endpoint)
-    spec = DatasetSpec(root, "paired", num_classes=3, val_fraction=0.34, seed=1, endpoint=endpoint)
+    spec = DatasetSpec(
+        root=root, layout="paired", num_classes=3, val_fraction=0.34, seed=1, endpoint=endpoint
+    )
     train, val, info = load_splits(spec)
     t, v = rows_by_id(train), rows_by_id(val)
     assert len(t) == 4 and len(v) == 2 and not set(t) & set(v)
@@ -58,7 +62,7 @@ def test_paired_layout_split_and_summary(backend, tmp_path, request, ray_local):
 
 def test_resize_is_nearest_for_masks(tmp_path, ray_local):
     write_paired(str(tmp_path), 2)
-    spec = DatasetSpec(str(tmp_path), size=48, val_fraction=0.0)
+    spec = DatasetSpec(root=str(tmp_path), size=48, val_fraction=0.0)
     train, val, info = load_splits(spec)
     assert val is None and info.image_shape == (48, 48, 3)
     for row in train.take_all():
@@ -72,7 +76,9 @@ def test_palette_layout(tmp_path, ray_local):
     root = str(tmp_path)
     storage.write_text(f"{root}/classes.json", json.dumps({"palette": PALETTE}))
     write_paired(root, 3, mask_fn=lambda m: imagery.encode_png(np.asarray(PALETTE, np.uint8)[m]))
-    train, _, info = load_splits(DatasetSpec(root, "palette", num_classes=3, val_fraction=0))
+    train, _, info = load_splits(
+        DatasetSpec(root=root, layout="palette", num_classes=3, val_fraction=0)
+    )
     for row in train.take_all():
         np.testing.assert_array_equal(row["mask"], tile(int(row["id"][1:]))[1])
     assert info.max_class == 2
@@ -83,7 +89,7 @@ def test_palette_unknown_colour_names_file(tmp_path, ray_local):
     storage.write_text(f"{root}/classes.json", json.dumps({"palette": PALETTE}))
     write_paired(root, 2, mask_fn=lambda m: imagery.encode_png(np.full((32, 32, 3), 7, np.uint8)))
     with pytest.raises(DatasetError, match=r"masks/t0.png: colour \(7, 7, 7\)"):
-        load_splits(DatasetSpec(root, "palette", val_fraction=0))
+        load_splits(DatasetSpec(root=root, layout="palette", val_fraction=0))
 
 
 def test_nuclei_layout_merges_instance_masks(tmp_path, ray_local):
@@ -95,7 +101,7 @@ def test_nuclei_layout_merges_instance_masks(tmp_path, ray_local):
             inst[k * 10 : k * 10 + 5, 4:9] = 255
             storage.write_bytes(f"{tmp_path}/{sid}/masks/m{k}.png", imagery.encode_png(inst))
     train, _, info = load_splits(
-        DatasetSpec(str(tmp_path), "nuclei", num_classes=2, val_fraction=0)
+        DatasetSpec(root=str(tmp_path), layout="nuclei", num_classes=2, val_fraction=0)
     )
     rows = train.take_all()
     assert len(rows) == 2 and info.max_class == 1
@@ -105,7 +111,7 @@ def test_nuclei_layout_merges_instance_masks(tmp_path, ray_local):
 def test_nuclei_missing_masks_named(tmp_path):
     storage.write_bytes(f"{tmp_path}/xyz/images/xyz.png", imagery.encode_png(tile(0)[0]))
     with pytest.raises(DatasetError, match="xyz"):
-        find_samples(DatasetSpec(str(tmp_path), "nuclei"))
+        find_samples(DatasetSpec(root=str(tmp_path), layout="nuclei"))
 
 
 def test_polygon_layout_pixel_and_geojson(tmp_path, ray_local):
@@ -145,7 +151,9 @@ def test_polygon_layout_pixel_and_geojson(tmp_path, ray_local):
     storage.write_text(
         f"{root}/labels/b.geojson", json.dumps({"type": "FeatureCollection", "features": [feature]})
     )
-    train, _, _ = load_splits(DatasetSpec(root, "polygons", num_classes=3, val_fraction=0))
+    train, _, _ = load_splits(
+        DatasetSpec(root=root, layout="polygons", num_classes=3, val_fraction=0)
+    )
     rows = rows_by_id(train)
     a = rows["a"]["mask"]
     assert (a[4:12, 4:12] == 2).all() and a[25, 26] == 1 and a[0, 0] == 0
@@ -160,14 +168,14 @@ def test_unpaired_files_are_named(tmp_path):
     storage.delete(f"{tmp_path}/masks/t1.png")
     storage.write_bytes(f"{tmp_path}/masks/orphan.png", imagery.encode_png(tile(0)[1]))
     with pytest.raises(DatasetError) as err:
-        find_samples(DatasetSpec(str(tmp_path)))
+        find_samples(DatasetSpec(root=str(tmp_path)))
     assert "images/t1.png has no label" in str(err.value)
     assert "masks/orphan.png has no image" in str(err.value)
 
 
 def test_empty_folder(tmp_path):
     with pytest.raises(DatasetError, match="no images under"):
-        find_samples(DatasetSpec(str(tmp_path)))
+        find_samples(DatasetSpec(root=str(tmp_path)))
 
 
 def test_class_ids_beyond_classes_and_bad_files_all_reported(tmp_path, ray_local):
@@ -176,7 +184,7 @@ def test_class_ids_beyond_classes_and_bad_files_all_reported(tmp_path, ray_local
     mismatch = imagery.encode_png(np.zeros((16, 16), np.uint8))
     storage.write_bytes(f"{tmp_path}/masks/t3.png", mismatch)
     with pytest.raises(DatasetError) as err:
-        load_splits(DatasetSpec(str(tmp_path), num_classes=2, val_fraction=0))
+        load_splits(DatasetSpec(root=str(tmp_path), num_classes=2, val_fraction=0))
     text = str(err.value)
     assert "3 bad file(s)" in text
     assert "masks/t1.png: class id 2 found but classes is 2" in text
@@ -185,5 +193,5 @@ def test_class_ids_beyond_classes_and_bad_files_all_reported(tmp_path, ray_local
 
 
 def test_bad_layout_name():
-    with pytest.raises(DatasetError, match=r"layout must be one of \('paired'"):
-        DatasetSpec("x", layout="coco")
+    with pytest.raises(ConfigError, match=r"layout: Input should be 'paired', 'nuclei'"):
+        DatasetSpec(root="x", layout="coco")

@@ -7,17 +7,22 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from segray import imagery, inference, metrics, modelio, models, storage, synth
+from segray import inference, metrics, models
 from segray.cli import cli
-from segray.evaluate import EvalConfig, evaluate
+from segray.devtools import synth
+from segray.evaluate.evaluate import EvalConfig, evaluate
+from segray.evaluate.report import PANEL_PIXELS
+from segray.inference.render import PALETTE
+from segray.io import imagery, storage
+from segray.models import saving
 
 
-def make_model(folder: str) -> modelio.ModelCard:
+def make_model(folder: str) -> saving.ModelCard:
     import keras
 
     keras.utils.set_random_seed(0)
     model = models.build_model("unet", 5, (32, 32, 3), base_filters=4, depth=2)
-    card = modelio.ModelCard(
+    card = saving.ModelCard(
         name="unet",
         num_classes=5,
         input_shape=(32, 32, 3),
@@ -25,7 +30,7 @@ def make_model(folder: str) -> modelio.ModelCard:
         options={"base_filters": 4, "depth": 2},
         input_multiple=4,
     )
-    return modelio.save_model(model, card, folder)
+    return saving.save_model(model, card, folder)
 
 
 def test_report_matches_metrics_and_writes_pictures(tmp_path):
@@ -35,7 +40,7 @@ def test_report_matches_metrics_and_writes_pictures(tmp_path):
     doc = evaluate(EvalConfig(model=run, data=data, out=out, worst=3))
 
     # the same masks, scored independently through the shared path
-    model, card = modelio.load_model(run)
+    model, card = saving.load_model(run)
     cm = metrics.ConfusionMatrix(5)
     for uri in storage.list_files(f"{data}/images"):
         tile = imagery.decode(storage.read_bytes(uri), uri)
@@ -56,10 +61,14 @@ def test_report_matches_metrics_and_writes_pictures(tmp_path):
     assert saved["tiles"] == 6 and len(saved["worst"]) == 3
     scores = [w["mean_iou"] for w in saved["worst"]]
     assert scores == sorted(scores)
+    colours = {tuple(c) for c in np.asarray(PALETTE)[: len(synth.CLASSES)].tolist()}
     for w in saved["worst"]:
         overlay = imagery.decode(storage.read_bytes(w["overlay"]))
-        assert overlay.shape == (32, 3 * 32 + 2 * 2, 3)
-        assert overlay.array.std() > 0
+        # three panels of at least 256 px (32 px tiles enlarged 8x), and the class colours drawn
+        height, width, _ = overlay.shape
+        assert height >= PANEL_PIXELS and width >= 3 * PANEL_PIXELS, overlay.shape
+        rgb = {tuple(v) for v in overlay.array[..., :3].reshape(-1, 3).tolist()}
+        assert len(colours & rgb) >= 2
     heat = imagery.decode(storage.read_bytes(f"{out}/confusion.png"))
     assert heat.shape[0] > 100 and heat.shape[1] > 100
     md = storage.read_text(f"{out}/report.md")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from affine import Affine
 
-from segray import synth
-from segray.footprints import footprints, rasterize
+from segray.devtools import synth
+from segray.io.footprints import footprints, rasterize
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,8 +10,8 @@ import rasterio
 from affine import Affine
 from PIL import Image
 
-from segray import imagery
-from segray.imagery import TileError
+from segray.errors import TileError
+from segray.io import imagery
 
 CRS = "EPSG:32633"
 TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 5_000_000.0)

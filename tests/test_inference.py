@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segray import imagery, inference, models
-from segray.imagery import Tile, TileError
-from segray.modelio import ModelCard
+from segray import inference, models
+from segray.errors import TileError
+from segray.io import imagery
+from segray.io.imagery import Tile
+from segray.models.saving import ModelCard
 
 
 def card(num_classes=2, channels=3, multiple=4, bands=None) -> ModelCard:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from segray import storage, synth
-from segray.s3server import free_port
+from segray.devtools import synth
+from segray.devtools.s3server import free_port
+from segray.io import storage
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

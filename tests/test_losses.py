@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from segray import losses
+from segray.train import losses
 
 BIG = 30.0  # |logit| at which sigmoid/softmax probabilities are 0/1 to float32 precision
 

@@ -13,7 +13,7 @@ from segray.models import (
     count_params,
     describe_models,
     list_models,
-    load_model,
+    load_keras,
     model_info,
     output_channels,
     set_monte_carlo,
@@ -101,7 +101,7 @@ def test_importing_segray_models_is_cheap_and_load_model_registers_layers(tmp_pa
         "import sys, segray.models as m\n"
         "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n"
         "assert len(m.list_models()) > 5 and m.model_info('unet')['output_stride'] == 16\n"
-        f"print(m.load_model({str(path)!r}).name)\n"
+        f"print(m.load_keras({str(path)!r}).name)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -198,7 +198,7 @@ def test_save_and_load_in_safe_mode_gives_identical_outputs(name, tmp_path):
 def test_deeplab_with_encoder_saves_and_loads(tmp_path):
     model = tiny_model("deeplabv3plus", encoder="mobilenetv2")
     model.save(tmp_path / "m.keras")
-    loaded = load_model(tmp_path / "m.keras")
+    loaded = load_keras(tmp_path / "m.keras")
     x = batch((32, 32, 3))
     np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)
 

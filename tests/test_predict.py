@@ -16,10 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from segray import imagery, inference, modelio, storage, synth
-from segray.manifest import Manifest, PredictResult, common_base, plan, read_manifest, run_folders
-from segray.modelio import ModelCard
-from segray.predict import PredictConfig, predict
+from segray import inference
+from segray.bulk.config import PredictConfig
+from segray.bulk.job import predict
+from segray.bulk.manifest import Manifest, PredictResult, read_manifest, run_folders
+from segray.bulk.plan import common_base, plan
+from segray.devtools import synth
+from segray.errors import ConfigError
+from segray.io import imagery, storage
+from segray.models import saving
+from segray.models.saving import ModelCard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, COUNT = 32, 200
@@ -45,7 +51,7 @@ def model_uri(s3_root, s3_endpoint) -> str:
     options = {"base_filters": 4, "depth": 2, "dropout": 0}
     model = build_model("unet", 2, (SIZE, SIZE, 3), **options)
     card = ModelCard("unet", 2, (SIZE, SIZE, 3), ["background", "building"], options=options)
-    modelio.save_model(model, card, f"{s3_root}/model", endpoint=s3_endpoint)
+    saving.save_model(model, card, f"{s3_root}/model", endpoint=s3_endpoint)
     return f"{s3_root}/model"
 
 
@@ -77,7 +83,7 @@ def tiles(collection) -> str:
 @pytest.fixture(scope="module")
 def expected(collection, model_uri, s3_endpoint) -> dict:
     """``{relative path: (tile, mask, logits)}``: the model applied directly to every tile."""
-    model, card = modelio.load_model(model_uri, endpoint=s3_endpoint)
+    model, card = saving.load_model(model_uri, endpoint=s3_endpoint)
     rel, decoded = zip(*sorted(collection[1].items()), strict=True)
     logits = inference.infer(model, np.stack([inference.prepare(t, card) for t in decoded]), card)
     masks = inference.render(logits, card)
@@ -129,7 +135,7 @@ def test_200_geotiff_tiles_then_a_rerun_skips_all_and_rewrites_nothing(
     assert result.ok and result.counts == {"ok": COUNT, "skipped": 0, "error": 0}
     assert_masks_correct(out, expected, s3_endpoint)
     table = read_manifest(result.manifest, endpoint=s3_endpoint)
-    version = modelio.load_card(model_uri, endpoint=s3_endpoint).version
+    version = saving.load_card(model_uri, endpoint=s3_endpoint).version
     rows = {storage.relative_to(tiles, r["input_uri"]): r for r in table.to_pylist()}
     assert set(rows) == set(expected) and len(table) == COUNT
     for rel, row in rows.items():
@@ -240,7 +246,7 @@ def bayes_uri(tmp_path_factory) -> str:
     model = build_model("bayesian-segnet", 2, (SIZE, SIZE, 3), **options)
     card = ModelCard("bayesian-segnet", 2, (SIZE, SIZE, 3), ["background", "building"])
     folder = str(tmp_path_factory.mktemp("bayes"))
-    modelio.save_model(model, dataclasses.replace(card, options=options), folder)
+    saving.save_model(model, dataclasses.replace(card, options=options), folder)
     return folder
 
 
@@ -257,7 +263,7 @@ def read_band(path, like: imagery.Tile) -> np.ndarray:
 def test_mc_samples_and_footprints_write_maps_and_polygons_beside_masks(
     bayes_uri, tmp_path, ray_local
 ):
-    from segray import footprints
+    from segray.io import footprints
 
     images = tmp_path / "in" / "images"
     synth.write_collection(str(tmp_path / "in"), "geotiff", 4, SIZE, seed=5, mode="binary")
@@ -269,7 +275,7 @@ def test_mc_samples_and_footprints_write_maps_and_polygons_beside_masks(
     cfg = PredictConfig(
         model=bayes_uri, input=str(images), output=str(out), mc_samples=4, footprints=1
     )
-    result = predict(cfg, echo=lambda _: None)
+    result = predict(cfg)
     assert result.ok and result.counts == {"ok": 6, "skipped": 0, "error": 0}
     rows = {
         r["input_uri"].rsplit("/", 1)[-1]: r for r in read_manifest(result.manifest).to_pylist()
@@ -296,7 +302,7 @@ def test_mc_samples_and_footprints_write_maps_and_polygons_beside_masks(
 
     # Done means every output exists: a missing uncertainty map makes its tile run again.
     (out / "tile_r000_c001.uncertainty.tif").unlink()
-    again = predict(cfg, echo=lambda _: None)
+    again = predict(cfg)
     assert again.counts == {"ok": 1, "skipped": 5, "error": 0}
     assert (out / "tile_r000_c001.uncertainty.tif").exists()
     skipped = [r for r in read_manifest(again.manifest).to_pylist() if r["status"] == "skipped"]
@@ -412,16 +418,18 @@ def test_manifest_parts_and_verdict(tmp_path):
 
 
 def test_config_refuses_bad_values_and_the_job_maps_every_option():
-    with pytest.raises(ValueError, match="output_mode must be one of"):
+    with pytest.raises(ConfigError, match="output_mode: Input should be 'classes', 'binary'"):
         PredictConfig(model="m", input="i", output="o", output_mode="logits")
-    with pytest.raises(ValueError, match="max_error_rate"):
+    with pytest.raises(ConfigError, match="max_error_rate: .* less than or equal to 1; got 2"):
         PredictConfig(model="m", input="i", output="o", max_error_rate=2)
-    with pytest.raises(ValueError, match="mc_samples must be >= 0; got -1"):
+    with pytest.raises(ConfigError, match="mc_samples: .* greater than or equal to 0; got -1"):
         PredictConfig(model="m", input="i", output="o", mc_samples=-1)
-    from segray.cli import cli, predict_config_from_options
+    from segray.cli import cli
+    from segray.cli.options import from_options
 
     def parse(argv: list[str]) -> PredictConfig:  # the options of `segray predict` and the job
-        return predict_config_from_options(**cli.commands["predict"].make_context("p", argv).params)
+        params = cli.commands["predict"].make_context("p", argv).params
+        return from_options(PredictConfig, params)
 
     cfg = parse(
         "--model m --input i --output o --s3-endpoint http://h:1 --batch-size 8 --concurrency 2 "

@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-from segray import imagery, inference, modelio, serve, storage, synth
-from segray.bench.serve import free_port
+from segray import inference
+from segray.devtools import synth
+from segray.devtools.bench.serve import free_port
+from segray.errors import ConfigError
+from segray.io import imagery, storage
+from segray.models import saving
+from segray.serve import app as serve
+from segray.serve import http
+from segray.serve.config import ServeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +38,15 @@ def model_dir(tmp_path_factory) -> str:
 
     folder = str(tmp_path_factory.mktemp("model"))
     model = build_model("unet", 2, (SIZE, SIZE, 3), base_filters=4, depth=2)
-    card = modelio.ModelCard("unet", 2, (SIZE, SIZE, 3), class_names=["background", "building"])
-    modelio.save_model(model, card, folder)
+    card = saving.ModelCard("unet", 2, (SIZE, SIZE, 3), class_names=["background", "building"])
+    saving.save_model(model, card, folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
     """The same model loaded in the test process, for the shared-path masks."""
-    return modelio.load_model(model_dir)
+    return saving.load_model(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +57,14 @@ def url(ray_local, model_dir) -> str:
     port = free_port()
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = serve.build_app(
-        model_dir,
-        max_batch_size=16,
-        batch_wait_timeout_s=0.05,
-        max_body_bytes=MAX_BODY,
-        max_pixels=MAX_PIXELS,
-        num_cpus=0.5,
+        ServeConfig(
+            model_uri=model_dir,
+            max_batch_size=16,
+            batch_wait_timeout_s=0.05,
+            max_body_bytes=MAX_BODY,
+            max_pixels=MAX_PIXELS,
+            num_cpus=0.5,
+        )
     )
     ray_serve.run(app, name="segray-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -68,10 +78,13 @@ def secure_url(url, model_dir, s3_endpoint) -> str:
 
     prefix = f"s3://segray-test/{uuid.uuid4().hex[:12]}"
     storage.make_bucket(prefix, endpoint=s3_endpoint)
-    for name in (modelio.MODEL_FILE, modelio.CARD_FILE):
+    for name in (saving.MODEL_FILE, saving.CARD_FILE):
         with open(f"{model_dir}/{name}", "rb") as f:
             storage.write_bytes(f"{prefix}/model/{name}", f.read(), endpoint=s3_endpoint)
-    app = serve.build_app(f"{prefix}/model", api_token=TOKEN, endpoint=s3_endpoint, num_cpus=0.5)
+    config = ServeConfig(
+        model_uri=f"{prefix}/model", api_token=TOKEN, endpoint=s3_endpoint, num_cpus=0.5
+    )
+    app = serve.build_app(config)
     ray_serve.run(app, name="segray-secure", route_prefix="/secure")
     return f"{url}/secure"
 
@@ -102,7 +115,7 @@ def post(url: str, data: bytes, **kwargs) -> requests.Response:
 
 def test_bench_serve_smoke(ray_local, model_dir):
     """Runs before the module's Serve starts: the bench starts and shuts down its own."""
-    from segray.bench.serve import bench_serve
+    from segray.devtools.bench.serve import bench_serve
 
     lines: list[str] = []
     result = bench_serve(
@@ -255,13 +268,14 @@ def test_token_required_on_v1_only(secure_url):
 
 
 def test_bulk_predict_gives_the_same_masks(url, model_dir, tmp_path):
-    predict = pytest.importorskip("segray.predict")
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.job import predict
+
     folder = tmp_path / "in"
     synth.write_collection(str(folder), "paired", count=2, size=SIZE, mode="binary")
     (folder / "images" / "odd.png").write_bytes(tile_png(11, (40, 52)))
     out = tmp_path / "out"
-    config = predict.PredictConfig(model=model_dir, input=str(folder / "images"), output=str(out))
-    predict.predict(config, echo=lambda _: None)
+    predict(PredictConfig(model=model_dir, input=str(folder / "images"), output=str(out)))
     for name in ("tile_00000.png", "tile_00001.png", "odd.png"):
         bulk = imagery.as_mask(imagery.decode((out / name).read_bytes()).array)
         served = png_mask(post(url, (folder / "images" / name).read_bytes()))
@@ -281,21 +295,31 @@ def test_deploy_yaml_validates_and_import_path_resolves():
     (application,) = config.applications
     module, _, attr = application.import_path.partition(":")
     builder = getattr(importlib.import_module(module), attr)
-    assert callable(builder)
-    assert isinstance(builder(application.args), Application)
+    # as `serve run` / `serve deploy` call it: the args dict validated into a ServeConfig first
+    assert isinstance(
+        call_user_app_builder_with_args_if_necessary(builder, application.args), Application
+    )
     assert application.deployments[0].name == serve.DEPLOYMENT
+    # the import path of segray 0.1 still resolves to the same builder
+    assert importlib.import_module("segray.serve").app_builder is serve.app_builder
 
 
-def test_app_builder_and_build_app_refuse_bad_settings():
+def test_app_builder_takes_typed_args_and_refuses_bad_settings():
+    build = call_user_app_builder_with_args_if_necessary
     with pytest.raises(ValueError, match="model_uri"):
-        serve.app_builder({"max_batch_size": 4})
+        build(serve.app_builder, {"max_batch_size": 4})
     with pytest.raises(ValueError, match="nonsense"):
-        serve.app_builder({"model_uri": "m", "nonsense": 1})
-    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1; got 0"):
-        serve.build_app("m", max_batch_size=0)
-    with pytest.raises(ValueError, match="blend must be one of"):
-        serve.build_app("m", blend="smear")
-    app = serve.build_app("m", replicas={"min_replicas": 1, "max_replicas": 3}, num_gpus=0.5)
+        build(serve.app_builder, {"model_uri": "m", "nonsense": 1})
+    # `serve run segray.serve.app:app_builder model_uri=m max_batch_size=8` passes strings
+    app = build(serve.app_builder, {"model_uri": "m", "max_batch_size": "8", "num_gpus": "0"})
+    assert app._bound_deployment._deployment_config.max_ongoing_requests == 32
+    with pytest.raises(
+        ConfigError, match="max_batch_size: Input should be greater than or equal to 1; got 0"
+    ):
+        ServeConfig(model_uri="m", max_batch_size=0)
+    with pytest.raises(ConfigError, match="blend: Input should be 'linear', 'cosine' or 'crop'"):
+        ServeConfig(model_uri="m", blend="smear")
+    app = serve.build_app(ServeConfig(model_uri="m", replicas=1, max_replicas=3, num_gpus=0.5))
     deployment = app._bound_deployment
     assert deployment._deployment_config.max_ongoing_requests == 64
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
@@ -309,13 +333,24 @@ def test_multipart_extraction_is_byte_exact():
         b'--xyz\r\nContent-Disposition: form-data; name="upload"; filename="a.tif"\r\n'
         b"Content-Type: image/tiff\r\n\r\n" + payload + b"\r\n--xyz--\r\n"
     )
-    assert serve.image_bytes(body, 'multipart/form-data; boundary="xyz"') == payload
-    assert serve.image_bytes(b"raw", "image/png") == b"raw"
+    assert http.image_bytes(body, 'multipart/form-data; boundary="xyz"') == payload
+    assert http.image_bytes(b"raw", "image/png") == b"raw"
 
 
 def test_response_format_from_accept():
-    assert serve.response_format(None, "") == "png"
-    assert serve.response_format(None, "application/json") == "json"
-    assert serve.response_format("png", "application/json") == "png"
-    with pytest.raises(serve.ApiError):
-        serve.response_format("xml", "")
+    assert http.response_format(None, "") == "png"
+    assert http.response_format(None, "application/json") == "json"
+    assert http.response_format("png", "application/json") == "png"
+    with pytest.raises(http.ApiError):
+        http.response_format("xml", "")
+
+
+def test_every_tile_error_kind_has_a_4xx_status():
+    from segray.errors import TILE_ERROR_KINDS, TileError
+
+    assert set(http.TILE_STATUS) == set(TILE_ERROR_KINDS)
+    for kind in TILE_ERROR_KINDS:
+        err = http.tile_error(TileError("request body", "why", kind))
+        assert 400 <= err.status < 500 and err.detail == "why"
+    assert http.tile_error(TileError("b", "x", "bands")).status == 415
+    assert http.tile_error(TileError("b", "x", "too_large")).status == 413

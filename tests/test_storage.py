@@ -7,7 +7,7 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from segray import storage
+from segray.io import storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -9,7 +9,7 @@ import pytest
 import rasterio
 from PIL import Image
 
-from segray import synth
+from segray.devtools import synth
 
 
 def test_same_seed_is_byte_identical_and_seeds_differ():

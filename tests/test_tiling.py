@@ -9,10 +9,13 @@ import uuid
 import numpy as np
 import pytest
 
-from segray import footprints, imagery, inference, storage, synth, tiling
-from segray.imagery import Tile
-from segray.manifest import read_manifest
-from segray.modelio import ModelCard
+from segray import inference
+from segray.bulk.manifest import read_manifest
+from segray.devtools import synth
+from segray.inference import tiling
+from segray.io import footprints, imagery, storage
+from segray.io.imagery import Tile
+from segray.models.saving import ModelCard
 
 SCENE, WINDOW = 256, 128
 
@@ -221,8 +224,9 @@ def test_no_seam_differences_along_window_edges_are_no_larger_than_elsewhere(
 @pytest.mark.slow
 def test_scene_masks_from_s3_equal_whole_scene_and_keep_georeference(unet, s3_endpoint, ray_local):
     """Scene masks, their uncertainty maps and footprints, all in the scene's georeference."""
-    from segray import modelio
-    from segray.predict import PredictConfig, predict
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.job import predict
+    from segray.models import saving
 
     model, whole_model, card = unet
     root = f"s3://segray-test/scene-{uuid.uuid4().hex[:8]}"
@@ -231,7 +235,7 @@ def test_scene_masks_from_s3_equal_whole_scene_and_keep_georeference(unet, s3_en
         root, layout="scene", count=2, scene_size=SCENE, mode="binary", endpoint=s3_endpoint
     )
     storage.write_bytes(f"{root}/scenes/scene_bad.tif", b"II*\x00broken", endpoint=s3_endpoint)
-    card = modelio.save_model(model, card, f"{root}/model", endpoint=s3_endpoint)
+    card = saving.save_model(model, card, f"{root}/model", endpoint=s3_endpoint)
     config = PredictConfig(
         model=f"{root}/model",
         input=f"{root}/scenes",

@@ -7,10 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from segray import datasets, imagery, inference, metrics, modelio, storage, synth
-from segray.augment import AugmentConfig
-from segray.models import ModelError
-from segray.train import TrainConfig, TrainError, prepare, train
+from segray import inference, metrics
+from segray.devtools import synth
+from segray.errors import ConfigError, DatasetError, ModelError
+from segray.io import imagery, labels, storage
+from segray.models import saving
+from segray.train.augment import AugmentConfig
+from segray.train.config import TrainConfig
+from segray.train.driver import prepare, train
 
 TINY = {"base_filters": 4, "depth": 2}
 
@@ -54,8 +58,8 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     out = str(tmp_path / "run")
     result = train(tiny_config(binary_tiles, out))
     assert result.epochs_run == 2 and result.starts == [1]
-    train_ids, _ = datasets.split_samples(
-        datasets.find_samples(datasets.DatasetSpec(binary_tiles)), 0.2, 0
+    train_ids, _ = labels.split_samples(
+        labels.find_samples(labels.DatasetSpec(root=binary_tiles)), 0.2, 0
     )
     expected = sorted(s.id for s in train_ids)
     for epoch in (1, 2):
@@ -74,7 +78,7 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     assert curves.shape[0] > 100 and curves.shape[1] > 100
 
     # without --resume the folder is refused; with it, a 4-epoch run starts at epoch 3
-    with pytest.raises(TrainError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
         prepare(tiny_config(binary_tiles, out, epochs=4))
     resumed = train(tiny_config(binary_tiles, out, epochs=4, resume=True))
     assert resumed.starts == [1, 3]
@@ -98,13 +102,13 @@ def test_checkpoints_on_s3_load_back_identical(
 ):
     out = f"{s3_prefix}/run"
     train(tiny_config(binary_tiles, out, epochs=1, workers=1, batch_size=4, endpoint=s3_endpoint))
-    s3_model, card = modelio.load_model(out, endpoint=s3_endpoint)
+    s3_model, card = saving.load_model(out, endpoint=s3_endpoint)
     local = tmp_path / "copy"
     for name in ("model.keras", "model.json"):
         storage.write_bytes(
             str(local / name), storage.read_bytes(f"{out}/{name}", endpoint=s3_endpoint)
         )
-    local_model, local_card = modelio.load_model(str(local))
+    local_model, local_card = saving.load_model(str(local))
     assert card == local_card and card.name == "unet" and card.input_shape == (32, 32, 3)
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     np.testing.assert_array_equal(np.asarray(s3_model(x)), np.asarray(local_model(x)))
@@ -133,12 +137,12 @@ def test_small_unet_learns_buildings(tmp_path, ray_local):
     )
     train(cfg)
     # evaluate the saved best model ourselves on the validation tiles
-    model, card = modelio.load_model(out)
-    _, val = datasets.split_samples(datasets.find_samples(datasets.DatasetSpec(data)), 0.2, 0)
+    model, card = saving.load_model(out)
+    _, val = labels.split_samples(labels.find_samples(labels.DatasetSpec(root=data)), 0.2, 0)
     cm = metrics.ConfusionMatrix(2)
-    spec = datasets.DatasetSpec(data)
+    spec = labels.DatasetSpec(root=data)
     for sample in val:
-        row = datasets.load_sample(sample, spec)
+        row = labels.load_sample(sample, spec)
         x = inference.prepare(imagery.Tile(row["image"]), card)[None]
         pred = inference.render(inference.infer(model, x, card), card)
         cm.update(row["mask"][None], pred)
@@ -147,13 +151,16 @@ def test_small_unet_learns_buildings(tmp_path, ray_local):
 
 def test_bad_input_refused_before_workers_start(binary_tiles, tmp_path):
     out = str(tmp_path / "r")
-    with pytest.raises(TrainError, match="smaller than the number of workers"):
-        prepare(tiny_config(binary_tiles, out, batch_size=1, workers=2))
-    with pytest.raises(TrainError, match="not a multiple of workers"):
-        prepare(tiny_config(binary_tiles, out, batch_size=5, workers=2))
-    with pytest.raises(TrainError, match="optimizer must be one of"):
-        prepare(tiny_config(binary_tiles, out, optimizer="adamw"))
-    with pytest.raises(datasets.DatasetError, match="no images under"):
+    # settings are refused when the config is made, naming the field and the allowed values
+    with pytest.raises(ConfigError, match="smaller than the number of workers"):
+        tiny_config(binary_tiles, out, batch_size=1, workers=2)
+    with pytest.raises(ConfigError, match="not a multiple of workers 2; use 4 or 6"):
+        tiny_config(binary_tiles, out, batch_size=5, workers=2)
+    with pytest.raises(ConfigError, match="optimizer: Input should be 'adam', 'rmsprop' or 'sgd'"):
+        tiny_config(binary_tiles, out, optimizer="adamw")
+    with pytest.raises(ConfigError, match="loss: unknown loss 'dicey'"):
+        prepare(tiny_config(binary_tiles, out, loss="ce+dicey"))
+    with pytest.raises(DatasetError, match="no images under"):
         prepare(tiny_config(str(tmp_path / "empty"), out))
 
 
@@ -161,12 +168,12 @@ def test_bad_data_and_model_refused(tmp_path, ray_local):
     data = str(tmp_path / "multi")
     synth.write_collection(data, count=4, size=32, mode="multiclass")
     out = str(tmp_path / "r")
-    with pytest.raises(datasets.DatasetError, match="class id 4 found but classes is 2"):
+    with pytest.raises(DatasetError, match="class id 4 found but classes is 2"):
         prepare(tiny_config(data, out))
     with pytest.raises(ModelError, match="unknown model"):
         prepare(tiny_config(data, out, num_classes=5, model="unet3000"))
     storage.write_bytes(
         f"{data}/masks/tile_00001.png", imagery.encode_png(np.zeros((8, 8), np.uint8))
     )
-    with pytest.raises(datasets.DatasetError, match="mask is 8x8 but its image"):
+    with pytest.raises(DatasetError, match="mask is 8x8 but its image"):
         prepare(tiny_config(data, out, num_classes=5))

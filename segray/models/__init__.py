@@ -1,7 +1,7 @@
 """The model zoo: build any registered segmentation model by name.
 
 Importing this package is cheap; keras is imported when a model is built. Loaders of `.keras`
-files call `custom_objects()` (or use `load_model`) first so segray's custom layers are known.
+files call `custom_objects()` (or use `load_keras`) first so segray's custom layers are known.
 """
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from segray.errors import ModelError
+from segray.models.options import output_channels
 from segray.models.registry import (
-    ModelError,
     build_model,
     count_params,
     custom_objects,
     describe_models,
     list_models,
-    load_model,
+    load_keras,
     model_info,
-    output_channels,
 )
 
 __all__ = [
@@ -30,22 +30,22 @@ __all__ = [
     "custom_objects",
     "describe_models",
     "list_models",
-    "load_model",
+    "load_keras",
     "model_info",
     "monte_carlo_layers",
     "output_channels",
     "set_monte_carlo",
 ]
 
-_FROM_BLOCKS = ("MCDropout", "MaxUnpooling2D", "monte_carlo_layers", "set_monte_carlo")
+_FROM_LAYERS = ("MCDropout", "MaxUnpooling2D", "monte_carlo_layers", "set_monte_carlo")
 
 
 def __getattr__(name: str) -> Any:
     """Keras-backed names, imported on first use."""
-    if name in _FROM_BLOCKS:
-        from segray.models import blocks
+    if name in _FROM_LAYERS:
+        from segray.models import layers
 
-        return getattr(blocks, name)
+        return getattr(layers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,8 +1,4 @@
-"""Building blocks shared by the model families, and segray's serialisable custom layers.
-
-Importing this module registers MCDropout, MaxUnpooling2D and BilinearUpsampling with keras
-(package "segray"), which `.keras` files that use them need before loading.
-"""
+"""Building blocks shared by the model families: convolution units, decoder stages, heads."""
 
 from __future__ import annotations
 
@@ -10,121 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
-import numpy as np
-from keras import layers, ops
+from keras import layers
 
-from segray.models.registry import output_channels
-
-# --- custom layers -------------------------------------------------------------------------
-
-
-@keras.saving.register_keras_serializable(package="segray")
-class MCDropout(layers.Dropout):
-    """Dropout that can stay on at inference, for Monte-Carlo sampling (Gal & Ghahramani).
-
-    With `monte_carlo=True` every call drops units, so calling the model N times on the same
-    input gives N samples of the predictive distribution (mean = prediction, variance =
-    uncertainty). With `monte_carlo=False` it is plain Dropout: active only when training.
-    Toggle a built model with `set_monte_carlo(model, enabled)`.
-    """
-
-    def __init__(self, rate: float, monte_carlo: bool = True, **kwargs: Any) -> None:
-        super().__init__(rate, **kwargs)
-        self.monte_carlo = monte_carlo
-
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        """Drop units when training or when Monte-Carlo sampling is on."""
-        return super().call(inputs, training=bool(training) or self.monte_carlo)
-
-    def get_config(self) -> dict[str, Any]:
-        """Keras config, with the Monte-Carlo flag."""
-        return {**super().get_config(), "monte_carlo": self.monte_carlo}
-
-
-@keras.saving.register_keras_serializable(package="segray")
-class MaxUnpooling2D(layers.Layer):
-    """SegNet unpooling: put each value of `x` where its 2x2 window's maximum was.
-
-    Called on `[x, reference]`: `reference` is the encoder tensor before 2x2/stride-2 max
-    pooling and `x` has the pooled shape. The max positions ("indices") are recomputed from
-    `reference` with keras.ops, so no index tensor travels through the graph.
-    """
-
-    def call(self, inputs: list[Any]) -> Any:
-        """Scatter `x` to the argmax position of each window of `reference`; zeros elsewhere."""
-        x, reference = inputs
-        _, height, width, channels = ops.shape(reference)
-        half_h, half_w = height // 2, width // 2
-        windows = ops.reshape(reference, (-1, half_h, 2, half_w, 2, channels))
-        windows = ops.transpose(windows, (0, 1, 3, 5, 2, 4))
-        windows = ops.reshape(windows, (-1, half_h, half_w, channels, 4))
-        switches = ops.one_hot(ops.argmax(windows, axis=-1), 4, dtype=x.dtype)
-        out = ops.expand_dims(x, -1) * switches
-        out = ops.reshape(out, (-1, half_h, half_w, channels, 2, 2))
-        out = ops.transpose(out, (0, 1, 4, 2, 5, 3))
-        return ops.reshape(out, (-1, height, width, channels))
-
-    def compute_output_shape(self, input_shapes: list[tuple]) -> tuple:
-        """The reference's shape."""
-        return tuple(input_shapes[1])
-
-
-@keras.saving.register_keras_serializable(package="segray")
-class BilinearUpsampling(keras.initializers.Initializer):
-    """Conv2DTranspose kernel initialised to bilinear interpolation, as in FCN (Long et al.)."""
-
-    def __call__(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
-        """Kernel of shape (k, k, out, in): a bilinear filter on the channel diagonal."""
-        size, _, n_out, n_in = shape
-        factor = (size + 1) // 2
-        center = factor - 1 if size % 2 == 1 else factor - 0.5
-        grid = np.arange(size)
-        line = 1 - np.abs(grid - center) / factor
-        kernel = np.zeros(shape, dtype="float32")
-        for i in range(min(n_out, n_in)):
-            kernel[:, :, i, i] = np.outer(line, line)
-        return ops.convert_to_tensor(kernel, dtype=dtype)
-
-    def get_config(self) -> dict[str, Any]:
-        """No arguments."""
-        return {}
-
-
-CUSTOM_OBJECTS = {
-    "MCDropout": MCDropout,
-    "MaxUnpooling2D": MaxUnpooling2D,
-    "BilinearUpsampling": BilinearUpsampling,
-}
-
-
-def _all_layers(model: keras.Model) -> list[layers.Layer]:
-    """Every layer of `model`, looking inside nested models."""
-    found = []
-    for layer in model.layers:
-        found.append(layer)
-        if hasattr(layer, "layers"):
-            found += _all_layers(layer)
-    return found
-
-
-def monte_carlo_layers(model: keras.Model) -> list[MCDropout]:
-    """The MCDropout layers of `model`, nested models included."""
-    return [layer for layer in _all_layers(model) if isinstance(layer, MCDropout)]
-
-
-def set_monte_carlo(model: keras.Model, enabled: bool) -> int:
-    """Switch Monte-Carlo dropout on or off in every MCDropout layer; return how many.
-
-    Compiled predict/evaluate functions are dropped so that `model.predict` sees the change.
-    """
-    found = monte_carlo_layers(model)
-    for layer in found:
-        layer.monte_carlo = bool(enabled)
-    for attribute in ("predict_function", "test_function", "train_function"):
-        if hasattr(model, attribute):
-            setattr(model, attribute, None)
-    return len(found)
-
+from segray.models.options import output_channels
 
 # --- graph pieces --------------------------------------------------------------------------
 

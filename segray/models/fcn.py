@@ -12,8 +12,9 @@ from typing import Any
 import keras
 from keras import layers
 
-from segray.models.blocks import BilinearUpsampling, image_input
-from segray.models.registry import output_channels
+from segray.models.blocks import image_input
+from segray.models.layers import BilinearUpsampling
+from segray.models.options import output_channels
 
 VGG16_CONVS = (2, 2, 3, 3, 3)
 VGG16_WIDTHS = (1, 2, 4, 8, 8)  # times base_filters: 64, 128, 256, 512, 512

@@ -13,144 +13,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from segray.errors import ModelError
 from segray.models.encoders import BACKBONES
+from segray.models.options import (
+    BAYESIAN_OPTIONS,
+    BUILTIN_BACKBONE_OPTIONS,
+    DEEPLAB_OPTIONS,
+    DEEPLAB_PLUS_OPTIONS,
+    ENCODER_UNET_OPTIONS,
+    FCN_OPTIONS,
+    SEGNET_OPTIONS,
+    UNET_OPTIONS,
+    Option,
+    check_num_classes,
+    choice,
+    encoder_options,
+)
 
 if TYPE_CHECKING:
     import keras
-
-
-class ModelError(ValueError):
-    """A model cannot be built as asked; the message says what is allowed."""
-
-
-def output_channels(num_classes: int) -> int:
-    """Channels of the logits for `num_classes` classes (background included).
-
-    Binary segmentation uses one sigmoid logit; more classes use one softmax logit per class.
-    """
-    _check_num_classes(num_classes)
-    return 1 if num_classes == 2 else num_classes
-
-
-# --- options -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Option:
-    """A model option: its default, a check that raises ModelError, and the allowed values."""
-
-    default: Any
-    check: Callable[[str, Any], Any]
-    allowed: str
-
-
-def _choice(default: Any, values: tuple) -> Option:
-    def check(name: str, value: Any) -> Any:
-        if value not in values or isinstance(value, bool) != isinstance(default, bool):
-            raise ModelError(f"{name} must be one of {values!r}; got {value!r}")
-        return value
-
-    return Option(default, check, f"one of {values!r}")
-
-
-def _bool(default: bool) -> Option:
-    return _choice(default, (True, False))
-
-
-def _int(default: int, low: int, high: int) -> Option:
-    def check(name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ModelError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
-        return value
-
-    return Option(default, check, f"integer in [{low}, {high}]")
-
-
-def _ints(default: tuple[int, ...], length: int | None = None) -> Option:
-    size = f"{length} " if length else ""
-
-    def check(name: str, value: Any) -> tuple[int, ...]:
-        ok = isinstance(value, (list, tuple)) and (length is None or len(value) == length)
-        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ModelError(f"{name} must be a tuple of {size}positive integers; got {value!r}")
-        if min(value, default=1) < 1:
-            raise ModelError(f"{name} must be a tuple of {size}positive integers; got {value!r}")
-        return tuple(value)
-
-    return Option(default, check, f"tuple of {size}positive integers")
-
-
-def _rate(default: float) -> Option:
-    def check(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ModelError(f"{name} must be a dropout rate in [0, 1); got {value!r}")
-        return float(value)
-
-    return Option(default, check, "rate in [0, 1)")
-
-
-def _rates_or_scale(default: float | tuple[float, ...]) -> Option:
-    def check(name: str, value: Any) -> float | tuple[float, ...]:
-        if isinstance(value, (list, tuple)):
-            return tuple(_rate(0.0).check(f"each {name} rate", v) for v in value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ModelError(
-                f"{name} must be a tuple of rates in [0, 1) or a scale >= 0 (0 disables);"
-                f" got {value!r}"
-            )
-        return float(value)
-
-    return Option(default, check, "tuple of rates in [0, 1), or a scale >= 0 (0 disables)")
-
-
-UPSAMPLING = ("transpose", "bilinear")
-
-_UNET_OPTIONS = {
-    "base_filters": _int(16, 1, 1024),
-    "depth": _int(4, 1, 6),
-    "batch_norm": _bool(False),
-    "upsampling": _choice("transpose", UPSAMPLING),
-    "dropout": _rates_or_scale(1.0),
-}
-_ENCODER_UNET_OPTIONS = {
-    "decoder_filters": _ints((256, 128, 64, 32, 16), length=5),
-    "decoder_batch_norm": _bool(True),
-    "upsampling": _choice("bilinear", UPSAMPLING),
-}
-_FCN_OPTIONS = {
-    "base_filters": _int(64, 1, 1024),
-    "fc_filters": _int(4096, 1, 8192),
-    "dropout": _rate(0.5),
-}
-_SEGNET_OPTIONS = {
-    "base_filters": _int(64, 1, 1024),
-    "depth": _int(5, 1, 5),
-    "unpooling": _choice("indices", ("indices", "upsampling")),
-}
-_BAYESIAN_OPTIONS = {
-    **_SEGNET_OPTIONS,
-    "dropout": _rate(0.5),
-    "dropout_units": _int(3, 1, 5),
-    "monte_carlo": _bool(True),
-}
-_DEEPLAB_OPTIONS = {
-    "output_stride": _choice(16, (16, 8)),
-    "backbone_filters": _int(64, 1, 1024),
-    "blocks_per_stage": _ints((2, 2, 2, 2), length=4),
-    "aspp_filters": _int(256, 1, 4096),
-}
-_DEEPLAB_PLUS_OPTIONS = {
-    **_DEEPLAB_OPTIONS,
-    "low_level_filters": _int(48, 1, 1024),
-    "decoder_filters": _int(256, 1, 4096),
-}
-# Options that only the built-in dilated backbone has; an `encoder=` replaces them.
-_BUILTIN_BACKBONE_OPTIONS = ("output_stride", "backbone_filters", "blocks_per_stage")
-
-
-def _encoder_options(backbone: str) -> dict[str, Option]:
-    extra = {k: _choice(d, allowed) for k, (d, allowed) in BACKBONES[backbone].options.items()}
-    return {"freeze_encoder": _bool(False), **extra}
 
 
 # --- specs ---------------------------------------------------------------------------------
@@ -195,7 +76,7 @@ def _encoder_unet(backbone: str) -> ModelSpec:
         family="unet",
         builder="unet:build_encoder_unet",
         description=f"U-Net decoder on a keras.applications {row.constructor} encoder.",
-        options={**_ENCODER_UNET_OPTIONS, **_encoder_options(backbone)},
+        options={**ENCODER_UNET_OPTIONS, **encoder_options(backbone)},
         stride=_fixed_stride(row.strides[0]),
         encoder=backbone,
     )
@@ -203,13 +84,13 @@ def _encoder_unet(backbone: str) -> ModelSpec:
 
 def _with_encoder(spec: ModelSpec, backbone: str) -> ModelSpec:
     """Bind a keras.applications backbone to a model that accepts `encoder=` (DeepLab)."""
-    options = {k: v for k, v in spec.options.items() if k not in _BUILTIN_BACKBONE_OPTIONS}
+    options = {k: v for k, v in spec.options.items() if k not in BUILTIN_BACKBONE_OPTIONS}
     # keras.applications backbones cannot be dilated: their stride-16 features are the deepest used
-    options["output_stride"] = _choice(16, (16,))
+    options["output_stride"] = choice(16, (16,))
     return dataclasses.replace(
         spec,
         name=f"{spec.name}-{backbone}",
-        options={**options, **_encoder_options(backbone)},
+        options={**options, **encoder_options(backbone)},
         encoder=backbone,
         encoders=(),
     )
@@ -226,7 +107,7 @@ _SPECS = {
             "unet:build_unet",
             "Classic U-Net as in the Kaggle nuclei tutorial: 16..256 filters, ELU, dropout."
             " With encoder=NAME it is unet-NAME.",
-            _UNET_OPTIONS,
+            UNET_OPTIONS,
             _depth_stride,
             encoders=_ALL,
         ),
@@ -237,7 +118,7 @@ _SPECS = {
                 "fcn",
                 "fcn:build_fcn",
                 f"{variant.upper()} (Long et al.) on a VGG16-style encoder; {skips}.",
-                _FCN_OPTIONS,
+                FCN_OPTIONS,
                 _fixed_stride(32),
                 fixed={"variant": variant},
             )
@@ -252,7 +133,7 @@ _SPECS = {
             "segnet",
             "segnet:build_segnet",
             "SegNet (Badrinarayanan et al.): VGG16 encoder, decoder unpooling by max indices.",
-            _SEGNET_OPTIONS,
+            SEGNET_OPTIONS,
             _depth_stride,
             fixed={"bayesian": False},
         ),
@@ -262,7 +143,7 @@ _SPECS = {
             "segnet:build_segnet",
             "Bayesian SegNet (Kendall et al.): SegNet with Monte-Carlo dropout in the central"
             " units; repeated calls sample the predictive distribution.",
-            _BAYESIAN_OPTIONS,
+            BAYESIAN_OPTIONS,
             _depth_stride,
             fixed={"bayesian": True},
         ),
@@ -271,7 +152,7 @@ _SPECS = {
             "deeplab",
             "deeplab:build_deeplab",
             "DeepLab v3: dilated ResNet backbone (or encoder=NAME) and ASPP.",
-            _DEEPLAB_OPTIONS,
+            DEEPLAB_OPTIONS,
             _option_stride,
             fixed={"plus": False},
             encoders=_ALL,
@@ -281,7 +162,7 @@ _SPECS = {
             "deeplab",
             "deeplab:build_deeplab",
             "DeepLab v3+: DeepLab v3 plus a decoder that refines with stride-4 features.",
-            _DEEPLAB_PLUS_OPTIONS,
+            DEEPLAB_PLUS_OPTIONS,
             _option_stride,
             fixed={"plus": True},
             encoders=_ALL,
@@ -343,14 +224,6 @@ def model_info(name: str, encoder: str | None = None) -> dict[str, Any]:
 
 
 # --- validation ----------------------------------------------------------------------------
-
-
-def _check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ModelError(
-            f"num_classes counts classes including background and must be an integer >= 2;"
-            f" got {num_classes!r}"
-        )
 
 
 def _check_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -424,9 +297,9 @@ def custom_objects() -> dict[str, Any]:
     Call it (or `load_model`) before `keras.saving.load_model` on a segray `.keras` file when
     keras was imported after `segray.models`; `build_model` calls it itself.
     """
-    from segray.models import blocks
+    from segray.models import layers
 
-    return dict(blocks.CUSTOM_OBJECTS)
+    return dict(layers.CUSTOM_OBJECTS)
 
 
 def build_model(
@@ -444,7 +317,7 @@ def build_model(
     `model_info(name)["options"]`; any problem raises ModelError naming the allowed values.
     """
     spec = _resolve(name, encoder)
-    _check_num_classes(num_classes)
+    check_num_classes(num_classes)
     input_shape = _check_shape(input_shape)
     _check_weights(spec, weights, input_shape[2])
     values = _resolve_options(spec, options)
@@ -484,7 +357,7 @@ def describe_models(
     return rows
 
 
-def load_model(path: str | os.PathLike[str], compile: bool = False) -> keras.Model:
+def load_keras(path: str | os.PathLike[str], compile: bool = False) -> keras.Model:
     """Load a segray `.keras` file with safe_mode=True, custom layers registered first."""
     custom_objects()
     import keras

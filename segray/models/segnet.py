@@ -15,8 +15,9 @@ from typing import Any
 import keras
 from keras import layers
 
-from segray.models.blocks import MaxUnpooling2D, MCDropout, conv_bn_act, image_input, logits
-from segray.models.registry import ModelError
+from segray.errors import ModelError
+from segray.models.blocks import conv_bn_act, image_input, logits
+from segray.models.layers import MaxUnpooling2D, MCDropout
 
 VGG16_CONVS = (2, 2, 3, 3, 3)
 

@@ -7,9 +7,9 @@ from typing import Any
 import keras
 from keras import layers
 
+from segray.errors import ModelError
 from segray.models.blocks import conv_block, decoder_block, image_input, logits
 from segray.models.encoders import build_backbone, encoder_features
-from segray.models.registry import ModelError
 
 # Dropout per level of the Kaggle nuclei / buildings tutorial, shallow -> bottleneck.
 TUTORIAL_DROPOUT = (0.1, 0.1, 0.2, 0.2, 0.3)

@@ -1,0 +1,72 @@
+"""The settings of one bulk prediction job: every field once, with its default, help and check."""
+
+from __future__ import annotations
+
+from pydantic import field_validator, model_validator
+
+from segray.inference.render import Output
+from segray.inference.run import BATCH_SIZE
+from segray.inference.tiling import BLEND, OVERLAP, Blend
+from segray.settings import Settings, setting
+
+
+class PredictConfig(Settings):
+    """Settings of one bulk prediction job; the defaults run on a laptop CPU.
+
+    Inputs are ``input`` (a folder, s3:// prefix or one file) filtered by ``suffixes`` and
+    ``pattern``, or the URIs listed by ``manifest`` (a Parquet file with an ``input_uri`` or
+    ``uri`` column, or text with one URI a line), whose relative paths then start at ``input``.
+    Masks go to ``output/<relative path>`` (``.tif`` for TIFF inputs, else ``.png``), the
+    manifest of each run to ``output/_manifest/run-<time>-<id>/``.
+    """
+
+    model: str = setting(help="Run folder, model folder or .keras file (local or s3://).")
+    input: str = setting("", "Folder or s3:// prefix of tiles (or one file).")
+    output: str = setting(help="Folder or s3:// prefix for the masks.")
+    endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
+    manifest: str | None = setting(None, "Parquet or text list of input URIs.")
+    pattern: str | None = setting(None, "Glob on the relative path or file name.")
+    suffixes: tuple[str, ...] | None = setting(None, "Input suffixes, e.g. .tif,.png.")
+    batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
+    concurrency: int = setting(1, "Predictor actors.", ge=1)
+    gpus_per_actor: float = setting(0.0, "GPUs each Predictor actor holds.", ge=0)
+    cpus_per_actor: float = setting(1.0, "CPUs each Predictor actor holds.", gt=0)
+    cpus_per_task: float = setting(0.5, "CPUs each read or write task reserves.", gt=0)
+    output_mode: Output = setting("classes", "What the mask holds.")
+    class_index: int = setting(1, "Class of binary and probability masks.", ge=0)
+    threshold: float | None = setting(
+        None, "Probability threshold (default: the card's).", ge=0, le=1
+    )
+    bands: tuple[int, ...] | None = setting(None, "1-based bands (default: the model card's).")
+    overwrite: bool = setting(False, "Redo inputs whose outputs exist.")
+    max_error_rate: float = setting(
+        0.0, "Share of inputs in error above which the job fails.", ge=0, le=1
+    )
+    scene: bool = setting(False, "Inputs are large GeoTIFF scenes, read window by window.")
+    window: int | None = setting(None, "Scene window in pixels (default: the model's input).", ge=1)
+    overlap: int = setting(OVERLAP, "Overlap of windows in pixels.", ge=0)
+    blend: Blend = setting(BLEND, "How overlapping windows are joined.")
+    mc_samples: int = setting(
+        0, "Monte-Carlo dropout passes; writes <name>.uncertainty.<ext> beside each mask.", ge=0
+    )
+    footprints: int | None = setting(
+        None, "Class id to vectorise; writes <name>.geojson beside each mask.", ge=0
+    )
+    io_threads: int = setting(8, "Threads of each read or write task.", ge=1, cli=False)
+    manifest_rows: int = setting(10_000, "Manifest rows per Parquet part.", ge=1, cli=False)
+    ray_address: str | None = setting(None, "Ray cluster (default: RAY_ADDRESS, else local).")
+
+    @field_validator("suffixes")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return tuple(s.lower() for s in value) if value else None
+
+    @model_validator(mode="after")
+    def _fits(self) -> PredictConfig:
+        if not (self.input or self.manifest):
+            raise ValueError("give input (a folder or s3:// prefix) or manifest (a list of URIs)")
+        if self.window is not None and self.overlap >= self.window:
+            raise ValueError(
+                f"overlap must lie in 0..window-1 ({self.window - 1}); got {self.overlap}"
+            )
+        return self

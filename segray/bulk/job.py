@@ -1,0 +1,177 @@
+"""Bulk segmentation: tile collections or large scenes in, masks and a manifest out, on Ray Data.
+
+Inputs are listed on the driver and those whose outputs exist are skipped (:mod:`.plan`); the rest
+stream through read + decode tasks, a pool of Predictor actors (each loads the model once) and
+encode + write tasks (:mod:`.stages`). Masks land under the output prefix at the input's relative
+path (GeoTIFF with the tile's georeference for TIFF inputs, PNG otherwise), each written whole.
+Every input gets one manifest row (:mod:`.manifest`); bad tiles become ``error`` rows and never
+stop the job. With ``scene=True`` each input is a large GeoTIFF read window by window and
+stitched back into one scene mask by the driver (:mod:`.scenes`). Optionally an uncertainty map
+(Monte-Carlo dropout) and GeoJSON footprints of one class are written beside each mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from segray.bulk import stages
+from segray.bulk.config import PredictConfig
+from segray.bulk.manifest import Manifest, PredictResult
+from segray.bulk.plan import outputs, plan
+from segray.bulk.predictor import TilePredictor, WindowPredictor, render_options
+from segray.bulk.scenes import SceneAssembler
+from segray.errors import ConfigError
+from segray.log import progress
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from segray.models.saving import ModelCard
+
+log = logging.getLogger(__name__)
+
+
+def predict(config: PredictConfig) -> PredictResult:
+    """Run one bulk prediction job; logs and returns its :class:`PredictResult`."""
+    from segray.models import saving
+
+    start = time.monotonic()
+    card = saving.load_card(config.model, endpoint=config.endpoint)
+    for name in ("class_index", "footprints"):
+        value = getattr(config, name)
+        if value is not None and not 0 <= value < card.num_classes:
+            raise ConfigError(f"{name} must lie in 0..{card.num_classes - 1}; got {value}")
+    todo, done = plan(config)
+    if not (todo or done):
+        where = config.manifest or config.input
+        raise ConfigError(
+            f"no input found in {where} (suffixes {config.suffixes or 'default'}, pattern "
+            f"{config.pattern!r}): check the URI, --pattern and --suffixes"
+        )
+    manifest = Manifest(
+        config.output,
+        config.model,
+        card.version,
+        endpoint=config.endpoint,
+        rows_per_part=config.manifest_rows,
+    )
+    for input_uri, output_uri, reason in done:
+        status = "error" if reason else "skipped"
+        manifest.add(input_uri, status, reason, **({} if reason else outputs(output_uri, config)))
+    if todo:
+        _init_ray(config)
+        unit = "scene" if config.scene else "tile"
+        log.info("predicting %d %s(s), %d settled already", len(todo), unit, len(done))
+        with progress(len(todo), f"{unit}s", unit) as bar:
+            if config.scene:
+                for row in _run_scenes(todo, config, card):
+                    manifest.add(**row)
+                    bar.update(1)
+            else:
+                for batch in _run_tiles(todo, config, card):
+                    manifest.add_batch(batch)
+                    bar.update(len(batch["input_uri"]))
+    result = manifest.close(time.monotonic() - start, config.max_error_rate)
+    log.info(result.summary())
+    return result
+
+
+def _init_ray(config: PredictConfig) -> None:
+    import ray
+
+    from segray.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray(address=config.ray_address)
+
+
+# --- the tile pipeline -------------------------------------------------------------------------
+
+
+def footprint_options(config: PredictConfig, card: ModelCard) -> dict[str, Any] | None:
+    """What the writers need to vectorise the ``footprints`` class (None when off)."""
+    if config.footprints is None:
+        return None
+    return {"class_index": config.footprints, "name": card.names()[config.footprints]}
+
+
+def _run_tiles(
+    todo: list[tuple[str, str]], config: PredictConfig, card: ModelCard
+) -> Iterable[dict]:
+    import ray.data
+
+    items = [{"input_uri": i, "output_uri": o} for i, o in todo]
+    blocks = max(1, math.ceil(len(items) / config.batch_size))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    cpus = config.cpus_per_task
+    read = {"config": config}
+    ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
+    ds = _predict_stage(ds, config, TilePredictor)
+    write = {"config": config, "footprints": footprint_options(config, card)}
+    ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _run_scenes(
+    todo: list[tuple[str, str]], config: PredictConfig, card: ModelCard
+) -> Iterable[dict[str, Any]]:
+    """Windows of every scene through the same Predictor; the driver stitches and writes scenes.
+
+    Ray Data keeps the windows in order here, so the driver holds the row bands of about one
+    scene at a time (see :class:`segray.inference.tiling.SceneStitcher`).
+    """
+    import ray.data
+
+    window = scene_window(config, card)
+    items = [{"input_uri": i, "output_uri": o} for i, o in todo]
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        cpus = config.cpus_per_task
+        expand = {"config": config, "window": window}
+        ds = ds.flat_map(stages.expand_scene, fn_kwargs=expand, num_cpus=cpus)
+        read = {"config": config}
+        ds = ds.map_batches(
+            stages.read_windows, batch_size=config.batch_size, fn_kwargs=read, num_cpus=cpus
+        )
+        ds = _predict_stage(ds, config, WindowPredictor)
+        assembler = SceneAssembler(
+            card,
+            (window, config.overlap, config.blend),
+            render_options(config),
+            endpoint=config.endpoint,
+            uncertainty=config.mc_samples > 0,
+            footprints=footprint_options(config, card),
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            yield from assembler.add_batch(batch)
+    finally:
+        ctx.execution_options.preserve_order = saved
+
+
+def scene_window(config: PredictConfig, card: ModelCard) -> tuple[int, int]:
+    """The scene window: ``config.window`` square, else the model's own input size."""
+    window = (config.window, config.window) if config.window else tuple(card.input_shape[:2])
+    if not 0 <= config.overlap < min(window):
+        raise ConfigError(f"overlap must be smaller than the window {window}; got {config.overlap}")
+    return window
+
+
+def _predict_stage(
+    ds: ray.data.Dataset, config: PredictConfig, predictor: type
+) -> ray.data.Dataset:
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        predictor,
+        batch_size=config.batch_size,
+        compute=ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor or None,
+        fn_constructor_kwargs={"config": config},
+    )

@@ -1,0 +1,230 @@
+"""What a bulk prediction job reads and what it leaves as its receipt.
+
+Inputs: a folder, prefix or list of URIs, minus those whose outputs exist (:func:`plan`): the
+mask, and beside it, when the job makes them, its uncertainty map and its footprints. Receipt: one
+Parquet row per input and the job's verdict (:class:`Manifest`, :class:`PredictResult`).
+
+Each run writes ``<output>/_manifest/run-<UTC time>-<id>/part-00000.parquet`` (more parts every
+``rows_per_part`` rows, so the driver's memory stays flat on millions of tiles). Every part is
+written whole, and a rerun writes a new run folder, so no earlier receipt is ever overwritten; a
+run killed midway leaves the parts it had finished. :func:`read_manifest` reads one run folder,
+or every run under ``<output>/_manifest``.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segray.io import storage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+MANIFEST_DIR = "_manifest"
+STATUSES = ("ok", "skipped", "error")
+#: Manifest columns of the files made beside a mask.
+_SIDE_FILES = ("uncertainty_uri", "footprints_uri")
+#: Errors quoted in the printed summary; the manifest has all of them.
+SUMMARY_ERRORS = 5
+
+
+# --- inputs: what to predict, what is done already -----------------------------------------------
+
+
+# --- the receipt -------------------------------------------------------------------------------
+
+
+def schema() -> pa.Schema:
+    """Columns of a manifest."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("input_uri", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("output_uri", pa.string()),
+            ("uncertainty_uri", pa.string()),
+            ("footprints_uri", pa.string()),
+            ("class_fractions", pa.list_(pa.float64())),
+            ("model_uri", pa.string()),
+            ("model_version", pa.string()),
+            ("seconds", pa.float64()),
+        ]
+    )
+
+
+@dataclass
+class PredictResult:
+    """What a job did: counts by status, the first errors, where its manifest is."""
+
+    counts: dict[str, int]
+    errors: list[tuple[str, str]]
+    manifest: str
+    seconds: float
+    max_error_rate: float = 0.0
+
+    @property
+    def total(self) -> int:
+        """Inputs seen, whatever their status."""
+        return sum(self.counts.values())
+
+    @property
+    def error_rate(self) -> float:
+        """Fraction of inputs that ended in ``error`` (0 when there were none)."""
+        return self.counts.get("error", 0) / self.total if self.total else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True unless the error fraction exceeds ``max_error_rate``: the job's exit status."""
+        return self.error_rate <= self.max_error_rate
+
+    def summary(self) -> str:
+        """A few lines for people: counts, throughput, the first errors, the manifest."""
+        done = self.counts.get("ok", 0)
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        counts = ", ".join(f"{s} {self.counts.get(s, 0)}" for s in STATUSES)
+        lines = [f"predict: {self.total} input(s): {counts} in {self.seconds:.1f} s"]
+        lines[0] += f" ({rate:.1f} predicted/s)"
+        lines += [f"  error: {reason}" for _, reason in self.errors]
+        more = self.counts.get("error", 0) - len(self.errors)
+        if more > 0:
+            lines.append(f"  ... and {more} more error(s) in the manifest")
+        verdict = "ok" if self.ok else "FAILED"
+        lines.append(
+            f"  error rate {self.error_rate:.2%} (max {self.max_error_rate:.2%}): {verdict}"
+        )
+        lines.append(f"  manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+class Manifest:
+    """Collects manifest rows and writes them in whole Parquet parts under the output prefix."""
+
+    def __init__(
+        self,
+        output: str,
+        model_uri: str,
+        model_version: str,
+        *,
+        endpoint: str | None = None,
+        rows_per_part: int = 10_000,
+    ) -> None:
+        run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.uri = storage.join(output, MANIFEST_DIR, f"run-{run}")
+        self.model = (model_uri, model_version)
+        self.endpoint = endpoint
+        self.rows_per_part = rows_per_part
+        self.counts = dict.fromkeys(STATUSES, 0)
+        self.errors: list[tuple[str, str]] = []
+        self._rows: dict[str, list[Any]] = {name: [] for name in schema().names}
+        self._parts = 0
+
+    def add(
+        self,
+        input_uri: str,
+        status: str,
+        error: str = "",
+        output_uri: str | None = None,
+        class_fractions: Sequence[float] | None = None,
+        seconds: float = 0.0,
+        uncertainty_uri: str | None = None,
+        footprints_uri: str | None = None,
+    ) -> None:
+        """Record one input's outcome (URIs empty or None: no such file)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}; got {status!r}")
+        fractions = None
+        if class_fractions is not None and not np.isnan(class_fractions).any():
+            fractions = [float(f) for f in class_fractions]
+        row = {
+            "input_uri": str(input_uri),
+            "status": status,
+            "error": error or None,
+            "output_uri": output_uri or None,
+            "uncertainty_uri": uncertainty_uri or None,
+            "footprints_uri": footprints_uri or None,
+            "class_fractions": fractions,
+            "model_uri": self.model[0],
+            "model_version": self.model[1],
+            "seconds": float(seconds),
+        }
+        for name, value in row.items():
+            self._rows[name].append(value)
+        self.counts[status] += 1
+        if status == "error" and len(self.errors) < SUMMARY_ERRORS:
+            self.errors.append((str(input_uri), error))
+        if len(self._rows["input_uri"]) >= self.rows_per_part:
+            self.flush()
+
+    def add_batch(self, batch: dict[str, Any]) -> None:
+        """Record a batch of rows (columns ``input_uri``, ``status``, ``error``, ``output_uri``,
+        ``class_fractions``, ``seconds``, and optionally ``uncertainty_uri``, ``footprints_uri``),
+        as the prediction stages return them."""
+        for i, uri in enumerate(batch["input_uri"]):
+            extra = {k: str(batch[k][i] or "") for k in _SIDE_FILES if k in batch}
+            self.add(
+                uri,
+                str(batch["status"][i]),
+                str(batch["error"][i] or ""),
+                str(batch["output_uri"][i] or "") or None,
+                batch["class_fractions"][i],
+                float(batch["seconds"][i]),
+                **extra,
+            )
+
+    def flush(self) -> None:
+        """Write the rows collected so far as the next part (nothing when there are none)."""
+        if not self._rows["input_uri"] and self._parts:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(self._rows, schema=schema())
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        part = storage.join(self.uri, f"part-{self._parts:05d}.parquet")
+        storage.write_bytes(part, sink.getvalue(), endpoint=self.endpoint)
+        self._parts += 1
+        self._rows = {name: [] for name in schema().names}
+
+    def close(self, seconds: float, max_error_rate: float = 0.0) -> PredictResult:
+        """Write the last part and return the job's result."""
+        if self._rows["input_uri"] or not self._parts:
+            self.flush()
+        return PredictResult(
+            dict(self.counts), list(self.errors), self.uri, seconds, max_error_rate
+        )
+
+
+def read_manifest(uri: str, *, endpoint: str | None = None) -> pa.Table:
+    """A run's manifest (its folder), or every run's rows when given ``<output>/_manifest``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = storage.list_files(uri, suffixes=".parquet", endpoint=endpoint)
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p, endpoint=endpoint))) for p in parts]
+    if not tables:
+        return schema().empty_table()
+    # parts written before a column was added lack it: it reads as null there
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def run_folders(output: str, *, endpoint: str | None = None) -> list[str]:
+    """The manifest folders of every run into ``output``, oldest first."""
+    parts = storage.list_files(storage.join(output, MANIFEST_DIR), endpoint=endpoint)
+    return sorted({p.rsplit("/", 1)[0] for p in parts})
+
+
+def statuses(table: pa.Table) -> dict[str, int]:
+    """Counts by status of a manifest table."""
+    values: Iterable[str] = table.column("status").to_pylist()
+    return {s: sum(1 for v in values if v == s) for s in STATUSES}

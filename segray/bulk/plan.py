@@ -1,0 +1,134 @@
+"""What a bulk job reads and where each output goes: the inputs (a folder, a prefix or a list of
+URIs), minus those whose outputs exist; the mask's URI and the files made beside it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from segray.errors import ConfigError
+from segray.io import storage
+
+if TYPE_CHECKING:
+    from segray.bulk.config import PredictConfig
+
+
+TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+SCENE_SUFFIXES = (".tif", ".tiff")
+
+
+def plan(config: PredictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """``(todo, done)``: inputs to predict as ``(input, output)``, and inputs settled already as
+    ``(input, output, reason)`` (reason empty: every output exists and is skipped; else an error).
+
+    ``output`` is the mask's URI; :func:`outputs` gives the files made beside it."""
+    base, uris = list_inputs(config)
+    existing = set() if config.overwrite else set(list_outputs(config))
+    todo, done, claimed = [], [], {}
+    for uri in uris:
+        out = mask_uri(config.output, _relative(base, uri), config.scene)
+        files = [f for f in outputs(out, config).values() if f]
+        clash = next((f for f in files if f in claimed), None)
+        if clash is not None:
+            reason = f"{uri}: its output {clash} is already made from {claimed[clash]}"
+            done.append((uri, out, reason))
+        elif all(f in existing for f in files):
+            done.append((uri, out, ""))
+        else:
+            todo.append((uri, out))
+        for f in files:
+            claimed.setdefault(f, uri)
+    return todo, done
+
+
+def outputs(mask: str, config: PredictConfig) -> dict[str, str | None]:
+    """Every file a job makes for one input, by manifest column: ``output_uri`` (the mask),
+    ``uncertainty_uri`` (with ``mc_samples``) and ``footprints_uri`` (with ``footprints``) beside
+    it; None where the job makes no such file."""
+    return {
+        "output_uri": mask,
+        "uncertainty_uri": uncertainty_uri(mask) if config.mc_samples else None,
+        "footprints_uri": footprints_uri(mask) if config.footprints is not None else None,
+    }
+
+
+def uncertainty_uri(mask: str) -> str:
+    """The uncertainty map beside a mask: ``x.tif`` → ``x.uncertainty.tif``."""
+    stem, ext = os.path.splitext(mask)
+    return f"{stem}.uncertainty{ext}"
+
+
+def footprints_uri(mask: str) -> str:
+    """The footprints beside a mask: ``x.tif`` → ``x.geojson``."""
+    return os.path.splitext(mask)[0] + ".geojson"
+
+
+def list_inputs(config: PredictConfig) -> tuple[str, list[str]]:
+    """``(base, uris)``: the input URIs, sorted, and the base their output paths are relative to.
+
+    Anything under the output prefix (earlier masks, manifests) is never an input.
+    """
+    suffixes = config.suffixes or (SCENE_SUFFIXES if config.scene else TILE_SUFFIXES)
+    if config.manifest:
+        uris = [
+            storage.parse(u).uri for u in read_uri_list(config.manifest, endpoint=config.endpoint)
+        ]
+        base = config.input or common_base(uris)
+    else:
+        base = config.input
+        uris = storage.list_files(
+            base, suffixes=suffixes, pattern=config.pattern, endpoint=config.endpoint
+        )
+        if not uris and base.lower().endswith(suffixes) and storage.exists(base):
+            uris = [storage.parse(base).uri]
+    out = storage.parse(config.output).uri.rstrip("/") + "/"
+    return base, sorted({u for u in uris if not u.startswith(out)})
+
+
+def list_outputs(config: PredictConfig) -> list[str]:
+    """Masks already under the output prefix (temporary ``.tmp-*`` files are not listed)."""
+    return storage.list_files(config.output, endpoint=config.endpoint)
+
+
+def read_uri_list(uri: str, *, endpoint: str | None = None) -> list[str]:
+    """URIs from a Parquet file (``input_uri`` or ``uri`` column) or a text file (one a line)."""
+    data = storage.read_bytes(uri, endpoint=endpoint)
+    if uri.lower().endswith(".parquet"):
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        column = next((c for c in ("input_uri", "uri") if c in table.column_names), None)
+        if column is None:
+            raise ConfigError(f"{uri}: a URI list needs an 'input_uri' or 'uri' column")
+        return [u for u in table.column(column).to_pylist() if u]
+    lines = (line.strip() for line in data.decode("utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def common_base(uris: Iterable[str]) -> str:
+    """The deepest folder holding every URI (all local, or all in one S3 bucket)."""
+    parts = [storage.parse(u).uri.split("/")[:-1] for u in uris]
+    if not parts:
+        raise ConfigError("the URI list is empty")
+    common = os.path.commonprefix(parts)
+    base = "/".join(common)
+    if base.startswith("s3:") and len(common) < 3:
+        raise ConfigError("the listed URIs span several buckets: give input as their common base")
+    return base or "/"
+
+
+def _relative(base: str, uri: str) -> str:
+    return storage.relative_to(base, uri) or uri.rsplit("/", 1)[-1]
+
+
+def mask_uri(output: str, relative: str, scene: bool = False) -> str:
+    """Where the mask of an input at ``relative`` goes: ``.tif`` for TIFF inputs, else ``.png``."""
+    stem, ext = os.path.splitext(relative)
+    return storage.join(
+        output, stem + (".tif" if scene or ext.lower() in SCENE_SUFFIXES else ".png")
+    )

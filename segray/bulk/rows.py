@@ -1,0 +1,159 @@
+"""The rows a bulk job's Ray Data stages pass along, declared once: their columns, and the packing
+of arrays of any shape and type into one column.
+
+A row starts as an :class:`InputRow`; a read stage makes it a :class:`TileRow` (a whole tile) or a
+:class:`WindowRow` (one window of a scene); a Predictor adds :class:`PredictedColumns`; a write
+stage (or the scene assembler) ends it as a :class:`ResultRow`, the manifest's columns. Ray Data
+carries batches of rows as ``{column: numpy array}``; pixels, masks and logits travel
+:func:`pack`-ed as bytes with their shape and dtype, so rows of any size and type share a block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, TypedDict
+
+import numpy as np
+
+from segray.io.imagery import Tile
+from segray.io.rasters import Window
+
+#: The ``transform`` of a tile or scene without a georeference.
+NO_TRANSFORM = [math.nan] * 6
+
+
+class InputRow(TypedDict):
+    """One input and where its mask goes."""
+
+    input_uri: str
+    output_uri: str
+
+
+class PixelColumns(TypedDict):
+    """An array packed by :func:`pack`, the time spent on the row so far, and its error."""
+
+    error: str  # "" when fine; else the reason, and the row goes on to the manifest as such
+    seconds: float
+    pixels: bytes
+    shape: list[int]
+    dtype: str
+
+
+class TileRow(InputRow, PixelColumns):
+    """A decoded tile and its georeference (``crs`` "" and ``transform`` NO_TRANSFORM: none)."""
+
+    format: str
+    crs: str
+    transform: list[float]
+
+
+class WindowRow(InputRow, PixelColumns):
+    """One window of a scene: where it lies, how many the scene has, the scene's georeference."""
+
+    window: list[int]  # row, col, height, width
+    n_windows: int
+    scene_shape: list[int]
+    crs: str
+    transform: list[float]
+
+
+class PredictedColumns(TypedDict, total=False):
+    """What a Predictor adds: ``pixels`` now hold the mask (tiles) or logits (windows)."""
+
+    class_fractions: list[float]
+    uncertainty: bytes  # uint8, the mask's shape (with mc_samples)
+    labels: bytes  # uint8 class ids, the mask's shape (with footprints)
+
+
+class ResultRow(TypedDict):
+    """A manifest row (see :func:`segray.bulk.manifest.schema`)."""
+
+    input_uri: str
+    status: str
+    error: str
+    output_uri: str
+    uncertainty_uri: str
+    footprints_uri: str
+    class_fractions: list[float]
+    seconds: float
+
+
+#: Predicted columns of uint8 arrays of the mask's shape, written beside it.
+SIDE_COLUMNS = ("uncertainty", "labels")
+#: Columns whose values are bytes or strings: kept as numpy object arrays.
+OBJECT_COLUMNS = frozenset(
+    {"input_uri", "output_uri", "error", "pixels", "dtype", "format", "crs", "status"}
+    | set(SIDE_COLUMNS)
+    | {"uncertainty_uri", "footprints_uri"}
+)
+
+
+def pack(array: np.ndarray) -> tuple[bytes, list[int], str]:
+    """An array as ``(bytes, shape, dtype)``: rows of mixed shapes and types share one column."""
+    array = np.ascontiguousarray(array)
+    return array.tobytes(), list(array.shape), array.dtype.name
+
+
+def unpack(data: bytes, shape: Iterable[int], dtype: str) -> np.ndarray:
+    """The array :func:`pack` stored."""
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(int(s) for s in shape))
+
+
+def objects(values: Sequence[Any]) -> np.ndarray:
+    """A numpy object column of ``values`` (bytes or strings of any length)."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = list(values)
+    return column
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows as a Ray Data batch ``{column: array}``, object columns as :data:`OBJECT_COLUMNS`."""
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        out[key] = objects(values) if key in OBJECT_COLUMNS else np.asarray(values)
+    return out
+
+
+def failed_tile(reason: str, seconds: float) -> dict[str, Any]:
+    """The read columns of a tile that could not be read or decoded."""
+    return {
+        "error": reason,
+        "seconds": seconds,
+        "pixels": b"",
+        "shape": [0, 0, 0],
+        "dtype": "uint8",
+        "format": "",
+        "crs": "",
+        "transform": NO_TRANSFORM,
+    }
+
+
+def window_row(row: InputRow, win: Window, error: str, **scene: Any) -> dict[str, Any]:
+    """A :class:`WindowRow` before its pixels are read; ``scene`` overrides the scene columns."""
+    out = {
+        "input_uri": row["input_uri"],
+        "output_uri": row["output_uri"],
+        "error": error,
+        "window": [win.row, win.col, win.height, win.width],
+        "n_windows": 1,
+        "scene_shape": [0, 0],
+        "crs": "",
+        "transform": NO_TRANSFORM,
+    }
+    return {**out, **scene}
+
+
+def georeference(crs: str, transform: Sequence[float]) -> tuple[str | None, Any]:
+    """``(crs, Affine)`` from a row's columns; None where the row has none."""
+    from affine import Affine
+
+    values = [float(v) for v in transform]
+    return (crs or None), (None if any(math.isnan(v) for v in values) else Affine(*values))
+
+
+def tile_of(batch: dict[str, np.ndarray], i: int) -> Tile:
+    """An empty :class:`Tile` that carries row ``i``'s format and georeference, for encoders."""
+    crs, transform = georeference(str(batch["crs"][i]), batch["transform"][i])
+    return Tile(np.empty((0, 0, 1)), format=str(batch["format"][i]), crs=crs, transform=transform)

@@ -1,0 +1,199 @@
+"""The Ray Data stages of a bulk job that touch storage: read and decode tiles, cut scenes into
+windows and read them, encode and write masks with the files beside them.
+
+Each stage takes a batch of rows (see :mod:`segray.bulk.rows`) and the job's config, and turns
+every failure on one input into that row's ``error``: a bad tile never stops the job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from segray import inference
+from segray.bulk.config import PredictConfig
+from segray.bulk.plan import footprints_uri, uncertainty_uri
+from segray.bulk.rows import (
+    NO_TRANSFORM,
+    SIDE_COLUMNS,
+    InputRow,
+    columns,
+    failed_tile,
+    objects,
+    pack,
+    tile_of,
+    unpack,
+    window_row,
+)
+from segray.errors import SegrayError, TileError
+from segray.inference.tiling import scene_windows
+from segray.io import imagery, storage
+from segray.io.imagery import Tile
+from segray.io.rasters import Window, check_scene, open_scene, read_window
+
+# --- tiles ------------------------------------------------------------------------------------
+
+
+def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str, np.ndarray]:
+    """Ray Data task: read and decode tiles; a tile that fails becomes a row with its error."""
+    endpoint, bands = config.endpoint, config.bands
+
+    def one(uri: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri, bands=bands)
+        except SegrayError as exc:
+            return failed_tile(str(exc), time.perf_counter() - start)
+        except Exception as exc:  # a reader bug must not end the job: the row says what happened
+            return failed_tile(f"{uri}: {type(exc).__name__}: {exc}", time.perf_counter() - start)
+        pixels, shape, dtype = pack(tile.array)
+        t = tile.transform
+        return {
+            "error": "",
+            "seconds": time.perf_counter() - start,
+            "pixels": pixels,
+            "shape": shape,
+            "dtype": dtype,
+            "format": tile.format,
+            "crs": tile.crs or "",
+            "transform": list(t)[:6] if t is not None else NO_TRANSFORM,
+        }
+
+    with ThreadPoolExecutor(config.io_threads) as pool:
+        rows = list(pool.map(one, batch["input_uri"]))
+    return {**batch, **columns(rows)}
+
+
+def write_masks(
+    batch: dict[str, np.ndarray], config: PredictConfig, footprints: dict[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data task: encode each mask like its tile and write it whole, with the files beside it
+    (an ``uncertainty`` column, GeoJSON ``footprints`` of the ``labels`` column); returns manifest
+    rows."""
+    endpoint = config.endpoint
+
+    def one(i: int) -> tuple[str, str, float, dict[str, str]]:
+        if batch["error"][i]:
+            return "error", str(batch["error"][i]), 0.0, {}
+        start = time.perf_counter()
+        uri = str(batch["output_uri"][i])
+        try:
+            shape = batch["shape"][i][:2]
+            side = {k: unpack(batch[k][i], shape, "uint8") for k in SIDE_COLUMNS if k in batch}
+            mask = unpack(batch["pixels"][i], shape, batch["dtype"][i])
+            uris = write_outputs(uri, mask, tile_of(batch, i), endpoint, footprints, **side)
+        except Exception as exc:  # storage or encoder failure: this tile's error, not the job's
+            return "error", f"{uri}: cannot write mask: {exc}", time.perf_counter() - start, {}
+        return "ok", "", time.perf_counter() - start, uris
+
+    with ThreadPoolExecutor(config.io_threads) as pool:
+        rows = list(pool.map(one, range(len(batch["input_uri"]))))
+    return {
+        "input_uri": batch["input_uri"],
+        "status": objects([r[0] for r in rows]),
+        "error": objects([r[1] for r in rows]),
+        **{
+            k: objects([r[3].get(k, "") for r in rows])
+            for k in ("output_uri", "uncertainty_uri", "footprints_uri")
+        },
+        "class_fractions": batch["class_fractions"],
+        "seconds": np.asarray(batch["seconds"], np.float64) + [r[2] for r in rows],
+    }
+
+
+def write_outputs(
+    uri: str,
+    mask: np.ndarray,
+    like: Tile,
+    endpoint: str | None,
+    footprints: dict[str, Any] | None = None,
+    *,
+    uncertainty: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> dict[str, str]:
+    """Write a mask at ``uri``, encoded like its tile, and the files beside it: the
+    ``uncertainty`` map, and the ``footprints`` class's polygons from the class-id ``labels``.
+    The mask goes last. Returns their manifest URIs (``output_uri`` and so on)."""
+    uris = {}
+    if uncertainty is not None:
+        uris["uncertainty_uri"] = uncertainty_uri(uri)
+        data = encode_like(uncertainty, like, uris["uncertainty_uri"])
+        storage.write_bytes(uris["uncertainty_uri"], data, endpoint=endpoint)
+    if footprints is not None and labels is not None:
+        uris["footprints_uri"] = footprints_uri(uri)
+        doc = inference.footprint_doc(
+            labels, like, footprints["class_index"], footprints.get("name")
+        )
+        storage.write_bytes(uris["footprints_uri"], json.dumps(doc).encode(), endpoint=endpoint)
+    storage.write_bytes(uri, encode_like(mask, like, uri), endpoint=endpoint)
+    return {"output_uri": uri, **uris}
+
+
+def encode_like(mask: np.ndarray, like: Tile, uri: str) -> bytes:
+    """Mask bytes in the format its URI names: ``.tif`` a GeoTIFF with ``like``'s georeference."""
+    data, ext = imagery.encode_mask(mask, like=like)
+    if uri.endswith(ext):
+        return data
+    if uri.endswith(".tif"):  # a TIFF name holding another format: keep the name's promise
+        return imagery.encode_geotiff(imagery.as_mask(mask), like.crs, like.transform)
+    return imagery.encode_png(imagery.as_mask(mask))
+
+
+# --- scenes -----------------------------------------------------------------------------------
+
+
+def expand_scene(
+    row: InputRow, config: PredictConfig, window: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Ray Data ``flat_map``: one row per window of a scene, from its header alone.
+
+    A scene that cannot be opened, or has unusable bands or pixel type, gives one error row.
+    """
+    uri = str(row["input_uri"])
+    try:
+        with open_scene(uri, endpoint=config.endpoint) as ds:
+            check_scene(ds, uri, config.bands)
+            height, width = ds.height, ds.width
+            crs = ds.crs.to_string() if ds.crs else ""
+            transform = NO_TRANSFORM if ds.transform.is_identity else list(ds.transform)[:6]
+    except TileError as exc:
+        return [window_row(row, Window(0, 0, 0, 0), str(exc))]
+    except Exception as exc:  # unreadable header: this scene's error, not the job's
+        return [window_row(row, Window(0, 0, 0, 0), f"{uri}: cannot open scene: {exc}")]
+    windows = scene_windows(height, width, window, config.overlap)
+    scene = {"scene_shape": [height, width], "crs": crs, "transform": transform}
+    return [window_row(row, w, "", n_windows=len(windows), **scene) for w in windows]
+
+
+def read_windows(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str, np.ndarray]:
+    """Ray Data task: windowed reads of a batch of window rows, opening each scene once."""
+    n = len(batch["input_uri"])
+    errors = [str(e) for e in batch["error"]]
+    packed: list[tuple[bytes, list[int], str]] = [(b"", [0, 0, 0], "uint8")] * n
+    seconds = np.zeros(n)
+    for uri in dict.fromkeys(str(u) for u in batch["input_uri"]):
+        rows = [i for i in range(n) if batch["input_uri"][i] == uri and not errors[i]]
+        if not rows:
+            continue
+        start = time.perf_counter()
+        try:
+            with open_scene(uri, endpoint=config.endpoint) as ds:
+                for i in rows:
+                    win = Window(*map(int, batch["window"][i]))
+                    packed[i] = pack(read_window(ds, win, config.bands))
+        except Exception as exc:  # a broken block fails this scene, not the job
+            for i in rows:
+                errors[i] = f"{uri}: cannot read window {list(batch['window'][i])}: {exc}"
+        seconds[rows] = (time.perf_counter() - start) / len(rows)
+    return {
+        **batch,
+        "error": objects(errors),
+        "seconds": seconds,
+        "pixels": objects([p[0] for p in packed]),
+        "shape": np.asarray([p[1] for p in packed]),
+        "dtype": objects([p[2] for p in packed]),
+    }

@@ -1,0 +1,291 @@
+"""The ``segray`` command line: a thin layer that maps flags to configs and calls the library.
+
+Each command's options come from its config's fields (:mod:`segray.cli.options`), so a default or
+a choice is written once, in the config. Heavy libraries (tensorflow, ray) are imported inside the
+commands that need them, so ``segray --help`` answers at once. segray's own errors
+(:class:`~segray.errors.SegrayError`: bad input, settings or data) and click's are printed as one
+line with exit status 1; anything else is a bug and shows its traceback. ``-v`` shows Ray's own
+logs and worker output, ``-q`` only warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from segray.bulk.config import PredictConfig
+from segray.cli.options import config_options, from_options, given, option_for
+from segray.devtools import synth as synth_data
+from segray.devtools.demo import DemoConfig
+from segray.errors import SegrayError
+from segray.evaluate.evaluate import EvalConfig
+from segray.io.labels import DatasetSpec
+from segray.serve.config import ServeConfig
+from segray.train.augment import AugmentConfig
+from segray.train.config import TrainConfig
+
+log = logging.getLogger("segray.cli")
+
+
+class _Group(click.Group):
+    """A click group that turns segray's own errors into one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SegrayError as exc:
+            if ctx.meta.get("segray.verbosity", 0) >= 2:
+                raise
+            raise click.ClickException(str(exc)) from exc
+
+
+endpoint_option = click.option(
+    "--s3-endpoint",
+    "endpoint",
+    default=None,
+    help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS).",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="segray")
+@click.option("-v", "--verbose", count=True, help="More output: -v Ray's logs, -vv tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """segray: distributed semantic segmentation of satellite imagery on Ray."""
+    from segray import log as segray_log
+
+    level = -1 if quiet else verbose
+    ctx.meta["segray.verbosity"] = level
+    segray_log.configure(level)
+
+
+@cli.command()
+@click.option("--out", required=True, help="Output folder or s3:// prefix.")
+@click.option(
+    "--layout",
+    type=click.Choice(synth_data.LAYOUTS),
+    default="paired",
+    show_default=True,
+    help="paired PNG folders, GeoTIFF tiles on a grid, or large GeoTIFF scenes.",
+)
+@click.option("--count", default=16, show_default=True, help="Number of tiles (or scenes).")
+@click.option("--size", default=64, show_default=True, help="Tile size in pixels.")
+@click.option("--scene-size", default=2048, show_default=True, help="Scene size (layout=scene).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--mode", type=click.Choice(synth_data.MODES), default=synth_data.MODES[0])
+@click.option(
+    "--bands",
+    type=click.IntRange(min(synth_data.BANDS), max(synth_data.BANDS)),
+    default=min(synth_data.BANDS),
+    show_default=True,
+)
+@endpoint_option
+def synth(
+    out: str,
+    layout: str,
+    count: int,
+    size: int,
+    scene_size: int,
+    seed: int,
+    mode: str,
+    bands: int,
+    endpoint: str | None,
+) -> None:
+    """Write a deterministic synthetic satellite collection."""
+    from segray.io import storage
+
+    storage.make_bucket(out, endpoint=endpoint)
+    summary = synth_data.write_collection(
+        out,
+        layout=layout,
+        count=count,
+        size=size,
+        seed=seed,
+        mode=mode,
+        bands=bands,
+        endpoint=endpoint,
+        scene_size=scene_size,
+    )
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@cli.command()
+@click.argument("uris", nargs=-1, required=True)
+@option_for("bands", DatasetSpec.model_fields["bands"])
+@endpoint_option
+def check(uris: tuple[str, ...], bands: tuple[int, ...] | None, endpoint: str | None) -> None:
+    """Decode tiles (files, folders or s3:// prefixes) and print their shape and georeference."""
+    from segray.io import imagery, storage
+
+    files = [
+        f
+        for uri in uris
+        for f in storage.list_files(uri, suffixes=imagery.TILE_SUFFIXES, endpoint=endpoint) or [uri]
+    ]
+    bad = 0
+    for uri in files:
+        try:
+            tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri, bands=bands)
+        except SegrayError as exc:
+            if len(files) == 1:
+                raise
+            bad += 1
+            click.echo(f"error: {exc}", err=True)
+            continue
+        h, w, c = tile.shape
+        geo = (
+            f" {tile.crs} origin=({tile.transform.c:.2f}, {tile.transform.f:.2f})"
+            if tile.georeferenced
+            else ""
+        )
+        click.echo(f"{uri}: {tile.format} {w}x{h}x{c} {tile.array.dtype}{geo}")
+    if bad:
+        raise click.ClickException(f"{bad} of {len(files)} tile(s) could not be read")
+
+
+@cli.command()
+@click.option("--classes", "num_classes", default=5, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Input height and width.")
+@click.option("--channels", default=3, show_default=True)
+def models(num_classes: int, size: int, channels: int) -> None:
+    """List every model with its parameter count at the given input size."""
+    from segray.models import describe_models
+
+    rows = describe_models(num_classes=num_classes, input_shape=(size, size, channels))
+    click.echo(f"{'model':<22} {'family':<10} {'stride':>6} {'params':>12}")
+    for row in rows:
+        params = f"{row['params']:,}" if row.get("params") is not None else row.get("error", "")
+        click.echo(f"{row['name']:<22} {row['family']:<10} {row['output_stride']:>6} {params:>12}")
+
+
+@cli.command()
+@click.option("--config", "config_file", default=None, help="A run's config.yaml to start from.")
+@click.option("--no-augment", is_flag=True, help="Turn augmentation off.")
+@config_options(TrainConfig, optional=("data", "out"))
+@click.pass_context
+def train(ctx: click.Context, config_file: str | None, no_augment: bool, **kw: Any) -> None:
+    """Train a model on N Ray Train workers and write a run folder.
+
+    With --config, the settings of that file are used, and any option given here overrides them:
+    `segray train --config runs/r1/config.yaml --out runs/r2` repeats run r1 into r2.
+    """
+    from segray.train.driver import load_config
+    from segray.train.driver import train as run_training
+
+    base = load_config(config_file, endpoint=kw.get("endpoint")) if config_file else None
+    values = given(ctx, kw) if base is not None else kw
+    if no_augment:
+        values["augment"] = AugmentConfig.off()
+    result = run_training(from_options(TrainConfig, values, base))
+    click.echo(result.summary())
+
+
+@cli.command()
+@config_options(DemoConfig)
+def demo(**kw: Any) -> None:
+    """Run the main job on the embedded default: synthesise, train, bulk-predict, evaluate."""
+    from segray.devtools.demo import run_demo
+
+    run_demo(from_options(DemoConfig, kw))
+
+
+@cli.command()
+@config_options(PredictConfig)
+def predict(**kw: Any) -> None:
+    """Segment a tile collection (or scenes) with Ray Data; write masks and a manifest."""
+    from segray.bulk.job import predict as run_predict
+
+    config = from_options(PredictConfig, kw)
+    result = run_predict(config)
+    if not result.ok:
+        raise click.ClickException(
+            f"{result.error_rate:.1%} of inputs failed, above --max-error-rate "
+            f"{config.max_error_rate:.1%}; see the manifest for each reason"
+        )
+
+
+@cli.command()
+@config_options(ServeConfig)
+def serve(**kw: Any) -> None:
+    """Serve the model over HTTP (POST /v1/segment); the token comes from SEGRAY_API_TOKEN."""
+    from segray.serve.app import run
+
+    config = from_options(ServeConfig, kw)
+    click.echo(f"serving {config.model_uri} on http://{config.host}:{config.port} (docs at /docs)")
+    run(config)
+
+
+@cli.command("eval")
+@config_options(EvalConfig)
+def eval_cmd(**kw: Any) -> None:
+    """Per-class IoU, Dice, pixel accuracy, confusion matrix and the worst tiles."""
+    from segray.evaluate.evaluate import evaluate
+    from segray.io import storage
+
+    config = from_options(EvalConfig, kw)
+    doc = evaluate(config)
+    report = storage.join(config.report_folder, "report.md")
+    click.echo(storage.read_text(report, endpoint=config.endpoint))
+    click.echo(f"report: {report} ({doc['tiles']} tiles)")
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print ratios measured side by side in one run."""
+
+
+@bench.command("train")
+@click.option("--tiles", default=160, show_default=True)
+@click.option("--size", default=64, show_default=True)
+@click.option("--batch-size", "batch", default=16, show_default=True)
+@click.option("--epochs", default=4, show_default=True)
+@click.option("--base-filters", default=16, show_default=True)
+def bench_train_cmd(tiles: int, size: int, batch: int, epochs: int, base_filters: int) -> None:
+    """Ray Train (1 and 2 workers) against bare single-process Keras."""
+    from segray.devtools.bench.train import bench_train
+
+    bench_train(tiles, size, batch, epochs, base_filters, echo=click.echo)
+
+
+@bench.command("serve")
+@click.option("--model", default=None, help="Model URI (default: untrained 128 px U-Net).")
+@click.option("--requests", default=200, show_default=True, help="Requests per level.")
+@click.option("--concurrency", default="1,4,16", show_default=True)
+@option_for("max_batch_size", ServeConfig.model_fields["max_batch_size"])
+@click.option("--batch-wait-ms", default=5.0, show_default=True)
+@click.option("--ceiling-seconds", default=5.0, show_default=True)
+def bench_serve_cmd(
+    model: str | None,
+    requests: int,
+    concurrency: str,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    ceiling_seconds: float,
+) -> None:
+    """Serve throughput and latency at 1/4/16 clients, batching on and off, vs the ceiling."""
+    from segray.devtools.bench.serve import bench_serve
+
+    bench_serve(
+        model_uri=model,
+        requests_per_level=requests,
+        concurrencies=tuple(int(c) for c in concurrency.split(",")),
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_ms / 1000,
+        ceiling_seconds=ceiling_seconds,
+        echo=click.echo,
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="segray")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""``segray eval``: a trained model against labelled tiles — numbers, a heatmap, the worst tiles.
+
+Predictions come from the shared path (:mod:`segray.inference`), scores from
+:mod:`segray.metrics`, so a report's IoU is the number training and bulk prediction would
+compute for the same masks.
+Writes ``report.json``, ``report.md``, ``confusion.png`` and ``worst/<id>.png`` overlays
+(image | truth | prediction) under the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from segray.inference.run import BATCH_SIZE
+from segray.io import imagery, storage
+from segray.io.labels import Layout
+from segray.log import progress
+from segray.settings import Settings, setting
+
+
+class EvalConfig(Settings):
+    """What to evaluate, on what, and where the report goes."""
+
+    model: str = setting(help="Run folder or model.keras (local or s3://).")
+    data: str = setting(help="Labelled collection (any --layout).")
+    out: str | None = setting(None, "Report folder (default: <model>/eval).")
+    layout: Layout = setting("paired", "How images and labels are laid out.")
+    worst: int = setting(4, "Overlays of the k worst tiles.", ge=0)
+    batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
+    palette: str | None = setting(None, "Palette JSON for --layout palette.")
+    endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
+    limit: int | None = setting(None, "Use only the first N tiles.", ge=1, cli=False)
+
+    @property
+    def report_folder(self) -> str:
+        """Where the report goes: ``out``, else ``<model>/eval``."""
+        return self.out or storage.join(self.model, "eval")
+
+
+def _tile_score(cm: Any) -> float:
+    from segray import metrics
+
+    value = metrics.mean_iou(cm)
+    return 1.0 if np.isnan(value) else float(value)
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Score the model on every tile of ``config.data``; write and return the report."""
+    from segray import metrics
+    from segray.io import labels
+    from segray.models import saving
+
+    model, card = saving.load_model(config.model, endpoint=config.endpoint)
+    spec = labels.DatasetSpec(
+        root=config.data,
+        layout=config.layout,
+        num_classes=card.num_classes,
+        bands=card.bands,
+        palette=config.palette,
+        endpoint=config.endpoint,
+        limit=config.limit,
+        val_fraction=0.0,
+    )
+    samples = labels.find_samples(spec)
+    total = metrics.ConfusionMatrix(card.num_classes, class_names=card.names())
+    scored: list[tuple[float, str, dict[str, Any]]] = []
+    with progress(len(samples), "evaluating", "tile") as bar:
+        for start in range(0, len(samples), config.batch_size):
+            batch = samples[start : start + config.batch_size]
+            rows = [labels.load_sample(s, spec) for s in batch]
+            for row, pred in zip(rows, predict_rows(model, card, rows), strict=True):
+                cm = metrics.ConfusionMatrix(card.num_classes).update(row["mask"], pred)
+                total.merge(cm)
+                scored.append((_tile_score(cm.matrix), row["id"], {**row, "pred": pred}))
+            bar.update(len(batch))
+    scored.sort(key=lambda t: t[0])
+    return _write_report(config, card, total, scored)
+
+
+def predict_rows(model: Any, card: Any, rows: list[dict[str, Any]]) -> list[np.ndarray]:
+    """Class masks for decoded rows through the path bulk prediction takes: prepare, windows of
+    the model's size (any tile size), batched inference, stitch, render."""
+    from segray import inference
+
+    images = [inference.prepare(imagery.Tile(r["image"], r["id"]), card) for r in rows]
+    masks = []
+    for logits in inference.infer_images(model, images, card):
+        if isinstance(logits, Exception):
+            raise logits
+        masks.append(inference.render(logits[None], card)[0])
+    return masks
+
+
+def _write_report(config: EvalConfig, card: Any, total: Any, scored: list) -> dict[str, Any]:
+    from segray.evaluate import report
+
+    ep = config.endpoint
+    worst = []
+    for score, tile_id, row in scored[: config.worst]:
+        uri = storage.join(config.report_folder, "worst", f"{tile_id}.png")
+        picture = report.overlay_png(row["image"], row["mask"], row["pred"], card.names())
+        storage.write_bytes(uri, picture, endpoint=ep)
+        worst.append({"id": tile_id, "mean_iou": score, "overlay": uri})
+    heatmap = storage.join(config.report_folder, "confusion.png")
+    storage.write_bytes(heatmap, report.confusion_heatmap(total.matrix, card.names()), endpoint=ep)
+    doc = {
+        "model": config.model,
+        "model_version": card.version,
+        "data": config.data,
+        "tiles": len(scored),
+        **total.summary(),
+        "confusion_matrix": total.matrix.tolist(),
+        "confusion_png": heatmap,
+        "worst": worst,
+    }
+    storage.write_text(
+        storage.join(config.report_folder, "report.json"), json.dumps(doc, indent=2), endpoint=ep
+    )
+    report_md = storage.join(config.report_folder, "report.md")
+    storage.write_text(report_md, _markdown(doc, total), endpoint=ep)
+    return doc
+
+
+def _markdown(doc: dict[str, Any], total: Any) -> str:
+    lines = [
+        f"# Evaluation of `{doc['model']}` (version {doc['model_version']})",
+        "",
+        f"Data: `{doc['data']}`, {doc['tiles']} tiles.",
+        "",
+        "```",
+        total.table(),
+        "```",
+        "",
+        f"Confusion matrix (rows = truth, columns = prediction): `{doc['confusion_png']}`",
+        "",
+        "## Worst tiles (image | truth | prediction)",
+        "",
+    ]
+    lines += [
+        f"- `{w['id']}`: mean IoU {w['mean_iou']:.3f} — `{w['overlay']}`" for w in doc["worst"]
+    ]
+    return "\n".join(lines) + "\n"

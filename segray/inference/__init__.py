@@ -1,0 +1,51 @@
+"""Inference shared by bulk jobs, Serve and evaluation: one preparation, one model call, one
+windowing and one rendering, so a mask made on any path is the same mask.
+
+- :mod:`segray.inference.tiling`: windows of an image or a scene, and stitching them back.
+- :mod:`segray.inference.run`: load a model, prepare a tile as training did, run the model.
+- :mod:`segray.inference.render`: logits to masks, fractions, uncertainty, footprints, colours.
+"""
+
+from segray.inference.render import (
+    OUTPUTS,
+    Output,
+    class_fractions,
+    footprint_doc,
+    render,
+    render_outputs,
+    render_uncertainty,
+)
+from segray.inference.run import (
+    BATCH_SIZE,
+    infer,
+    infer_images,
+    infer_mc,
+    infer_stacks,
+    load,
+    model_size,
+    model_window,
+    monte_carlo_enabled,
+    prepare,
+    warm_up,
+)
+
+__all__ = [
+    "BATCH_SIZE",
+    "OUTPUTS",
+    "Output",
+    "class_fractions",
+    "footprint_doc",
+    "infer",
+    "infer_images",
+    "infer_mc",
+    "infer_stacks",
+    "load",
+    "model_size",
+    "model_window",
+    "monte_carlo_enabled",
+    "prepare",
+    "render",
+    "render_outputs",
+    "render_uncertainty",
+    "warm_up",
+]

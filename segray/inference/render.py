@@ -1,0 +1,102 @@
+"""From logits to what a user asked for: class masks, a binary mask, probabilities, uncertainty,
+class fractions and footprints; and the class colours every picture and mask uses."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from segray.io.imagery import Tile
+    from segray.models.saving import ModelCard
+
+
+#: What a mask holds: class ids, 1 where one class is predicted, or its probability x 255.
+Output = Literal["classes", "binary", "probability"]
+OUTPUTS: tuple[str, ...] = get_args(Output)
+#: Class colours by class id, the same in every mask, overlay and synthetic collection:
+#: background, building, road, water, vegetation, then a few more.
+PALETTE = (
+    (0, 0, 0),
+    (230, 25, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (60, 180, 75),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+)
+
+
+def render(
+    logits: np.ndarray,
+    card: ModelCard,
+    output: str = "classes",
+    class_index: int = 1,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """uint8 masks (B, H, W) from logits.
+
+    ``classes``: class ids (binary models threshold at the card's threshold); ``binary``: 1 where
+    ``class_index`` is predicted (or its probability ≥ ``threshold``), else 0; ``probability``: the
+    probability of ``class_index`` scaled to 0..255.
+    """
+    from segray import metrics
+
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+    if not 0 <= class_index < card.num_classes:
+        raise ValueError(f"class_index must lie in 0..{card.num_classes - 1}; got {class_index}")
+    t = card.threshold if threshold is None else threshold
+    if output == "probability" or (output == "binary" and threshold is not None):
+        probs = np.asarray(metrics.logits_to_probabilities(logits))
+        p = probs[..., 0] if probs.shape[-1] == 1 else probs[..., class_index]
+        if probs.shape[-1] == 1 and class_index == 0:
+            p = 1.0 - p
+        if output == "probability":
+            return np.round(p * 255).astype(np.uint8)
+        return (p >= t).astype(np.uint8)
+    labels = np.asarray(metrics.logits_to_labels(logits, threshold=t)).astype(np.uint8)
+    return (labels == class_index).astype(np.uint8) if output == "binary" else labels
+
+
+def render_outputs(
+    logits: np.ndarray,
+    card: ModelCard,
+    output: str = "classes",
+    class_index: int = 1,
+    threshold: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, labels)``: the mask :func:`render` gives, and the class-id mask at the same
+    threshold, from which a job's class fractions and footprints are taken (one array when the
+    mask is the class-id mask)."""
+    labels = render(logits, card, "classes", threshold=threshold)
+    if output == "classes":
+        return labels, labels
+    return render(logits, card, output, class_index, threshold), labels
+
+
+def render_uncertainty(entropy: np.ndarray) -> np.ndarray:
+    """The uint8 uncertainty map of an entropy in [0, 1] (:func:`infer_mc`): round(255 x it)."""
+    return np.round(np.clip(entropy, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def footprint_doc(
+    labels: np.ndarray, like: Tile, class_index: int, name: str | None = None
+) -> dict[str, Any]:
+    """GeoJSON polygons of ``class_index`` in a class-id mask, in ``like``'s CRS (in pixels when
+    it has no georeference), simplified by half a pixel: bulk ``footprints`` and Serve's JSON."""
+    from segray.io.footprints import footprints
+
+    transform = like.transform
+    simplify = abs(transform.a) / 2 if transform is not None else 0.5
+    return footprints(
+        labels, class_index, transform=transform, crs=like.crs, simplify=simplify, name=name
+    )
+
+
+def class_fractions(mask: np.ndarray, num_classes: int) -> list[float]:
+    """Fraction of the mask's pixels in each class id."""
+    counts = np.bincount(mask.reshape(-1), minlength=num_classes)[:num_classes]
+    return (counts / max(mask.size, 1)).tolist()

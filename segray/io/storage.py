@@ -1,0 +1,309 @@
+"""One way to address data: local paths, ``file://`` URIs and ``s3://bucket/prefix``.
+
+Every path in segray that reads or writes tiles, masks, manifests or checkpoints goes through this
+module. Writes are whole-object: a local write goes to a temporary file in the target folder and is
+renamed into place; an S3 write is one ``PutObject``. A reader never sees half a file.
+
+The S3 endpoint is chosen, first match wins, from: the ``endpoint`` argument (the CLI's
+``--s3-endpoint``), ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``; none means AWS itself.
+Credentials and region come from the standard AWS chain (environment, config files, instance role).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from segray.errors import StorageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+SCHEMES = ("file", "s3")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: ``scheme`` is ``file`` or ``s3``; ``path`` is absolute (file) or a key (s3)."""
+
+    scheme: str
+    bucket: str
+    path: str
+
+    @property
+    def uri(self) -> str:
+        """The canonical URI: an absolute local path, or ``s3://bucket/key``."""
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.path}" if self.path else f"s3://{self.bucket}"
+        return self.path
+
+
+def parse(uri: str) -> Location:
+    """Parse a local path, ``file://`` URI or ``s3://bucket/key`` into a :class:`Location`."""
+    if not uri:
+        raise StorageError("empty URI: give a local path, file:// or s3://bucket/prefix")
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
+        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+    if uri.startswith("file://"):
+        return Location("file", "", os.path.abspath(urlparse(uri).path))
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use one of {SCHEMES} or a path")
+    return Location("file", "", os.path.abspath(os.path.expanduser(uri)))
+
+
+def is_s3(uri: str) -> bool:
+    """True when ``uri`` addresses an S3 object or prefix."""
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (S3) or the OS separator (local)."""
+    parts = tuple(p.strip("/") for p in parts if p)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(parse(base).path, *parts)
+
+
+def relative_to(base: str, uri: str) -> str:
+    """The path of ``uri`` below ``base``, with ``/`` separators (``images/a.png``)."""
+    b, u = parse(base), parse(uri)
+    if b.scheme != u.scheme or b.bucket != u.bucket:
+        raise StorageError(f"{uri} is not under {base}")
+    prefix = b.path.rstrip("/")
+    if prefix and not (u.path == prefix or u.path.startswith(prefix + "/")):
+        raise StorageError(f"{uri} is not under {base}")
+    rel = u.path[len(prefix) :].lstrip("/")
+    return rel.replace(os.sep, "/")
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str | None:
+    """The S3 endpoint in force: argument, ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``."""
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    region = session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32)
+    return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def s3_client(endpoint: str | None = None) -> Any:
+    """A cached boto3 S3 client for the endpoint in force (see :func:`resolve_endpoint`)."""
+    return _client(resolve_endpoint(endpoint))
+
+
+def _s3_error(uri: str, exc: Exception) -> StorageError:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    return StorageError(f"{uri}: S3 error {code}: {exc}")
+
+
+def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
+    """Read a whole object or file."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        try:
+            with open(loc.path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return s3_client(endpoint).get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+    except Exception as exc:
+        raise _s3_error(uri, exc) from exc
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
+    """Write ``data`` as one whole object: temp file + rename locally, one PUT on S3."""
+    loc = parse(uri)
+    if loc.scheme == "s3":
+        try:
+            s3_client(endpoint).put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
+        except Exception as exc:
+            raise _s3_error(uri, exc) from exc
+        return
+    folder = os.path.dirname(loc.path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(loc.path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, loc.path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:
+    """Write UTF-8 text atomically (see :func:`write_bytes`)."""
+    write_bytes(uri, text.encode("utf-8"), endpoint=endpoint)
+
+
+def read_text(uri: str, *, endpoint: str | None = None) -> str:
+    """Read a UTF-8 text file or object."""
+    return read_bytes(uri, endpoint=endpoint).decode("utf-8")
+
+
+def exists(uri: str, *, endpoint: str | None = None) -> bool:
+    """True when the file or object exists (an S3 prefix with objects under it counts too)."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return os.path.exists(loc.path)
+    client = s3_client(endpoint)
+    try:
+        client.head_object(Bucket=loc.bucket, Key=loc.path)
+        return True
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code not in ("404", "NoSuchKey", "NotFound"):
+            raise _s3_error(uri, exc) from exc
+    prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+    resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
+    return resp.get("KeyCount", 0) > 0
+
+
+def delete(uri: str, *, endpoint: str | None = None) -> None:
+    """Delete one file or object; a missing one is not an error."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        if os.path.exists(loc.path):
+            os.unlink(loc.path)
+        return
+    s3_client(endpoint).delete_object(Bucket=loc.bucket, Key=loc.path)
+
+
+def _matches(rel: str, suffixes: tuple[str, ...], pattern: str | None) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    if name.startswith(".tmp-"):
+        return False
+    if suffixes and not name.lower().endswith(suffixes):
+        return False
+    if pattern and not (fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(name, pattern)):
+        return False
+    return True
+
+
+def _walk_local(root: str) -> Iterable[str]:
+    if os.path.isfile(root):
+        yield root
+        return
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+            yield os.path.join(folder, name)
+
+
+def _walk_s3(loc: Location, endpoint: str | None) -> Iterable[str]:
+    prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+    paginator = s3_client(endpoint).get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            yield f"s3://{loc.bucket}/{obj['Key']}"
+
+
+def list_files(
+    uri: str,
+    *,
+    suffixes: Iterable[str] | str | None = None,
+    pattern: str | None = None,
+    endpoint: str | None = None,
+) -> list[str]:
+    """List files under a folder or prefix, recursively, sorted.
+
+    ``suffixes`` keeps names ending in one of them (case-insensitive, e.g. ``(".tif", ".tiff")``);
+    ``pattern`` is a glob matched against the path relative to ``uri`` or the file name.
+    Returns local absolute paths or ``s3://`` URIs.
+    """
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    sfx = tuple(s.lower() for s in suffixes or ())
+    loc = parse(uri)
+    try:
+        found = list(_walk_s3(loc, endpoint)) if loc.scheme == "s3" else list(_walk_local(loc.path))
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _s3_error(uri, exc) from exc
+    base = loc.uri
+    keep = [u for u in found if _matches(_rel_or_name(base, u), sfx, pattern)]
+    return sorted(keep)
+
+
+def _rel_or_name(base: str, uri: str) -> str:
+    try:
+        return relative_to(base, uri) or uri.rsplit("/", 1)[-1]
+    except StorageError:
+        return uri.rsplit("/", 1)[-1]
+
+
+def make_bucket(uri: str, *, endpoint: str | None = None) -> None:
+    """Create the bucket of an ``s3://`` URI when the endpoint says it does not exist.
+
+    A bucket that exists but is not ours (403) is left alone: the write that follows will say so.
+    """
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        return
+    client = s3_client(endpoint)
+    try:
+        client.head_bucket(Bucket=loc.bucket)
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            client.create_bucket(Bucket=loc.bucket)
+
+
+def pyarrow_filesystem(
+    uri: str, *, endpoint: str | None = None
+) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for Ray Data's ``filesystem=`` arguments.
+
+    S3 credentials are resolved once by boto3's standard chain and handed to pyarrow, so boto3 and
+    pyarrow always agree on who they are.
+    """
+    import pyarrow.fs as pafs
+
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return pafs.LocalFileSystem(), loc.path
+    return s3_filesystem(endpoint), f"{loc.bucket}/{loc.path}".rstrip("/")
+
+
+def s3_filesystem(endpoint: str | None = None) -> pyarrow.fs.S3FileSystem:
+    """A pyarrow ``S3FileSystem`` for the endpoint in force, with boto3's resolved credentials."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    url = resolve_endpoint(endpoint)
+    session = boto3.session.Session()
+    kwargs: dict[str, Any] = {
+        "region": session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
+    creds = session.get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+        if frozen.token:
+            kwargs["session_token"] = frozen.token
+    if url:
+        parsed = urlparse(url)
+        kwargs.update(endpoint_override=parsed.netloc or url, scheme=parsed.scheme or "https")
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)

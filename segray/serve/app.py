@@ -1,0 +1,230 @@
+"""The online path: a Ray Serve deployment that segments one posted tile per HTTP request.
+
+Bytes are checked before decoding, decoded by :mod:`segray.io.imagery` and run through
+:mod:`segray.inference` in dynamic batches, so a mask from Serve equals the bulk path's. An image
+of another size than the model's input is windowed by :func:`segray.inference.tiling.cut_windows`
+and stitched back by :func:`segray.inference.tiling.join_windows`, as the bulk predictor does it;
+the windows of every request in a batch run together. JSON polygons are
+:func:`segray.inference.footprint_doc`, as bulk ``--footprints`` writes them.
+
+Status codes: 400 malformed request (empty body, truncated or corrupt image, bad multipart body or
+query); 415 bytes that are no usable image (not PNG/JPEG/TIFF, unsupported pixel type, mode or band
+count, or bands the model cannot take); 413 body over ``max_body_bytes`` or image over
+``max_pixels``; 401 missing or wrong bearer token on ``/v1/*``. Errors are JSON
+``{"error": ..., "detail": ...}``; the status of a bad image comes from its
+:class:`~segray.errors.TileError` kind (:data:`segray.serve.http.TILE_STATUS`).
+
+No ``from __future__ import annotations`` here: Serve reads ``app_builder``'s parameter type to
+validate a config's ``args`` into a :class:`ServeConfig`.
+"""
+
+import asyncio
+import collections
+import hmac
+import os
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from segray import inference
+from segray.errors import TileError
+from segray.inference import tiling
+from segray.io import imagery
+from segray.io.imagery import Tile
+from segray.serve.config import TOKEN_ENV, ServeConfig
+from segray.serve.http import ApiError, image_bytes, read_body, response_format, tile_error
+
+DEPLOYMENT = "SegmentModel"
+_BINARY = {"type": "string", "format": "binary"}
+_SEGMENT_BODY = {  # for /docs: the body is read raw, not declared as a parameter
+    "required": True,
+    "content": {
+        **{t: {"schema": _BINARY} for t in ("image/png", "image/tiff", "application/octet-stream")},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY}}},
+    },
+}
+
+app = FastAPI(
+    title="segray",
+    summary="Semantic segmentation of satellite tiles: post a tile, get its mask.",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    body = {"error": exc.error, "detail": exc.detail}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_query(request: Request, exc: RequestValidationError) -> JSONResponse:
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": "invalid request", "detail": detail}, status_code=400)
+
+
+# Serve pickles the routes when the class is decorated: what they call must be defined above.
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(app)
+class SegmentModel:
+    """One replica: the model loaded once by URI, requests batched through ``inference.infer``."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.model, self.card = inference.load(config.model_uri, endpoint=config.endpoint)
+        self.window = inference.model_window(self.model)
+        self.token = config.api_token or os.environ.get(TOKEN_ENV) or None
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self._infer_batch.set_max_batch_size(config.max_batch_size)
+        self._infer_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        inference.warm_up(self.model, self.card, config.max_batch_size)
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        """Liveness: open to all, no token needed."""
+        return {"status": "ok", "model": self.card.name, "version": self.card.version}
+
+    @app.get("/v1/model")
+    def model_info(self, request: Request) -> dict:
+        """The model served: name, classes, input size, channels, version."""
+        self._authorize(request)
+        card = self.card
+        return {
+            "name": card.name,
+            "version": card.version,
+            "classes": card.names(),
+            "num_classes": card.num_classes,
+            "input_size": list(self.card.input_shape[:2]),
+            "channels": card.channels,
+            "bands": list(card.bands) if card.bands else None,
+            "threshold": card.threshold,
+        }
+
+    @app.get("/v1/stats")
+    def stats(self, request: Request) -> dict:
+        """This replica's batch-size histogram (requests per model batch)."""
+        self._authorize(request)
+        return self.batch_stats()
+
+    def batch_stats(self) -> dict:
+        """Batch sizes run so far ``{size: count}`` and batch settings; callable by handle."""
+        return {
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "max_batch_size": self.config.max_batch_size,
+            "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
+        }
+
+    @app.post("/v1/segment", openapi_extra={"requestBody": _SEGMENT_BODY})
+    async def segment(
+        self,
+        request: Request,
+        format: str | None = Query(None, description="png (default) or json; else Accept"),
+        output: str = Query("classes", description="classes, binary or probability (PNG)"),
+        class_index: int | None = Query(None, alias="class", description="class for polygons"),
+        threshold: float | None = Query(None, ge=0.0, le=1.0),
+    ) -> Response:
+        """Segment the posted PNG, JPEG or GeoTIFF: a mask PNG, or JSON fractions and polygons."""
+        self._authorize(request)
+        fmt = response_format(format, request.headers.get("accept", ""))
+        self._check_options(output, class_index)
+        body = await read_body(request, self.config.max_body_bytes)
+        data = image_bytes(body, request.headers.get("content-type", ""))
+        tile, layout, windows = await asyncio.to_thread(self._prepare, data)
+        logits = await self._infer_batch(windows)
+        if isinstance(logits, Exception):  # this request's shape group failed, not the batch
+            raise logits
+        options = (fmt, output, class_index, threshold)
+        return await asyncio.to_thread(self._respond, tile, layout, logits, options)
+
+    def _authorize(self, request: Request) -> None:
+        if not self.token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            detail = "missing or invalid bearer token; send 'Authorization: Bearer <token>'"
+            raise ApiError(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
+
+    def _check_options(self, output: str, class_index: int | None) -> None:
+        if output not in inference.OUTPUTS:
+            detail = f"output must be one of {inference.OUTPUTS}; got {output!r}"
+            raise ApiError(400, "invalid request", detail)
+        if class_index is not None and not 0 <= class_index < self.card.num_classes:
+            detail = f"class must lie in 0..{self.card.num_classes - 1}; got {class_index}"
+            raise ApiError(400, "invalid request", detail)
+
+    def _prepare(self, data: bytes) -> tuple[Tile, tiling.Layout, np.ndarray]:
+        if not data:
+            raise ApiError(400, "empty body", "the request has no image bytes")
+        if imagery.sniff(data) is None:
+            raise ApiError(415, "unsupported media type", "body is not a PNG, JPEG or TIFF image")
+        try:
+            tile = imagery.decode(data, "request body", max_pixels=self.config.max_pixels)
+            array = inference.prepare(tile, self.card)
+        except TileError as err:
+            raise tile_error(err) from err
+        windows, layout = tiling.cut_windows(array, self.window, self.config.overlap)
+        return tile, layout, windows
+
+    @serve.batch  # sizes set per replica from its config in __init__
+    async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        self.batch_sizes[len(items)] += 1
+        return await asyncio.to_thread(
+            inference.infer_stacks, self.model, items, self.card, self.config.max_batch_size
+        )
+
+    def _respond(
+        self, tile: Tile, layout: tiling.Layout, logits: np.ndarray, options: tuple
+    ) -> Response:
+        fmt, output, class_index, threshold = options
+        full = tiling.join_windows(logits, layout, self.config.blend)[None]
+        headers = {"X-Segray-Model-Version": self.card.version}
+        if fmt == "png":
+            index = 1 if class_index is None else class_index
+            mask = inference.render(full, self.card, output, index, threshold)[0]
+            return Response(imagery.encode_png(mask), media_type="image/png", headers=headers)
+        return JSONResponse(self._summary(tile, full, class_index, threshold), headers=headers)
+
+    def _summary(
+        self, tile: Tile, logits: np.ndarray, class_index: int | None, threshold: float | None
+    ) -> dict:
+        names = self.card.names()
+        mask = inference.render(logits, self.card, "classes", threshold=threshold)[0]
+        fractions = inference.class_fractions(mask, self.card.num_classes)
+        doc: dict[str, Any] = {
+            "shape": list(mask.shape),
+            "model": {"name": self.card.name, "version": self.card.version},
+            "classes": names,
+            "fractions": dict(zip(names, fractions, strict=True)),
+            "crs": tile.crs if tile.georeferenced else None,
+        }
+        if class_index is not None:
+            doc["class"] = class_index
+            doc["polygons"] = inference.footprint_doc(mask, tile, class_index, names[class_index])
+        return doc
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    """The segmentation app, ready for ``serve.run`` (options: ``config.deployment_options()``)."""
+    return SegmentModel.options(**config.deployment_options()).bind(config)
+
+
+def app_builder(args: ServeConfig) -> serve.Application:
+    """Build the app from the ``args:`` of a ``serve run`` / ``serve deploy`` config; Serve
+    validates them into a :class:`ServeConfig` first (strings such as ``"16"`` become numbers)."""
+    return build_app(args)
+
+
+def run(config: ServeConfig, *, blocking: bool = True, name: str = "segray") -> DeploymentHandle:
+    """Serve ``config.model_uri`` on http://host:port (joining or starting Ray). With ``blocking``
+    it serves until interrupted."""
+    from segray.runtime import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": config.host, "port": config.port})
+    return serve.run(build_app(config), name=name, route_prefix="/", blocking=blocking)

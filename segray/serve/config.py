@@ -1,0 +1,74 @@
+"""The settings of the online endpoint: every field once, with its default, help and check.
+
+``segray serve`` builds its options from these fields, and Serve's ``app_builder`` takes a
+``ServeConfig`` as its typed argument, so ``serve run segray.serve.app:app_builder
+model_uri=… max_batch_size=16`` and a config file's ``args:`` are checked (and ``"16"`` becomes
+16) the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import model_validator
+
+from segray.inference.run import BATCH_SIZE
+from segray.inference.tiling import BLEND, OVERLAP, Blend
+from segray.settings import Settings, setting
+
+#: Environment variable holding the bearer token that ``/v1/*`` requires (none: open).
+TOKEN_ENV = "SEGRAY_API_TOKEN"
+
+
+class ServeConfig(Settings):
+    """Settings of one Serve application; the defaults serve on a laptop CPU."""
+
+    model_uri: str = setting(help="Run folder, model folder or .keras file.", flag="--model")
+    max_batch_size: int = setting(
+        BATCH_SIZE, "Most requests a replica batches into one call.", ge=1
+    )
+    batch_wait_timeout_s: float = setting(0.01, "Seconds a batch waits to fill.", ge=0)
+    replicas: int = setting(1, "Replicas (the minimum when autoscaling).", ge=1)
+    max_replicas: int | None = setting(None, "Autoscale from --replicas up to this many.", ge=1)
+    num_gpus: float = setting(0.0, "GPUs per replica.", ge=0)
+    num_cpus: float = setting(1.0, "CPUs per replica.", ge=0)
+    max_ongoing_requests: int | None = setting(
+        None, "Requests a replica holds at once (default: max(32, 4 x max batch size)).", ge=1
+    )
+    max_body_bytes: int = setting(64 * 2**20, "Largest request body, in bytes.", ge=1)
+    max_pixels: int = setting(
+        4096 * 4096, "Largest image, in pixels; more: use the bulk path.", ge=1
+    )
+    overlap: int = setting(OVERLAP, "Overlap of windows of images larger than the model's.", ge=0)
+    blend: Blend = setting(BLEND, "How overlapping windows are joined.")
+    api_token: str | None = setting(None, f"Bearer token (default: ${TOKEN_ENV}).", cli=False)
+    endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
+    host: str = setting("127.0.0.1", "Address to listen on (segray serve).")
+    port: int = setting(8000, "Port to listen on (segray serve).", ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _scale(self) -> ServeConfig:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below replicas {self.replicas}")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``SegmentModel.options``: resources, concurrency, scaling.
+
+        ``max_ongoing_requests`` defaults to ``max(32, 4 * max_batch_size)``: Serve's own default
+        of 5 would cap every batch at 5. Autoscaling targets ``max_batch_size`` ongoing requests
+        per replica, so batches fill before Serve scales out.
+        """
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests or max(32, 4 * self.max_batch_size),
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        if self.max_replicas is not None:
+            options["autoscaling_config"] = {
+                "min_replicas": self.replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.max_batch_size,
+            }
+        else:
+            options["num_replicas"] = self.replicas
+        return options

@@ -1,0 +1,98 @@
+"""The settings of one training run: every field once, with its default, its help and its check.
+
+``segray train`` builds its options from these fields; the run folder keeps them as
+``config.yaml``, from which ``segray train --config`` repeats the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import model_validator
+
+from segray.io.labels import Layout
+from segray.settings import Settings, setting
+from segray.train.augment import AugmentConfig
+
+Optimizer = Literal["adam", "rmsprop", "sgd"]
+Schedule = Literal["constant", "cosine", "step"]
+Monitor = Literal["val_miou", "val_loss", "val_pixel_accuracy", "loss"]
+#: Whether a larger value of each monitored metric is better.
+MONITOR_MODES: dict[str, Literal["max", "min"]] = {
+    "val_miou": "max",
+    "val_loss": "min",
+    "val_pixel_accuracy": "max",
+    "loss": "min",
+}
+assert set(MONITOR_MODES) == set(get_args(Monitor))
+
+
+class TrainConfig(Settings):
+    """Settings of one training run; the defaults train a small U-Net on a laptop."""
+
+    data: str = setting(help="Labelled collection: folder or s3:// prefix.")
+    out: str = setting(help="Run folder: local or s3:// prefix.")
+    layout: Layout = setting("paired", "How images and labels are laid out.")
+    model: str = setting("unet", "Model name; see `segray models`.")
+    encoder: str | None = setting(None, "Backbone for encoder models.")
+    weights: str | None = setting(None, "'imagenet' for pretrained encoders.")
+    model_options: dict[str, Any] = setting(
+        help="Model option KEY=VALUE (JSON value), e.g. base_filters=8.",
+        flag="--model-option",
+        default_factory=dict,
+    )
+    num_classes: int = setting(2, "Classes, background included.", flag="--classes", ge=2)
+    class_names: tuple[str, ...] | None = setting(None, "Class names, e.g. background,building.")
+    size: int = setting(128, "Tile size for training (pixels).", ge=1)
+    bands: tuple[int, ...] | None = setting(None, "1-based bands, e.g. 1,2,3.")
+    palette: str | None = setting(None, "Palette JSON for --layout palette.")
+    epochs: int = setting(20, "Epochs to train.", ge=1)
+    batch_size: int = setting(16, "Global batch size (all workers together).", ge=1)
+    workers: int = setting(2, "Ray Train workers.", ge=1)
+    use_gpu: bool = setting(False, "One GPU per worker, mixed precision.", flag="--gpu")
+    cpus_per_worker: float = setting(1.0, "CPUs each worker reserves.", gt=0)
+    gpus_per_worker: float = setting(1.0, "GPUs each worker reserves with --gpu.", gt=0)
+    optimizer: Optimizer = setting("adam", "Optimiser.")
+    learning_rate: float = setting(1e-3, "Initial learning rate.", flag="--lr", gt=0)
+    momentum: float = setting(0.9, "Momentum of sgd.", ge=0, lt=1)
+    schedule: Schedule = setting("constant", "Learning-rate schedule.")
+    step_epochs: int = setting(10, "Epochs between steps of the step schedule.", ge=1)
+    step_gamma: float = setting(0.1, "Factor of each step of the step schedule.", gt=0)
+    loss: str = setting("ce+dice", "Loss, e.g. 0.7*ce+0.3*dice, focal, jaccard.")
+    class_weights: tuple[float, ...] | None = setting(None, "Per-class loss weights, e.g. 1,4.")
+    augment: AugmentConfig = setting(AugmentConfig(), "Augmentation.", cli=False)
+    monitor: Monitor = setting("val_miou", "Metric that picks the best epoch.")
+    patience: int | None = setting(None, "Stop after this many epochs without improvement.", ge=1)
+    val_fraction: float = setting(0.2, "Share of tiles held out for validation.", ge=0, lt=1)
+    seed: int = setting(0, "Seed of the split, initial weights and augmentation.")
+    endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
+    resume: bool = setting(False, "Continue this run from its last checkpoint.")
+    resume_from: str | None = setting(None, "Start from a checkpoint folder.")
+    max_failures: int = setting(2, "Worker failures to recover from.", ge=0)
+    limit: int | None = setting(None, "Use only the first N tiles.", ge=1, cli=False)
+    #: Test-only switches: per-rank diagnostics files, and one injected worker crash at an epoch.
+    diagnostics: bool = setting(False, "Write per-rank diagnostics.", cli=False)
+    fail_at_epoch: int | None = setting(None, "Kill the last worker once at this epoch.", cli=False)
+
+    @model_validator(mode="after")
+    def _fits(self) -> TrainConfig:
+        if self.batch_size < self.workers:
+            raise ValueError(
+                f"batch size {self.batch_size} is smaller than the number of workers "
+                f"{self.workers}: each worker needs at least one sample per step"
+            )
+        if self.batch_size % self.workers:
+            lo = self.batch_size - self.batch_size % self.workers
+            raise ValueError(
+                f"batch size {self.batch_size} is not a multiple of workers {self.workers}; "
+                f"use {lo} or {lo + self.workers}"
+            )
+        if self.resume and self.resume_from:
+            raise ValueError("give either resume (this run's latest checkpoint) or resume_from")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        return self
+
+    def per_worker_batch(self) -> int:
+        """Samples each worker takes per step; the global batch is this × workers."""
+        return self.batch_size // self.workers

@@ -1,0 +1,157 @@
+"""Training data as Ray Datasets: labelled samples read and checked by Ray tasks, split, and padded
+so that every worker takes the same number of full batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segray.errors import DatasetError, TileError
+from segray.io.labels import (
+    DatasetSpec,
+    Sample,
+    find_samples,
+    load_palette,
+    load_sample,
+    split_samples,
+)
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+@dataclass
+class DatasetInfo:
+    """What a scan of the pixels found: counts, shapes, classes present."""
+
+    count: int
+    image_shape: tuple[int, ...]
+    max_class: int
+    class_pixels: list[int] = field(default_factory=list)
+
+    def class_fractions(self) -> list[float]:
+        """Fraction of all mask pixels in each class id."""
+        total = max(sum(self.class_pixels), 1)
+        return [c / total for c in self.class_pixels]
+
+
+def _loader(spec: DatasetSpec, palette: np.ndarray | None) -> Any:
+    def load(row: dict[str, Any]) -> dict[str, Any]:
+        sample = Sample(row["id"], row["image_uri"], tuple(row["label_uris"]))
+        try:
+            out = load_sample(sample, spec, palette)
+        except TileError as exc:
+            # Empty arrays of the right rank keep the columns' types; check() reports the error.
+            empty = {"image": np.zeros((0, 0, 0), np.uint8), "mask": np.zeros((0, 0), np.uint8)}
+            return {"id": sample.id, **empty, "error": str(exc), "shape": "", "hist": _hist(None)}
+        out.update(error="", shape="x".join(map(str, out["image"].shape)), hist=_hist(out["mask"]))
+        return out
+
+    return load
+
+
+def _hist(mask: np.ndarray | None) -> np.ndarray:
+    if mask is None:
+        return np.zeros(256, np.int64)
+    return np.bincount(mask.reshape(-1), minlength=256).astype(np.int64)
+
+
+def to_ray_dataset(samples: Sequence[Sample], spec: DatasetSpec) -> ray.data.Dataset:
+    """A lazy Ray Dataset reading and decoding ``samples`` in Ray tasks.
+
+    Rows carry ``error`` ("" when fine), ``shape`` and ``hist`` (class pixel counts) columns
+    instead of raising, so one bad file is reported together with all the others by :func:`check`.
+    """
+    import ray.data
+
+    palette = load_palette(spec) if spec.layout == "palette" else None
+    items = [{"id": s.id, "image_uri": s.image, "label_uris": list(s.labels)} for s in samples]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    return ds.map(_loader(spec, palette))
+
+
+def check(ds: ray.data.Dataset, what: str = "dataset") -> tuple[ray.data.Dataset, DatasetInfo]:
+    """Materialise ``ds``, raise :class:`DatasetError` listing every bad file, and summarise it.
+
+    Returns the materialised dataset of ``{"id", "image", "mask"}`` rows and a
+    :class:`DatasetInfo`.
+    """
+    ds = ds.materialize()
+    rows = ds.select_columns(["error", "shape", "hist"]).take_all()
+    if not rows:
+        raise DatasetError(f"the {what} is empty")
+    errors = [r["error"] for r in rows if r["error"]]
+    if errors:
+        shown = "\n  ".join(errors[:10])
+        more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise DatasetError(f"{len(errors)} bad file(s) in the {what}:\n  {shown}{more}")
+    shapes = sorted({r["shape"] for r in rows})
+    if len(shapes) > 1:
+        raise DatasetError(f"images in the {what} differ in size ({', '.join(shapes)}); set --size")
+    hist = np.sum([r["hist"] for r in rows], axis=0)
+    info = DatasetInfo(
+        count=len(rows),
+        image_shape=tuple(int(v) for v in shapes[0].split("x")),
+        max_class=int(np.nonzero(hist)[0].max()) if hist.any() else 0,
+        class_pixels=[int(v) for v in hist],
+    )
+    return ds.select_columns(["id", "image", "mask"]), info
+
+
+def load_splits(
+    spec: DatasetSpec,
+) -> tuple[ray.data.Dataset, ray.data.Dataset | None, DatasetInfo]:
+    """Train and validation Ray Datasets for a collection, checked, with a summary of both.
+
+    Raises :class:`DatasetError` naming the files when anything is unpaired, unreadable, of the
+    wrong size, or has class ids ≥ ``spec.num_classes``.
+    """
+    samples = find_samples(spec)
+    train_s, val_s = split_samples(samples, spec.val_fraction, spec.seed)
+    train, info = check(to_ray_dataset(train_s, spec), "training set")
+    val = None
+    if val_s:
+        val, val_info = check(to_ray_dataset(val_s, spec), "validation set")
+        if val_info.image_shape != info.image_shape:
+            raise DatasetError(
+                f"training images are {info.image_shape} but validation images are "
+                f"{val_info.image_shape}; set --size"
+            )
+        info.count += val_info.count
+        info.class_pixels = [
+            a + b for a, b in zip(info.class_pixels, val_info.class_pixels, strict=True)
+        ]
+        info.max_class = max(info.max_class, val_info.max_class)
+    info.class_pixels = info.class_pixels[: info.max_class + 1]
+    return train, val, info
+
+
+def pad_to_multiple(ds: Any, multiple: int, seed: int) -> Any:
+    """Append weight-0 copies of rows so the row count is a multiple of ``multiple``.
+
+    Ray Train's equal split then hands every worker the same number of full batches without
+    dropping a row: every real sample is used exactly once per epoch, padding counts for nothing.
+    """
+    ds = ds.map_batches(_with_weight(1.0), batch_format="numpy").materialize()
+    count = ds.count()
+    missing = (-count) % multiple
+    if missing == 0:
+        return ds
+    copies = [ds] * math.ceil(missing / count)
+    pad = copies[0].union(*copies[1:]) if len(copies) > 1 else copies[0]
+    pad = pad.random_shuffle(seed=seed).limit(missing)
+    return ds.union(pad.map_batches(_with_weight(0.0), batch_format="numpy")).materialize()
+
+
+def _with_weight(value: float) -> Any:
+    import numpy as np
+
+    def add(batch: dict[str, Any]) -> dict[str, Any]:
+        batch["weight"] = np.full(len(batch["id"]), value, np.float32)
+        return batch
+
+    return add

@@ -1,0 +1,292 @@
+"""Distributed training on Ray Train: the driver side.
+
+``train(config)`` checks everything it can before a worker starts (model name and size, the
+dataset's files and class ids, batch size against workers), saves ``config.yaml`` in the run
+folder, builds the ``TensorflowTrainer``, shows progress while the workers train, and after the
+run writes the run folder: ``model.keras`` + ``model.json`` (the best epoch), ``last/``,
+``metrics.csv`` and ``curves.png``. The per-worker loop lives in :mod:`segray.train.loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from segray.errors import ConfigError
+from segray.io import storage
+from segray.models.saving import ModelCard
+from segray.train import checkpoints
+from segray.train.config import MONITOR_MODES, TrainConfig
+from segray.train.data import load_splits, pad_to_multiple
+from segray.train.history import history_csv, plot_curves
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """What every worker's loop is handed: the run's settings, the card of the model it trains,
+    how many samples there are, and where to post progress (a :class:`~segray.train.progress.Board`
+    actor, or None)."""
+
+    config: TrainConfig
+    card: ModelCard
+    params: int
+    train_count: int
+    val_count: int
+    board: Any = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where, how far it got, and its metrics per epoch."""
+
+    out: str
+    epochs_run: int
+    starts: list[int]
+    best_epoch: int
+    best: dict[str, float]
+    history: list[dict[str, float]]
+    seconds: float
+    epochs: int = 0
+
+    def summary(self) -> str:
+        """A line or two for people: what ran, the best epoch, where the run folder is."""
+        best = self.best
+        val = f", val mIoU {best['val_miou']:.3f}" if "val_miou" in best else ""
+        loss = f"loss {best['loss']:.4f}" if "loss" in best else ""
+        stopped = ""
+        if self.epochs and self.epochs_run < self.epochs:
+            stopped = f" (stopped early: no better for {self.epochs_run - self.best_epoch} epochs)"
+        return (
+            f"trained epochs {self.starts[-1]}..{self.epochs_run} in {self.seconds:.0f} s"
+            f"{stopped}; best epoch {self.best_epoch}: {loss}{val}\n"
+            f"run folder: {self.out} "
+            "(model.keras, model.json, config.yaml, metrics.csv, curves.png)"
+        )
+
+
+def _run_paths(out: str) -> tuple[str, str]:
+    """``(storage_path, name)`` for Ray Train's RunConfig from a run URI (S3: ``bucket/prefix``)."""
+    loc = storage.parse(out)
+    parent, _, name = loc.path.rstrip("/").rpartition("/")
+    if loc.scheme == "s3":
+        return f"{loc.bucket}/{parent}".rstrip("/"), name
+    return parent or "/", name
+
+
+def _run_config(config: TrainConfig) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage_path, name = _run_paths(config.out)
+    fs = storage.s3_filesystem(config.endpoint) if storage.is_s3(config.out) else None
+    return RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2,
+            checkpoint_score_attribute=config.monitor,
+            checkpoint_score_order=MONITOR_MODES[config.monitor],
+        ),
+    )
+
+
+def _model_card(config: TrainConfig, channels: int, scale: float) -> ModelCard:
+    from segray import models
+
+    info = models.model_info(config.model, encoder=config.encoder)
+    return ModelCard(
+        name=config.model,
+        num_classes=config.num_classes,
+        input_shape=(config.size, config.size, channels),
+        class_names=list(config.class_names) if config.class_names else None,
+        encoder=config.encoder,
+        options=dict(config.model_options),
+        bands=config.bands,
+        scale=scale,
+        input_multiple=int(info["output_stride"]),
+    )
+
+
+def _check_run_folder(config: TrainConfig) -> None:
+    exists = checkpoints.has_checkpoints(config.out, config.endpoint)
+    if exists and not config.resume:
+        raise ConfigError(
+            f"{config.out} already holds checkpoints of a run: pass --resume to continue it, "
+            "or choose a new --out"
+        )
+    if config.resume and not exists:
+        raise ConfigError(f"--resume: no checkpoint found under {config.out}")
+
+
+def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
+    """Every check that can run on the driver; returns (train ds, val ds, loop plan).
+
+    Raises :class:`~segray.errors.SegrayError` kinds (config, model, dataset) naming the problem.
+    """
+    from segray import models
+    from segray.io import imagery
+    from segray.io.labels import DatasetSpec
+    from segray.train import losses
+
+    models.model_info(config.model, encoder=config.encoder)  # unknown names fail here, at once
+    try:
+        losses.build_loss(config.loss, config.num_classes, config.class_weights)
+    except ValueError as exc:
+        raise ConfigError(f"loss: {exc}") from exc
+    _check_run_folder(config)
+    spec = DatasetSpec(
+        root=config.data,
+        layout=config.layout,
+        num_classes=config.num_classes,
+        size=config.size,
+        bands=config.bands,
+        palette=config.palette,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        endpoint=config.endpoint,
+        limit=config.limit,
+    )
+    train_ds, val_ds, info = load_splits(spec)
+    channels = info.image_shape[2]
+    model = models.build_model(
+        config.model,
+        config.num_classes,
+        (config.size, config.size, channels),
+        encoder=config.encoder,
+        weights=config.weights,
+        **config.model_options,
+    )
+    scale = imagery.default_scale(train_ds.take(1)[0]["image"].dtype)
+    n_val = 0 if val_ds is None else val_ds.count()
+    plan = LoopPlan(
+        config=config,
+        card=_model_card(config, channels, scale),
+        params=int(model.count_params()),
+        train_count=info.count - n_val,
+        val_count=n_val,
+    )
+    return train_ds, val_ds, plan
+
+
+def save_config(config: TrainConfig) -> str:
+    """Write the run's whole config as ``<out>/config.yaml``; returns its URI."""
+    uri = storage.join(config.out, CONFIG_FILE)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    storage.write_text(uri, text, endpoint=config.endpoint)
+    return uri
+
+
+def load_config(uri: str, *, endpoint: str | None = None) -> dict[str, Any]:
+    """The settings saved in a run's ``config.yaml`` (a file, or the run folder holding one)."""
+    if not uri.endswith((".yaml", ".yml")):
+        uri = storage.join(uri, CONFIG_FILE)
+    try:
+        doc = yaml.safe_load(storage.read_text(uri, endpoint=endpoint))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{uri}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{uri}: expected a mapping of settings, got {type(doc).__name__}")
+    return doc
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.model`` on ``config.workers`` Ray Train workers and write the run folder."""
+    from ray.train import ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from segray.runtime import init_ray
+    from segray.train.loop import train_loop
+    from segray.train.progress import Board, follow
+
+    init_ray()
+    start = time.monotonic()
+    train_ds, val_ds, plan = prepare(config)
+    save_config(config)
+    global_batch = config.per_worker_batch() * config.workers
+    datasets = {"train": pad_to_multiple(train_ds, global_batch, config.seed)}
+    if val_ds is not None:
+        datasets["val"] = pad_to_multiple(val_ds, global_batch, config.seed)
+    resources = {"CPU": config.cpus_per_worker}
+    if config.use_gpu:
+        resources["GPU"] = config.gpus_per_worker
+    board = Board.remote()
+    trainer = TensorflowTrainer(
+        train_loop,
+        train_loop_config={"plan": dataclasses.replace(plan, board=board)},
+        scaling_config=ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
+        ),
+        run_config=_run_config(config),
+        datasets=datasets,
+    )
+    log.info(
+        "training %s (%s params) on %d worker(s): %d train / %d val tiles, global batch %d",
+        config.model,
+        f"{plan.params:,}",
+        config.workers,
+        plan.train_count,
+        plan.val_count,
+        global_batch,
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised on the driver's own thread below
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=fit, name="segray-train-fit", daemon=True)
+    runner.start()
+    follow(board, runner, config.epochs)
+    if "error" in outcome:
+        raise outcome["error"]
+    return _finish(config, outcome["result"], time.monotonic() - start)
+
+
+def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:
+    """Copy the best and last checkpoints into the run folder; write metrics.csv and curves."""
+    if result.error is not None:
+        raise result.error
+    last = result.checkpoint
+    best_ckpt, _ = max(
+        result.best_checkpoints,
+        key=lambda cm: _score(cm[1], config.monitor),
+    )
+    state = checkpoints.read_state(last)
+    history = state["history"]
+    ep = config.endpoint
+    checkpoints.copy_checkpoint(best_ckpt, config.out, ep)
+    checkpoints.copy_checkpoint(last, storage.join(config.out, "last"), ep)
+    storage.write_text(storage.join(config.out, "metrics.csv"), history_csv(history), endpoint=ep)
+    storage.write_bytes(storage.join(config.out, "curves.png"), plot_curves(history), endpoint=ep)
+    best_state = checkpoints.read_state(best_ckpt)
+    best = history[best_state["epoch"] - 1] if history else {}
+    return TrainResult(
+        out=config.out,
+        epochs_run=len(history),
+        starts=state["starts"],
+        best_epoch=best_state["epoch"],
+        best=best,
+        history=history,
+        seconds=seconds,
+        epochs=config.epochs,
+    )
+
+
+def _score(metrics: dict[str, Any], monitor: str) -> float:
+    value = float(metrics.get(monitor, math.nan))
+    if math.isnan(value):
+        return -math.inf
+    return value if MONITOR_MODES[monitor] == "max" else -value

@@ -1,0 +1,282 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Keras 3's ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` inside Ray Train ("Attempt to
+convert a value (PerReplica…)", ray-project/ray#47464, keras-team/keras#20585), so the step is
+written out: ``strategy.run`` of a ``GradientTape`` step, the loss summed over the worker's samples
+and divided by the sample count of the *global* batch (``tf.nn.compute_average_loss``), and
+``optimizer.apply_gradients``, whose cross-replica gradient sum keeps every replica identical.
+Padding rows (weight 0, see :func:`segray.train.data.pad_to_multiple`) count for nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segray.io import imagery, storage
+from segray.train import checkpoints
+from segray.train.augment import augment_batch
+from segray.train.config import MONITOR_MODES, TrainConfig
+from segray.train.progress import post_epoch, post_step
+
+if TYPE_CHECKING:
+    from segray.models.saving import ModelCard
+    from segray.train.driver import LoopPlan
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    """The optimiser with its learning-rate schedule."""
+    import keras
+
+    lr: Any = cfg.learning_rate
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total, alpha=0.01)
+    elif cfg.schedule == "step":
+        lr = keras.optimizers.schedules.ExponentialDecay(
+            lr, cfg.step_epochs * steps_per_epoch, cfg.step_gamma, staircase=True
+        )
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    if cfg.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(lr)
+    return keras.optimizers.Adam(lr)
+
+
+class Steps:
+    """The compiled distributed train and validation steps of one model."""
+
+    def __init__(
+        self, strategy: Any, model: Any, optimizer: Any, loss: Any, classes: int, global_batch: int
+    ) -> None:
+        import tensorflow as tf
+
+        from segray import metrics
+
+        self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        sum_ = tf.distribute.ReduceOp.SUM
+
+        def global_count(w: Any) -> Any:
+            ctx = tf.distribute.get_replica_context()
+            return tf.maximum(ctx.all_reduce(sum_, tf.reduce_sum(w)), 1.0)
+
+        def train_step(x: Any, y: Any, w: Any) -> Any:
+            with tf.GradientTape() as tape:
+                per_sample = loss(y, model(x, training=True))
+                # Average over the real samples of the global batch: padding rows weigh 0, so
+                # the weights are rescaled by (global batch / real samples in it).
+                scaled = tf.nn.compute_average_loss(
+                    per_sample,
+                    sample_weight=w * (global_batch / global_count(w)),
+                    global_batch_size=global_batch,
+                )
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return tf.reduce_sum(per_sample * w), tf.reduce_sum(w)
+
+        def val_step(x: Any, y: Any, w: Any) -> Any:
+            logits = model(x, training=False)
+            per_sample = loss(y, logits)
+            pred = metrics.logits_to_labels(logits)
+            keep = tf.reshape(w > 0, (-1, 1, 1))
+            truth = tf.where(keep, tf.cast(y, tf.int32), classes)  # padding → ignored label
+            cm = metrics.confusion_matrix(truth, pred, classes)
+            return tf.reduce_sum(per_sample * w), tf.reduce_sum(w), tf.cast(cm, tf.float32)
+
+        def reduce(values: Any) -> Any:
+            return [strategy.reduce(sum_, v, axis=None) for v in values]
+
+        spec = (
+            tf.TensorSpec([None, None, None, None], tf.float32),
+            tf.TensorSpec([None, None, None], tf.int32),
+            tf.TensorSpec([None], tf.float32),
+        )
+        self.train = tf.function(
+            lambda x, y, w: reduce(strategy.run(train_step, (x, y, w))), input_signature=spec
+        )
+        self.val = tf.function(
+            lambda x, y, w: reduce(strategy.run(val_step, (x, y, w))), input_signature=spec
+        )
+
+
+def _batches(shard: Any, batch: int, scale: float) -> Any:
+    batches = shard.iter_batches(
+        batch_size=batch, batch_format="numpy", drop_last=False, prefetch_batches=2
+    )
+    for b in batches:
+        images = np.stack(list(b["image"])) if b["image"].dtype == object else b["image"]
+        masks = np.stack(list(b["mask"])) if b["mask"].dtype == object else b["mask"]
+        yield imagery.normalize(images, scale), masks, b["weight"], b["id"]
+
+
+def _summary(cm: np.ndarray) -> dict[str, float]:
+    from segray import metrics
+
+    ious = metrics.iou_per_class(cm)
+    out = {
+        "val_miou": float(metrics.mean_iou(cm)),
+        "val_pixel_accuracy": float(metrics.pixel_accuracy(cm)),
+    }
+    out.update({f"val_iou_{i}": float(v) for i, v in enumerate(ious)})
+    return out
+
+
+def _build(cfg: TrainConfig, card: ModelCard) -> Any:
+    from segray import models
+
+    return models.build_model(
+        cfg.model,
+        cfg.num_classes,
+        tuple(card.input_shape),
+        encoder=cfg.encoder,
+        weights=cfg.weights,
+        **cfg.model_options,
+    )
+
+
+def _start(cfg: TrainConfig, model: Any, optimizer: Any) -> dict[str, Any]:
+    """The loop state to start from: Ray Train's checkpoint after a restart, else the newest
+    complete checkpoint of this run (``resume``), else ``resume_from``'s, else a fresh state."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint() or checkpoints.latest_checkpoint(cfg.out, cfg.endpoint)
+    if checkpoint is None and cfg.resume_from:
+        checkpoint = checkpoints.checkpoint_from_uri(cfg.resume_from, cfg.endpoint)
+    if checkpoint is None:
+        return {"epoch": 0, "history": [], "best": None, "bad_epochs": 0}
+    return checkpoints.restore(checkpoint, model, optimizer)
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: one worker's share of the whole run."""
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    from segray.train import losses
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    plan: LoopPlan = loop["plan"]
+    cfg, card = plan.config, plan.card
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    per_worker = cfg.per_worker_batch()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if plan.val_count else None
+    steps_per_epoch = max(1, -(-plan.train_count // (per_worker * world)))
+    keras.utils.set_random_seed(cfg.seed)  # the same initial weights and dropout on every run
+    if cfg.use_gpu:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    with strategy.scope():
+        model = _build(cfg, card)
+        optimizer = make_optimizer(cfg, steps_per_epoch)
+        optimizer.build(model.trainable_variables)
+        state = _start(cfg, model, optimizer)
+    # Each start of the loop (fresh, resumed, or restarted after a worker failure) is recorded.
+    state["starts"] = [*state.get("starts", []), state["epoch"] + 1]
+    loss = losses.build_loss(cfg.loss, cfg.num_classes, cfg.class_weights)
+    steps = Steps(strategy, model, optimizer, loss, cfg.num_classes, per_worker * world)
+    board = plan.board if rank == 0 else None
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        _maybe_fail(cfg, epoch, rank)
+        where = (board, epoch, steps_per_epoch)
+        row, ids = _train_epoch(steps, train_shard, cfg, card, per_worker, rank, where)
+        row.update(_validate(steps, val_shard, per_worker, card.scale) if val_shard else {})
+        row["epoch"] = epoch
+        state = _advance(state, row, cfg)
+        if cfg.diagnostics:
+            _write_diagnostics(cfg, epoch, rank, ids, model, per_worker * world)
+        post_epoch(board, row)
+        ckpt = None
+        if rank == 0:
+            card = dataclasses.replace(card, metrics=row, epoch=epoch)
+            folder = checkpoints.save(model, optimizer, card, state)
+            ckpt = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if state["bad_epochs"] and cfg.patience and state["bad_epochs"] >= cfg.patience:
+            break  # early stopping: the driver tells from the history
+
+
+def _train_epoch(
+    steps: Steps,
+    shard: Any,
+    cfg: TrainConfig,
+    card: ModelCard,
+    per_worker: int,
+    rank: int,
+    where: tuple[Any, int, int],
+) -> tuple[dict[str, float], list[str]]:
+    board, epoch, steps_per_epoch = where
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    sums, ids, start = [], [], time.monotonic()
+    for step, (images, masks, weights, batch_ids) in enumerate(
+        _batches(shard, per_worker, card.scale), 1
+    ):
+        images, masks = augment_batch(images, masks, cfg.augment, rng)
+        # keep the step's outputs as tensors: converting each one would sync every step
+        sums.append(steps.train(images, masks.astype(np.int32), weights.astype(np.float32)))
+        ids.extend(str(i) for i, w in zip(batch_ids, weights, strict=True) if w > 0)
+        post_step(board, epoch, step, steps_per_epoch)
+    total = sum(float(loss_sum) for loss_sum, _ in sums)
+    count = sum(float(n) for _, n in sums)
+    seconds = time.monotonic() - start
+    return {"loss": total / max(count, 1.0), "img_per_s": count / max(seconds, 1e-9)}, ids
+
+
+def _validate(steps: Steps, shard: Any, per_worker: int, scale: float) -> dict[str, float]:
+    total, count, cm = 0.0, 0.0, None
+    for images, masks, weights, _ in _batches(shard, per_worker, scale):
+        loss_sum, n, batch_cm = steps.val(
+            images, masks.astype(np.int32), weights.astype(np.float32)
+        )
+        total, count = total + float(loss_sum), count + float(n)
+        cm = np.asarray(batch_cm) if cm is None else cm + np.asarray(batch_cm)
+    out = {"val_loss": total / max(count, 1.0)}
+    if cm is not None:
+        out.update(_summary(cm.astype(np.int64)))
+    return out
+
+
+def _advance(state: dict[str, Any], row: dict[str, float], cfg: TrainConfig) -> dict[str, Any]:
+    """Record an epoch and update the early-stopping bookkeeping (identical on every worker)."""
+    value = row.get(cfg.monitor, float("nan"))
+    better = state["best"] is None or (
+        value > state["best"] if MONITOR_MODES[cfg.monitor] == "max" else value < state["best"]
+    )
+    return {
+        **state,
+        "epoch": row["epoch"],
+        "history": [*state["history"], row],
+        "best": value if better else state["best"],
+        "bad_epochs": 0 if better else state["bad_epochs"] + 1,
+    }
+
+
+def _maybe_fail(cfg: TrainConfig, epoch: int, rank: int) -> None:
+    """Test-only fault injection: the last worker dies once, at the start of ``fail_at_epoch``."""
+    if cfg.fail_at_epoch != epoch or rank != cfg.workers - 1:
+        return
+    marker = storage.join(cfg.out, "_fault_injected")
+    if storage.exists(marker, endpoint=cfg.endpoint):
+        return
+    storage.write_text(marker, f"worker {rank} killed at epoch {epoch}\n", endpoint=cfg.endpoint)
+    os._exit(1)
+
+
+def _write_diagnostics(
+    cfg: TrainConfig, epoch: int, rank: int, ids: list[str], model: Any, global_batch: int
+) -> None:
+    doc = {
+        "rank": rank,
+        "epoch": epoch,
+        "ids": ids,
+        "weights_sha256": checkpoints.weights_checksum(model),
+        "global_batch": global_batch,
+    }
+    uri = storage.join(cfg.out, "diagnostics", f"epoch{epoch:04d}_rank{rank}.json")
+    storage.write_text(uri, json.dumps(doc), endpoint=cfg.endpoint)
