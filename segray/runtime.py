@@ -1,9 +1,11 @@
 """Connecting to Ray the way every segray entry point does.
 
-The S3 endpoint and AWS credentials of the driver are forwarded to every Ray worker through the
-job's runtime environment, so tasks and actors reach the same object store as the driver without
-per-node configuration. On a real cluster the nodes' own credential chain still applies when the
-driver has nothing to forward.
+The driver's S3 endpoint and region (not secrets) are forwarded to every Ray worker through the
+job's runtime environment, so tasks and actors reach the same object store as the driver.
+Credentials never go that way: Ray shows a job's runtime environment on its dashboard and writes
+it to logs (ray-project/ray#28276, #39502). Workers take credentials from their node: the
+environment Ray was started in (a local Ray started by segray inherits the driver's), a profile
+or an instance role, or the secret the KubeRay manifests mount on every pod.
 """
 
 from __future__ import annotations
@@ -11,26 +13,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-#: Environment variables handed from the driver to Ray workers.
+#: Environment variables handed from the driver to Ray workers: where S3 is, never who you are.
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_PROFILE",
 )
+#: Variables that must never reach a runtime environment.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's AWS settings that workers should see."""
+    """The driver's non-secret AWS settings that workers should see."""
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> Any:
-    """Start or join Ray once, forwarding AWS settings to workers; returns the ``ray`` module.
+    """Start or join Ray once, forwarding the S3 endpoint and region to workers; returns ``ray``.
 
     On a single small machine Ray is given at least 4 logical CPUs: Train workers that hold one CPU
     each otherwise leave none for Ray Data's read tasks, and the job waits forever.
@@ -49,6 +49,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         k: os.environ[k] for k in (log.VERBOSITY_ENV, "TF_CPP_MIN_LOG_LEVEL") if k in os.environ
     }
     env_vars = {**forwarded_env(), **quiet, **runtime_env.get("env_vars", {})}
+    for key in SECRET_ENV:
+        env_vars.pop(key, None)
     if env_vars:
         runtime_env["env_vars"] = env_vars
     kwargs.setdefault("include_dashboard", False)

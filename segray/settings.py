@@ -13,11 +13,11 @@ file, then the field's default.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from segray.errors import ConfigError
+from segray.errors import ConfigError, SegrayError
 
 
 def setting(default: Any = ..., help: str = "", *, flag: str | None = None, **kw: Any) -> Any:
@@ -37,12 +37,14 @@ class Settings(BaseModel):
     """Base of every segray config: unknown fields refused, values checked on construction."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    #: The error a bad value raises (a :class:`~segray.errors.SegrayError` subclass).
+    error: ClassVar[type[SegrayError]] = ConfigError
 
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(describe(exc, type(self).__name__)) from None
+            raise self.error(describe(exc, type(self).__name__)) from None
 
     def replace(self, **changes: Any) -> Any:
         """A copy with ``changes`` applied and checked again."""

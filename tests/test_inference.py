@@ -69,7 +69,7 @@ def test_monte_carlo_dropout_gives_uncertainty_only_for_bayesian_models():
 
     keras.utils.set_random_seed(0)
     opts = {"base_filters": 4, "depth": 2, "dropout_units": 2}
-    c = ModelCard("bayesian-segnet", 3, (32, 32, 3), input_multiple=4)
+    c = ModelCard(name="bayesian-segnet", num_classes=3, input_shape=(32, 32, 3), input_multiple=4)
     x = np.random.default_rng(2).random((1, 32, 32, 3), dtype=np.float32)
     bayes = models.build_model("bayesian-segnet", 3, (32, 32, 3), **opts)
     models.set_monte_carlo(bayes, False)
@@ -116,7 +116,7 @@ def test_monte_carlo_samples_are_stochastic_when_compiled_and_state_is_kept():
     import keras
 
     keras.utils.set_random_seed(4)
-    c = ModelCard("bayesian-segnet", 2, (32, 32, 3), input_multiple=4)
+    c = ModelCard(name="bayesian-segnet", num_classes=2, input_shape=(32, 32, 3), input_multiple=4)
     bayes = models.build_model(
         "bayesian-segnet", 2, (32, 32, 3), base_filters=4, depth=2, dropout_units=2
     )

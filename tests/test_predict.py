@@ -50,7 +50,13 @@ def model_uri(s3_root, s3_endpoint) -> str:
     keras.utils.set_random_seed(1)
     options = {"base_filters": 4, "depth": 2, "dropout": 0}
     model = build_model("unet", 2, (SIZE, SIZE, 3), **options)
-    card = ModelCard("unet", 2, (SIZE, SIZE, 3), ["background", "building"], options=options)
+    card = ModelCard(
+        name="unet",
+        num_classes=2,
+        input_shape=(SIZE, SIZE, 3),
+        class_names=["background", "building"],
+        options=options,
+    )
     saving.save_model(model, card, f"{s3_root}/model", endpoint=s3_endpoint)
     return f"{s3_root}/model"
 
@@ -244,9 +250,14 @@ def bayes_uri(tmp_path_factory) -> str:
     keras.utils.set_random_seed(2)
     options = {"base_filters": 4, "depth": 2, "dropout_units": 2}
     model = build_model("bayesian-segnet", 2, (SIZE, SIZE, 3), **options)
-    card = ModelCard("bayesian-segnet", 2, (SIZE, SIZE, 3), ["background", "building"])
+    card = ModelCard(
+        name="bayesian-segnet",
+        num_classes=2,
+        input_shape=(SIZE, SIZE, 3),
+        class_names=["background", "building"],
+    )
     folder = str(tmp_path_factory.mktemp("bayes"))
-    saving.save_model(model, dataclasses.replace(card, options=options), folder)
+    saving.save_model(model, card.replace(options=options), folder)
     return folder
 
 
@@ -453,3 +464,72 @@ def test_config_refuses_bad_values_and_the_job_maps_every_option():
     assert (cfg.mc_samples, cfg.footprints) == (8, 1)
     defaults = parse(["--model=m", "--output=o", "--input=i"])
     assert (defaults.mc_samples, defaults.footprints, defaults.overlap) == (0, None, 64)
+
+
+# --- no input can make a job write outside its output ------------------------------------------
+
+
+def test_keys_that_climb_out_become_error_rows_and_nothing_is_written_outside(
+    model_uri, s3_root, s3_endpoint, tmp_path
+):
+    inputs = f"{s3_root}/climb/in"
+    tile = imagery.encode_geotiff(synth.generate_tile(SIZE, 1, "binary")[0])
+    client = storage.s3_client(s3_endpoint)
+    bucket, prefix = storage.parse(inputs).bucket, storage.parse(inputs).path
+    climbing = [
+        f"{prefix}/../../../../../../../../..{tmp_path}/evil.tif",
+        f"{prefix}/a/../../x.tif",
+    ]
+    for key in climbing:  # S3 takes any key: whoever can write the bucket can write these
+        client.put_object(Bucket=bucket, Key=key, Body=tile)
+    listed = storage.list_files(inputs, endpoint=s3_endpoint)
+    assert len(listed) == 2 and all(".." in uri for uri in listed)
+
+    out = tmp_path / "out" / "masks"
+    result = predict(
+        PredictConfig(model=model_uri, input=inputs, output=str(out), endpoint=s3_endpoint)
+    )
+    assert result.counts == {"ok": 0, "skipped": 0, "error": 2}
+    table = read_manifest(result.manifest).to_pylist()
+    assert all("would leave the output" in row["error"] for row in table), table
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert written and all(str(p).startswith(str(out / "_manifest")) for p in written), written
+
+
+def test_a_listed_file_outside_the_input_is_an_error_row_not_the_end_of_the_job(
+    model_uri, s3_endpoint, tmp_path
+):
+    inside, outside = tmp_path / "in", tmp_path / "elsewhere"
+    for folder in (inside, outside):
+        folder.mkdir()
+    (outside / "x.png").write_bytes(b"not read")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{outside / 'x.png'}\n")
+    config = PredictConfig(
+        model=model_uri,
+        input=str(inside),
+        manifest=str(listing),
+        output=str(tmp_path / "out"),
+        endpoint=s3_endpoint,
+    )
+    result = predict(config)
+    assert result.counts["error"] == 1
+    (row,) = read_manifest(result.manifest).to_pylist()
+    assert "not under the input" in row["error"] and str(outside / "x.png") in row["error"]
+
+
+def test_links_in_a_local_input_are_reported_and_not_followed(model_uri, s3_endpoint, tmp_path):
+    inputs, secret = tmp_path / "in", tmp_path / "secret"
+    inputs.mkdir()
+    secret.mkdir()
+    (secret / "s.png").write_bytes(imagery.encode_png(np.zeros((SIZE, SIZE, 3), np.uint8)))
+    os.symlink(secret, inputs / "folder-link")
+    os.symlink(secret / "s.png", inputs / "file-link.png")
+    out = tmp_path / "out"
+    result = predict(
+        PredictConfig(model=model_uri, input=str(inputs), output=str(out), endpoint=s3_endpoint)
+    )
+    rows = {row["input_uri"]: row for row in read_manifest(result.manifest).to_pylist()}
+    assert set(rows) == {str(inputs / "folder-link"), str(inputs / "file-link.png")}
+    assert all("symbolic link" in row["error"] for row in rows.values())
+    assert not (out / "file-link.png").exists() and not (out / "folder-link").exists()

@@ -38,7 +38,12 @@ def model_dir(tmp_path_factory) -> str:
 
     folder = str(tmp_path_factory.mktemp("model"))
     model = build_model("unet", 2, (SIZE, SIZE, 3), base_filters=4, depth=2)
-    card = saving.ModelCard("unet", 2, (SIZE, SIZE, 3), class_names=["background", "building"])
+    card = saving.ModelCard(
+        name="unet",
+        num_classes=2,
+        input_shape=(SIZE, SIZE, 3),
+        class_names=["background", "building"],
+    )
     saving.save_model(model, card, folder)
     return folder
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pyarrow.fs as pafs
 import pytest
@@ -97,3 +98,19 @@ def test_pyarrow_filesystem_reads_what_boto3_wrote(base):
     fs_dir, dir_path = storage.pyarrow_filesystem(storage.join(root, "pa"), endpoint=endpoint)
     infos = fs_dir.get_file_info(pafs.FileSelector(dir_path, recursive=True))
     assert [i.base_name for i in infos if i.type == pafs.FileType.File] == ["one.bin"]
+
+
+def test_local_writes_take_the_mode_the_umask_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        storage._umask.cache_clear()
+        target = tmp_path / "sub" / "mask.tif"
+        storage.write_bytes(str(target), b"x")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644  # readable by the team, not 0600
+        os.umask(0o027)
+        storage._umask.cache_clear()
+        storage.write_text(str(tmp_path / "model.json"), "{}")
+        assert stat.S_IMODE((tmp_path / "model.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+        storage._umask.cache_clear()

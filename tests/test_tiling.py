@@ -123,7 +123,7 @@ def unet():
     model = build_model("unet", 2, (WINDOW, WINDOW, 3), **options)
     whole = build_model("unet", 2, (SCENE, SCENE, 3), **options)
     whole.set_weights(model.get_weights())
-    card = ModelCard("unet", 2, (WINDOW, WINDOW, 3), options=options)
+    card = ModelCard(name="unet", num_classes=2, input_shape=(WINDOW, WINDOW, 3), options=options)
     return model, whole, card
 
 

@@ -7,14 +7,12 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from segray.errors import ConfigError
+from segray.errors import ConfigError, StorageError
 from segray.io import storage
+from segray.io.imagery import TILE_SUFFIXES
 
 if TYPE_CHECKING:
     from segray.bulk.config import PredictConfig
-
-
-TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 SCENE_SUFFIXES = (".tif", ".tiff")
@@ -28,8 +26,17 @@ def plan(config: PredictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
     base, uris = list_inputs(config)
     existing = set() if config.overwrite else set(list_outputs(config))
     todo, done, claimed = [], [], {}
+    links = set(storage.local_links(base)) if not config.manifest else set()
+    for link in sorted(links):
+        reason = f"{link}: a symbolic link; links in a local input are not followed"
+        done.append((link, "", reason))
     for uri in uris:
-        out = mask_uri(config.output, _relative(base, uri), config.scene)
+        if uri in links:
+            continue
+        out, refused = output_for(config, base, uri)
+        if refused:
+            done.append((uri, "", refused))
+            continue
         files = [f for f in outputs(out, config).values() if f]
         clash = next((f for f in files if f in claimed), None)
         if clash is not None:
@@ -122,8 +129,21 @@ def common_base(uris: Iterable[str]) -> str:
     return base or "/"
 
 
-def _relative(base: str, uri: str) -> str:
-    return storage.relative_to(base, uri) or uri.rsplit("/", 1)[-1]
+def output_for(config: PredictConfig, base: str, uri: str) -> tuple[str, str]:
+    """``(mask URI, "")`` for an input, or ``("", reason)`` when its mask would not lie under the
+    output: an input outside ``base``, or a relative path that is absolute or climbs out (``..``).
+    """
+    try:
+        relative = storage.relative_to(base, uri) or uri.rsplit("/", 1)[-1]
+    except StorageError:
+        return "", f"{uri}: not under the input {base}, so its mask has no place under the output"
+    parts = relative.split("/")
+    if relative.startswith("/") or any(p in ("..", ".", "") for p in parts):
+        return "", f"{uri}: its relative path {relative!r} would leave the output; refused"
+    out = mask_uri(config.output, relative, config.scene)
+    if not storage.lies_under(config.output, out):
+        return "", f"{uri}: its mask {out} would lie outside the output {config.output}; refused"
+    return out, ""
 
 
 def mask_uri(output: str, relative: str, scene: bool = False) -> str:

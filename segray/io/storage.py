@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -86,6 +87,33 @@ def relative_to(base: str, uri: str) -> str:
     return rel.replace(os.sep, "/")
 
 
+def lies_under(base: str, uri: str) -> bool:
+    """True when ``uri`` lies below ``base`` once ``.`` and ``..`` are resolved (same bucket on S3).
+
+    A key such as ``masks/../../x.tif`` or a relative path that climbs out does not."""
+    b, u = parse(base), parse(uri)
+    if b.scheme != u.scheme or b.bucket != u.bucket:
+        return False
+    norm = posixpath.normpath if b.scheme == "s3" else os.path.normpath
+    prefix, path = norm("/" + b.path).rstrip("/"), norm("/" + u.path)
+    return path.startswith(prefix + "/")
+
+
+def local_links(uri: str) -> list[str]:
+    """Symbolic links (to files or folders) at or below a local path, sorted; none on S3."""
+    loc = parse(uri)
+    if loc.scheme != "file":
+        return []
+    if os.path.islink(loc.path):
+        return [loc.path]
+    found = []
+    for folder, dirs, files in os.walk(loc.path):
+        found += [
+            os.path.join(folder, n) for n in dirs + files if os.path.islink(os.path.join(folder, n))
+        ]
+    return sorted(found)
+
+
 def resolve_endpoint(endpoint: str | None = None) -> str | None:
     """The S3 endpoint in force: argument, ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``."""
     return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -140,6 +168,8 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(loc.path))
     try:
+        # mkstemp makes the file 0600 whatever the umask: give it the mode a plain open() would
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -149,6 +179,22 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring it
+    once (cached, so threads writing at once never see the momentary 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(uri: str, text: str, *, endpoint: str | None = None) -> None:

@@ -6,16 +6,19 @@ run folder, a checkpoint folder, or a ``.keras`` file with its card beside it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from pydantic import StrictInt, model_validator
 
 from segray.errors import ModelError, StorageError
 from segray.io import storage
+from segray.io.imagery import MAX_BANDS
+from segray.settings import Settings, setting
 
 if TYPE_CHECKING:
     import keras
@@ -24,23 +27,46 @@ MODEL_FILE = "model.keras"
 CARD_FILE = "model.json"
 
 
-@dataclass
-class ModelCard:
-    """Everything needed to use a trained model the way it was trained."""
+#: Largest height or width a card may declare: the model's input, not a scene.
+MAX_INPUT_SIDE = 8192
 
-    name: str
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    class_names: list[str] | None = None
-    encoder: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    bands: tuple[int, ...] | None = None
-    scale: float | None = 255.0
-    threshold: float = 0.5
-    input_multiple: int = 16
-    metrics: dict[str, Any] = field(default_factory=dict)
-    epoch: int | None = None
-    version: str = ""
+
+class ModelCard(Settings):
+    """Everything needed to use a trained model the way it was trained; every field is checked
+    when a card is made or read, and :func:`check_against` checks it against the model itself."""
+
+    error = ModelError
+
+    name: str = setting(help="Registered model name.")
+    num_classes: StrictInt = setting(help="Classes, background included.", ge=2, le=256)
+    input_shape: tuple[StrictInt, StrictInt, StrictInt] = setting(help="(height, width, bands).")
+    class_names: list[str] | None = setting(None, "A name per class.")
+    encoder: str | None = setting(None, "keras.applications backbone, if any.")
+    options: dict[str, Any] = setting(help="Model options.", default_factory=dict)
+    bands: tuple[StrictInt, ...] | None = setting(None, "1-based bands read from inputs.")
+    scale: float | None = setting(255.0, "Divisor that took pixels to [0, 1] in training.", gt=0)
+    threshold: float = setting(0.5, "Probability threshold of binary models.", ge=0, le=1)
+    input_multiple: StrictInt = setting(16, "Input sizes must be multiples of this.", ge=1)
+    metrics: dict[str, Any] = setting(help="Validation metrics of its epoch.", default_factory=dict)
+    epoch: int | None = setting(None, "The epoch it comes from.")
+    version: str = setting("", "Hash of the model file.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        h, w, c = self.input_shape
+        if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
+            raise ValueError(f"input_shape sides must lie in 1..{MAX_INPUT_SIDE}; got {h}x{w}")
+        if not 1 <= c <= MAX_BANDS:
+            raise ValueError(f"input_shape bands must lie in 1..{MAX_BANDS}; got {c}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names for {self.num_classes} classes"
+            )
+        if self.bands is not None and (len(self.bands) != c or min(self.bands) < 1):
+            raise ValueError(f"bands must be {c} band numbers >= 1; got {list(self.bands)}")
+        if self.scale is not None and not math.isfinite(self.scale):
+            raise ValueError(f"scale must be finite; got {self.scale}")
+        return self
 
     @property
     def channels(self) -> int:
@@ -53,20 +79,44 @@ class ModelCard:
 
     def to_json(self) -> str:
         """The card as JSON text."""
-        return json.dumps(dataclasses.asdict(self), indent=2, default=_jsonable)
+        return json.dumps(self.model_dump(mode="json"), indent=2, default=_jsonable)
 
     @classmethod
     def from_json(cls, text: str, source: str = "<card>") -> ModelCard:
-        """Parse a card, refusing unknown or missing fields with a message naming ``source``."""
+        """Parse and check a card; an error names ``source`` and the field at fault. Fields a
+        later segray added are ignored, so newer cards still load."""
         try:
             doc = json.loads(text)
-            known = {f.name for f in dataclasses.fields(cls)}
-            card = cls(**{k: v for k, v in doc.items() if k in known})
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             raise ModelError(f"{source}: not a segray model card: {exc}") from exc
-        card.input_shape = tuple(card.input_shape)  # type: ignore[assignment]
-        card.bands = tuple(card.bands) if card.bands else None
-        return card
+        if not isinstance(doc, dict):
+            raise ModelError(f"{source}: not a segray model card: a JSON object is expected")
+        try:
+            return cls(**{k: v for k, v in doc.items() if k in cls.model_fields})
+        except ModelError as exc:
+            raise ModelError(f"{source}: {exc}") from None
+
+    def check_against(self, model: Any, source: str) -> None:
+        """Refuse a card that does not describe ``model``: classes vs output channels, bands
+        and input size vs the model's input."""
+        from segray.models.options import output_channels
+
+        _, *size, bands = tuple(model.input_shape)
+        outputs = int(model.output_shape[-1])
+        if outputs != output_channels(self.num_classes):
+            raise ModelError(
+                f"{source}: num_classes {self.num_classes} does not fit the model, whose "
+                f"{outputs} output channel(s) mean {2 if outputs == 1 else outputs} classes"
+            )
+        if bands is not None and bands != self.channels:
+            raise ModelError(
+                f"{source}: input_shape has {self.channels} band(s) but the model takes {bands}"
+            )
+        fixed = [s for s in size if s is not None]
+        if len(fixed) == 2 and tuple(fixed) != tuple(self.input_shape[:2]):
+            raise ModelError(
+                f"{source}: input_shape {list(self.input_shape[:2])} but the model takes {fixed}"
+            )
 
 
 def _jsonable(value: Any) -> Any:
@@ -89,7 +139,7 @@ def save_model(
         model.save(path)
         with open(path, "rb") as f:
             data = f.read()
-    card = dataclasses.replace(card, version=hashlib.sha256(data).hexdigest()[:12])
+    card = card.replace(version=hashlib.sha256(data).hexdigest()[:12])
     storage.write_bytes(storage.join(folder, MODEL_FILE), data, endpoint=endpoint)
     storage.write_text(storage.join(folder, CARD_FILE), card.to_json(), endpoint=endpoint)
     return card
@@ -120,7 +170,7 @@ def load_model(uri: str, *, endpoint: str | None = None) -> tuple[keras.Model, M
     from segray.models.layers import set_monte_carlo
     from segray.models.registry import load_keras
 
-    model_uri, _ = resolve(uri)
+    model_uri, card_uri = resolve(uri)
     card = load_card(uri, endpoint=endpoint)
     data = storage.read_bytes(model_uri, endpoint=endpoint)
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +178,7 @@ def load_model(uri: str, *, endpoint: str | None = None) -> tuple[keras.Model, M
         with open(path, "wb") as f:
             f.write(data)
         model = load_keras(path)
+    card.check_against(model, card_uri)
     # Monte-Carlo dropout stays off unless a caller asks for samples (inference.infer_mc).
     set_monte_carlo(model, False)
     return model, card

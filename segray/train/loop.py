@@ -10,7 +10,6 @@ Padding rows (weight 0, see :func:`segray.train.data.pad_to_multiple`) count for
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -194,7 +193,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         post_epoch(board, row)
         ckpt = None
         if rank == 0:
-            card = dataclasses.replace(card, metrics=row, epoch=epoch)
+            card = card.replace(metrics=row, epoch=epoch)
             folder = checkpoints.save(model, optimizer, card, state)
             ckpt = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")

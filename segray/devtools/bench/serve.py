@@ -111,7 +111,7 @@ def _default_model(folder: str) -> str:
 
     spec = DEFAULT_MODEL
     model = build_model(spec["name"], spec["num_classes"], spec["input_shape"])
-    card = saving.ModelCard(spec["name"], spec["num_classes"], spec["input_shape"])
+    card = saving.ModelCard(**spec)
     saving.save_model(model, card, folder)
     return folder
 
