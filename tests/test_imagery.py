@@ -136,3 +136,31 @@ def test_pixel_limit_refuses_bombs_before_decoding():
 def test_band_selection_out_of_range():
     with pytest.raises(TileError, match=r"band selection \(1, 2, 5\) invalid for a 3-band"):
         imagery.decode(imagery.encode_png(rgb()), "a.png", bands=(1, 2, 5))
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("rgb.png", imagery.encode_png(rgb(30, 50))),
+        ("u16.png", imagery.encode_png(np.zeros((17, 9), np.uint16))),
+        ("a.jpg", imagery.encode_jpeg(rgb(24, 40))),
+        ("f32.tif", imagery.encode_geotiff(np.zeros((12, 20, 5), np.float32), CRS, TRANSFORM)),
+        ("i16.tif", imagery.encode_geotiff(np.zeros((8, 8, 2), np.int16), CRS, TRANSFORM)),
+    ],
+)
+def test_header_tells_what_decode_returns(name, data):
+    head = imagery.header(data, name)
+    tile = imagery.decode(data, name)
+    assert (head.height, head.width, head.count) == tile.shape
+    assert head.dtype == str(tile.array.dtype) and head.format == tile.format
+
+
+def test_header_refuses_what_decode_refuses():
+    for data, kind in (
+        (b"", "empty"),
+        (b"hello", "not_image"),
+        (b"\x89PNG\r\n\x1a\n" + b"0" * 20, "corrupt"),
+    ):
+        with pytest.raises(TileError) as info:
+            imagery.header(data, "x.bin")
+        assert info.value.kind == kind and "x.bin" in str(info.value)

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 SIZE = 32
 TOKEN = "s3cret-token"
 MAX_BODY = 256 * 1024
+MAX_WINDOWS = 16  # a 32 px model with overlap 16: 100x100 px is 36 windows
 MAX_PIXELS = 128 * 128
 
 
@@ -68,6 +69,9 @@ def url(ray_local, model_dir) -> str:
             batch_wait_timeout_s=0.05,
             max_body_bytes=MAX_BODY,
             max_pixels=MAX_PIXELS,
+            max_windows=MAX_WINDOWS,
+            body_timeout_s=4.0,
+            chunk_timeout_s=1.0,
             num_cpus=0.5,
         )
     )
@@ -359,3 +363,50 @@ def test_every_tile_error_kind_has_a_4xx_status():
         assert 400 <= err.status < 500 and err.detail == "why"
     assert http.tile_error(TileError("b", "x", "bands")).status == 415
     assert http.tile_error(TileError("b", "x", "too_large")).status == 413
+
+
+# --- requests that would cost a replica too much -----------------------------------------------
+
+
+def test_refused_from_the_header_before_decoding(url):
+    many_windows = imagery.encode_png(np.zeros((100, 100, 3), np.uint8))
+    response = post(url, many_windows)
+    assert response.status_code == 413, response.text
+    assert "36 model windows" in response.json()["detail"]
+    assert "bulk path" in response.json()["detail"]
+    # 16 float32 bands of 96x96 px: refused from the header (the model takes 3), never decoded
+    wide = imagery.encode_geotiff(np.zeros((96, 96, 16), np.float32))
+    response = post(url, wide)
+    assert response.status_code == 415, response.text
+    assert "has 16 band(s) but the model expects 3" in response.json()["detail"]
+
+
+def test_slow_clients_get_408_and_cannot_take_healthz_down(url):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    host, port = urlparse(url).hostname, urlparse(url).port
+    head = (
+        f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    ).encode()
+    slow = []
+    try:
+        for _ in range(70):  # more than a replica's 64 request slots
+            sock = socket.create_connection((host, port), timeout=20)
+            sock.sendall(head + b"\x89PNG\r\n\x1a\n\0\0")  # then nothing more
+            slow.append(sock)
+        start = time.monotonic()
+        health = requests.get(f"{url}/healthz", timeout=20)
+        assert health.status_code == 200
+        assert time.monotonic() - start < 15
+        answers = []
+        for sock in slow:
+            sock.settimeout(20)
+            answers.append(sock.recv(200).split(b"\r\n", 1)[0])
+        assert answers == [b"HTTP/1.1 408 Request Timeout"] * len(slow), set(answers)
+    finally:
+        for sock in slow:
+            sock.close()
+    assert post(url, tile_png(3)).status_code == 200  # and the service goes on

@@ -108,6 +108,15 @@ def test_cut_and_join_windows_round_trip():
     assert layout.overlap == 16
 
 
+@pytest.mark.parametrize("shape", [(50, 70), (20, 24), (32, 32), (300, 129), (64, 65)])
+@pytest.mark.parametrize(
+    "window, overlap", [((32, 32), 16), ((32, 48), 8), ((32, 32), 31), (None, 0)]
+)
+def test_window_count_is_what_cut_windows_makes(shape, window, overlap):
+    stack, layout = tiling.cut_windows(np.zeros((*shape, 1), np.float32), window, overlap)
+    assert tiling.window_count(*shape, window, overlap) == len(stack) == len(layout.windows)
+
+
 # --- with a real fully convolutional model ----------------------------------------------------
 
 

@@ -230,6 +230,19 @@ def cut_windows(
     return stack, Layout(h, w, windows, window, overlap)
 
 
+def window_count(
+    height: int, width: int, window: tuple[int, int] | None, overlap: int = OVERLAP
+) -> int:
+    """How many windows :func:`cut_windows` makes of a ``height`` x ``width`` image."""
+    if window is None or (height, width) == tuple(window):
+        return 1
+    wh, ww = window_size(window)
+    overlap = min(overlap, min(wh, ww) // 2)
+    rows = axis_starts(max(height, wh), wh, overlap)
+    cols = axis_starts(max(width, ww), ww, overlap)
+    return len(rows) * len(cols)
+
+
 def join_windows(logits: np.ndarray, layout: Layout, blend: str = BLEND) -> np.ndarray:
     """The image's logits (H, W, K) from its windows' logits (n, h, w, K): stitched, cropped."""
     if layout.window is None:

@@ -88,16 +88,59 @@ def decode(
     fmt = sniff(data)
     if fmt is None:
         raise TileError(source, "not an image: bytes are not PNG, JPEG or TIFF", "not_image")
-    tile = (
-        _decode_tiff(data, source, max_pixels)
-        if fmt == "tiff"
-        else _decode_pil(data, source, max_pixels)
-    )
+    if fmt == "tiff":  # reads only the selected bands
+        tile = _decode_tiff(data, source, max_pixels, bands)
+    else:
+        tile = _decode_pil(data, source, max_pixels)
+        if bands is not None:
+            tile.array = select_bands(tile.array, bands, source)
     tile.format = fmt
     _check_pixels(tile.array, source)
-    if bands is not None:
-        tile.array = select_bands(tile.array, bands, source)
     return tile
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an encoded image says about itself before its pixels are decoded."""
+
+    format: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+
+
+#: Pixel type of each PIL mode segray reads (after its conversions).
+_PIL_DTYPES = {"1": "uint8", "L": "uint8", "P": "uint8", "RGB": "uint8", "RGBA": "uint8"}
+_PIL_DTYPES.update({"LA": "uint8", "I;16": "uint16", "I": "uint16"})
+
+
+def header(data: bytes, source: str = "<bytes>") -> Header:
+    """Format, size, band count and pixel type from the header alone (no pixel is decoded), so a
+    caller can refuse an image before paying for it. Raises :class:`TileError` as decode does."""
+    if not data:
+        raise TileError(source, "empty file (0 bytes)", "empty")
+    fmt = sniff(data)
+    if fmt is None:
+        raise TileError(source, "not an image: bytes are not PNG, JPEG or TIFF", "not_image")
+    try:
+        if fmt == "tiff":
+            import rasterio
+            from rasterio.errors import NotGeoreferencedWarning
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.MemoryFile(data) as mem, mem.open() as ds:
+                    return Header(fmt, ds.width, ds.height, ds.count, ds.dtypes[0])
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        count = 4 if img.mode == "LA" else len(img.getbands())
+        return Header(fmt, img.width, img.height, count, _PIL_DTYPES.get(img.mode, img.mode))
+    except TileError:
+        raise
+    except Exception as exc:
+        raise TileError(source, f"corrupt or truncated image: {exc}", "corrupt") from exc
 
 
 def select_bands(array: np.ndarray, bands: Sequence[int], source: str = "<bytes>") -> np.ndarray:
@@ -182,7 +225,9 @@ def _decode_pil(data: bytes, source: str, max_pixels: int) -> Tile:
     return Tile(array=array, source=source, meta=meta)
 
 
-def _decode_tiff(data: bytes, source: str, max_pixels: int) -> Tile:
+def _decode_tiff(
+    data: bytes, source: str, max_pixels: int, bands: Sequence[int] | None = None
+) -> Tile:
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
@@ -191,7 +236,9 @@ def _decode_tiff(data: bytes, source: str, max_pixels: int) -> Tile:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.MemoryFile(data) as mem, mem.open() as ds:
                 check_header(source, ds.width, ds.height, ds.count, ds.dtypes[0], max_pixels)
-                array = np.moveaxis(ds.read(), 0, -1)
+                if bands is not None:
+                    check_band_selection(bands, ds.count, source)
+                array = np.moveaxis(ds.read(list(bands) if bands else None), 0, -1)
                 crs = ds.crs.to_string() if ds.crs else None
                 transform = None if ds.transform.is_identity else ds.transform
                 meta = {"nodata": ds.nodata, "tags": ds.tags()}

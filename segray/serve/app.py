@@ -131,7 +131,8 @@ class SegmentModel:
         self._authorize(request)
         fmt = response_format(format, request.headers.get("accept", ""))
         self._check_options(output, class_index)
-        body = await read_body(request, self.config.max_body_bytes)
+        c = self.config
+        body = await read_body(request, c.max_body_bytes, c.body_timeout_s, c.chunk_timeout_s)
         data = image_bytes(body, request.headers.get("content-type", ""))
         tile, layout, windows = await asyncio.to_thread(self._prepare, data)
         logits = await self._infer_batch(windows)
@@ -164,12 +165,34 @@ class SegmentModel:
         if imagery.sniff(data) is None:
             raise ApiError(415, "unsupported media type", "body is not a PNG, JPEG or TIFF image")
         try:
-            tile = imagery.decode(data, "request body", max_pixels=self.config.max_pixels)
+            self._check_header(imagery.header(data, "request body"))
+            tile = imagery.decode(
+                data, "request body", bands=self.card.bands, max_pixels=self.config.max_pixels
+            )
             array = inference.prepare(tile, self.card)
         except TileError as err:
             raise tile_error(err) from err
         windows, layout = tiling.cut_windows(array, self.window, self.config.overlap)
         return tile, layout, windows
+
+    def _check_header(self, head: imagery.Header) -> None:
+        """Refuse from the header alone what decoding would refuse later or cost too much: too
+        many pixels, bands the model cannot take, more windows than one request may cause."""
+        source, c = "request body", self.config
+        imagery.check_header(source, head.width, head.height, head.count, head.dtype, c.max_pixels)
+        if self.card.bands:
+            imagery.check_band_selection(self.card.bands, head.count, source)
+        elif head.count != self.card.channels:
+            reason = f"has {head.count} band(s) but the model expects {self.card.channels}"
+            raise TileError(source, reason, "bands")
+        windows = tiling.window_count(head.height, head.width, self.window, c.overlap)
+        if windows > c.max_windows:
+            detail = (
+                f"a {head.width}x{head.height} image needs {windows} model windows, over the "
+                f"limit of {c.max_windows} per request: segment it with the bulk path "
+                "(segray predict --scene)"
+            )
+            raise ApiError(413, "image too large", detail)
 
     @serve.batch  # sizes set per replica from its config in __init__
     async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray | Exception]:

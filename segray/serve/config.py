@@ -39,6 +39,13 @@ class ServeConfig(Settings):
     max_pixels: int = setting(
         4096 * 4096, "Largest image, in pixels; more: use the bulk path.", ge=1
     )
+    max_windows: int = setting(
+        256,
+        "Most model windows one request may cause; larger images belong to the bulk path.",
+        ge=1,
+    )
+    body_timeout_s: float = setting(30.0, "Seconds a client has to send the whole body.", gt=0)
+    chunk_timeout_s: float = setting(10.0, "Seconds the body may stall between two chunks.", gt=0)
     overlap: int = setting(OVERLAP, "Overlap of windows of images larger than the model's.", ge=0)
     blend: Blend = setting(BLEND, "How overlapping windows are joined.")
     api_token: str | None = setting(None, f"Bearer token (default: ${TOKEN_ENV}).", cli=False)

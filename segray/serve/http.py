@@ -3,13 +3,17 @@ type and kind (never its text), bodies read under a size limit, multipart file p
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from email.message import Message
 from email.parser import BytesHeaderParser
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from segray.errors import TileError
 
+log = logging.getLogger("segray.serve")
 FORMATS = ("png", "json")
 
 #: HTTP status and short error of each kind of tile error.
@@ -41,13 +45,37 @@ def tile_error(err: TileError) -> ApiError:
     return ApiError(status, error, err.reason)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(
+    request: Request, limit: int, timeout_s: float = 30.0, chunk_timeout_s: float = 10.0
+) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and
+    with 408 when it takes over ``timeout_s`` in all or stalls ``chunk_timeout_s`` between two
+    chunks: a slow client cannot hold a replica's request slot for longer. A client that goes
+    away gets 499 (nobody reads it; the access log shows one line)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise _too_large(int(length), limit)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        wait = min(chunk_timeout_s, deadline - loop.time())
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(stream.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            detail = (
+                f"the body stalled after {size} bytes (limits: {timeout_s:g} s in all, "
+                f"{chunk_timeout_s:g} s between chunks)"
+            )
+            raise ApiError(408, "request timeout", detail) from None
+        except ClientDisconnect:
+            log.info("client went away after sending %d bytes of its body", size)
+            raise ApiError(499, "client closed request", f"after {size} bytes") from None
         size += len(chunk)
         if size > limit:
             raise _too_large(size, limit)
