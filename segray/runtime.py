@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-#: Environment variables handed from the driver to Ray workers: where S3 is, never who you are.
+#: Environment variables handed from the driver to Ray workers: where S3 is and how long to wait
+#: for it, never who you are.
 FORWARDED_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
+    "SEGRAY_S3_RETRY_S",
 )
 #: Variables that must never reach a runtime environment.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

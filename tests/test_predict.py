@@ -533,3 +533,22 @@ def test_links_in_a_local_input_are_reported_and_not_followed(model_uri, s3_endp
     assert set(rows) == {str(inputs / "folder-link"), str(inputs / "file-link.png")}
     assert all("symbolic link" in row["error"] for row in rows.values())
     assert not (out / "file-link.png").exists() and not (out / "folder-link").exists()
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_the_job_costs_time_not_tiles(
+    model_uri, tiles, expected, s3_root, s3_endpoint, ray_local
+):
+    from outage import OutageProxy
+
+    # the first tile read by a worker takes S3 down for 5 s: every connection refused
+    key = storage.parse(tiles).path
+    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]), f"GET /segray-test/{key}/".encode(), 5)
+    out = f"{s3_root}/out-outage"
+    try:
+        result = predict(config(model_uri, tiles, out, proxy.endpoint, batch_size=32))
+    finally:
+        proxy.close()
+    assert proxy.tripped_at is not None
+    assert result.counts == {"ok": COUNT, "skipped": 0, "error": 0}, result.summary()
+    assert_masks_correct(out, expected, s3_endpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -114,3 +115,46 @@ def test_local_writes_take_the_mode_the_umask_gives(tmp_path):
     finally:
         os.umask(old)
         storage._umask.cache_clear()
+
+
+@pytest.fixture
+def proxy(s3_endpoint):
+    from outage import OutageProxy
+
+    p = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    yield p
+    p.close()
+
+
+def test_s3_calls_ride_out_an_outage_within_the_budget(s3_prefix, s3_endpoint, proxy, monkeypatch):
+    monkeypatch.setenv("SEGRAY_S3_RETRY_S", "20")
+    uri = storage.join(s3_prefix, "through-outage.bin")
+    storage.write_bytes(uri, b"before", endpoint=proxy.endpoint)
+    for call in (
+        lambda: storage.read_bytes(uri, endpoint=proxy.endpoint),
+        lambda: storage.write_bytes(uri, b"during", endpoint=proxy.endpoint),
+        lambda: storage.list_files(s3_prefix, endpoint=proxy.endpoint),
+        lambda: storage.exists(uri, endpoint=proxy.endpoint),
+    ):
+        proxy.outage(3.0)  # every connection refused for 3 s
+        start = time.monotonic()
+        call()
+        assert time.monotonic() - start >= 2.5
+    assert storage.read_bytes(uri, endpoint=s3_endpoint) == b"during"
+
+
+def test_s3_outage_past_the_budget_names_the_object_and_permanent_errors_fail_at_once(
+    s3_prefix, s3_endpoint, proxy, monkeypatch
+):
+    monkeypatch.setenv("SEGRAY_S3_RETRY_S", "2")
+    uri = storage.join(s3_prefix, "never.bin")
+    proxy.down()
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="never.bin"):
+        storage.read_bytes(uri, endpoint=proxy.endpoint)
+    assert 1.0 <= time.monotonic() - start < 10
+    proxy.up()
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="NoSuchKey"):  # a 404 is not retried
+        storage.read_bytes(uri, endpoint=proxy.endpoint)
+    assert time.monotonic() - start < 1.0

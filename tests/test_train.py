@@ -84,6 +84,22 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     assert resumed.starts == [1, 3]
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     assert len(storage.read_text(f"{out}/metrics.csv").strip().splitlines()) == 5
+    assert resumed.restored[-1]["from"] == "epoch_0002" and not resumed.restored[-1]["passed_over"]
+
+    # a newest checkpoint that no longer loads is passed over for the next older complete one
+    from segray.train.checkpoints import complete_checkpoints
+
+    newest, older = complete_checkpoints(out, None)[:2]
+    with open(f"{newest}/model.keras", "r+b") as f:
+        f.truncate(1000)
+    again = train(tiny_config(binary_tiles, out, epochs=5, resume=True))
+    fallback = int(older.rsplit("_", 1)[-1])
+    assert again.restored[-1]["from"] == older.rsplit("/", 1)[-1]
+    (passed,) = again.restored[-1]["passed_over"]
+    assert passed.startswith(newest.rsplit("/", 1)[-1])
+    assert again.starts[-1] == fallback + 1
+    assert [h["epoch"] for h in again.history] == [1, 2, 3, 4, 5]
+    assert "passed over" in again.summary()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ renamed into place; an S3 write is one ``PutObject``. A reader never sees half a
 The S3 endpoint is chosen, first match wins, from: the ``endpoint`` argument (the CLI's
 ``--s3-endpoint``), ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``; none means AWS itself.
 Credentials and region come from the standard AWS chain (environment, config files, instance role).
+S3 calls ride out an outage of up to ``SEGRAY_S3_RETRY_S`` seconds (default 60; :mod:`.retry`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from segray.errors import StorageError
+from segray.io import retry
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -126,7 +128,12 @@ def _client(endpoint: str | None) -> Any:
 
     session = boto3.session.Session()
     region = session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32)
+    config = Config(
+        retries={"max_attempts": 3, "mode": "standard"},  # quick ones; retry.call rides outages
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+    )
     return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
@@ -149,8 +156,11 @@ def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
                 return f.read()
         except OSError as exc:
             raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
+    client = s3_client(endpoint)
     try:
-        return s3_client(endpoint).get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+        return retry.call(
+            uri, lambda: client.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+        )
     except Exception as exc:
         raise _s3_error(uri, exc) from exc
 
@@ -160,7 +170,8 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
     loc = parse(uri)
     if loc.scheme == "s3":
         try:
-            s3_client(endpoint).put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
+            client = s3_client(endpoint)
+            retry.call(uri, lambda: client.put_object(Bucket=loc.bucket, Key=loc.path, Body=data))
         except Exception as exc:
             raise _s3_error(uri, exc) from exc
         return
@@ -214,14 +225,16 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
         return os.path.exists(loc.path)
     client = s3_client(endpoint)
     try:
-        client.head_object(Bucket=loc.bucket, Key=loc.path)
+        retry.call(uri, lambda: client.head_object(Bucket=loc.bucket, Key=loc.path))
         return True
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         if code not in ("404", "NoSuchKey", "NotFound"):
             raise _s3_error(uri, exc) from exc
     prefix = loc.path.rstrip("/") + "/" if loc.path else ""
-    resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
+    resp = retry.call(
+        uri, lambda: client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
+    )
     return resp.get("KeyCount", 0) > 0
 
 
@@ -232,7 +245,8 @@ def delete(uri: str, *, endpoint: str | None = None) -> None:
         if os.path.exists(loc.path):
             os.unlink(loc.path)
         return
-    s3_client(endpoint).delete_object(Bucket=loc.bucket, Key=loc.path)
+    client = s3_client(endpoint)
+    retry.call(uri, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.path))
 
 
 def _matches(rel: str, suffixes: tuple[str, ...], pattern: str | None) -> bool:
@@ -282,7 +296,10 @@ def list_files(
     sfx = tuple(s.lower() for s in suffixes or ())
     loc = parse(uri)
     try:
-        found = list(_walk_s3(loc, endpoint)) if loc.scheme == "s3" else list(_walk_local(loc.path))
+        if loc.scheme == "s3":
+            found = retry.call(uri, lambda: list(_walk_s3(loc, endpoint)))
+        else:
+            found = list(_walk_local(loc.path))
     except StorageError:
         raise
     except Exception as exc:

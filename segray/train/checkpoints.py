@@ -4,17 +4,22 @@ writing and restoring them, and finding the newest complete one."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from segray.errors import ModelError
 from segray.io import storage
 from segray.models.saving import CARD_FILE, MODEL_FILE, ModelCard, save_model
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.npz"
+
+log = logging.getLogger(__name__)
 
 
 def weights_checksum(model: Any) -> str:
@@ -28,21 +33,56 @@ def weights_checksum(model: Any) -> str:
 
 
 def restore(checkpoint: Any, model: Any, optimizer: Any) -> dict[str, Any]:
-    """Load weights, optimiser state and the loop state of a checkpoint into live objects."""
+    """Load weights, optimiser state and the loop state of a checkpoint into live objects.
+
+    Everything is read and checked before anything is assigned, so a checkpoint that fails to
+    load leaves the model and optimiser as they were (and the caller can try an older one).
+    """
     from segray.models.registry import load_keras
 
     with checkpoint.as_directory() as folder:
-        saved = load_keras(os.path.join(folder, MODEL_FILE))
-        model.set_weights(saved.get_weights())
+        weights = load_keras(os.path.join(folder, MODEL_FILE)).get_weights()
         with open(os.path.join(folder, STATE_FILE)) as f:
             state = json.load(f)
         opt_path = os.path.join(folder, OPTIMIZER_FILE)
+        arrays = None
         if os.path.exists(opt_path):
-            arrays = np.load(opt_path)
-            optimizer.build(model.trainable_variables)
-            for i, var in enumerate(optimizer.variables):
-                var.assign(arrays[f"v{i}"])
+            with np.load(opt_path) as npz:
+                arrays = [npz[f"v{i}"] for i in range(len(npz.files))]
+    shapes = [tuple(w.shape) for w in model.get_weights()]
+    if [tuple(w.shape) for w in weights] != shapes:
+        raise ValueError("its model's weights do not match this model's shapes")
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise ValueError(f"{STATE_FILE} holds no epoch")
+    if arrays is not None:
+        optimizer.build(model.trainable_variables)
+        if len(arrays) != len(optimizer.variables):
+            raise ValueError(
+                f"{OPTIMIZER_FILE} holds {len(arrays)} arrays, not {len(optimizer.variables)}"
+            )
+    model.set_weights(weights)
+    if arrays is not None:
+        for var, value in zip(optimizer.variables, arrays, strict=True):
+            var.assign(value)
     return state
+
+
+def restore_newest(
+    candidates: Sequence[tuple[str, Any]], model: Any, optimizer: Any
+) -> tuple[dict[str, Any], str, list[str]]:
+    """Restore the first of ``(name, checkpoint)`` candidates (newest first) that loads whole.
+
+    Returns ``(state, name used, reasons the newer ones were passed over)``; raises
+    :class:`ModelError` naming each candidate and why when none loads.
+    """
+    passed: list[str] = []
+    for name, checkpoint in candidates:
+        try:
+            return restore(checkpoint, model, optimizer), name, passed
+        except Exception as exc:
+            passed.append(f"{name}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+            log.warning("checkpoint %s cannot be restored (%s); trying an older one", name, exc)
+    raise ModelError("no checkpoint could be restored: " + "; ".join(passed))
 
 
 def save(model: Any, optimizer: Any, card: ModelCard, state: dict[str, Any]) -> str:
@@ -58,8 +98,8 @@ def save(model: Any, optimizer: Any, card: ModelCard, state: dict[str, Any]) -> 
     return folder
 
 
-def latest_checkpoint(out: str, endpoint: str | None) -> Any:
-    """The newest complete ``epoch_NNNN`` checkpoint under a run folder, or None.
+def complete_checkpoints(out: str, endpoint: str | None) -> list[str]:
+    """The complete ``epoch_NNNN`` checkpoint folders under a run folder, newest first.
 
     Ray Train hands restarted workers its latest registered checkpoint, but a worker lost right
     after a report can beat the registration (seen with Ray 2.60): the folders themselves are the
@@ -68,10 +108,7 @@ def latest_checkpoint(out: str, endpoint: str | None) -> Any:
     files = set(storage.list_files(out, pattern="epoch_*/*", endpoint=endpoint))
     folders = sorted({f.rsplit("/", 1)[0] for f in files}, reverse=True)
     needed = (MODEL_FILE, CARD_FILE, OPTIMIZER_FILE, STATE_FILE)
-    for folder in folders:
-        if all(storage.join(folder, name) in files for name in needed):
-            return checkpoint_from_uri(folder, endpoint)
-    return None
+    return [d for d in folders if all(storage.join(d, name) in files for name in needed)]
 
 
 def checkpoint_from_uri(uri: str, endpoint: str | None) -> Any:

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -57,6 +57,8 @@ class TrainResult:
     history: list[dict[str, float]]
     seconds: float
     epochs: int = 0
+    #: Per resumed start: the checkpoint it went on from and the newer ones passed over (why).
+    restored: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
         """A line or two for people: what ran, the best epoch, where the run folder is."""
@@ -66,7 +68,14 @@ class TrainResult:
         stopped = ""
         if self.epochs and self.epochs_run < self.epochs:
             stopped = f" (stopped early: no better for {self.epochs_run - self.best_epoch} epochs)"
-        return (
+        resumed = ""
+        if self.restored:
+            last = self.restored[-1]
+            resumed = f"resumed from {last['from']}"
+            if last["passed_over"]:
+                resumed += f" (passed over: {'; '.join(last['passed_over'])})"
+            resumed += "\n"
+        return resumed + (
             f"trained epochs {self.starts[-1]}..{self.epochs_run} in {self.seconds:.0f} s"
             f"{stopped}; best epoch {self.best_epoch}: {loss}{val}\n"
             f"run folder: {self.out} "
@@ -277,6 +286,7 @@ def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:
         out=config.out,
         epochs_run=len(history),
         starts=state["starts"],
+        restored=state.get("restored", []),
         best_epoch=best_state["epoch"],
         best=best,
         history=history,

@@ -11,6 +11,7 @@ Padding rows (weight 0, see :func:`segray.train.data.pad_to_multiple`) count for
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ from segray.train.progress import post_epoch, post_step
 if TYPE_CHECKING:
     from segray.models.saving import ModelCard
     from segray.train.driver import LoopPlan
+
+log = logging.getLogger(__name__)
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> Any:
@@ -140,15 +143,32 @@ def _build(cfg: TrainConfig, card: ModelCard) -> Any:
 
 def _start(cfg: TrainConfig, model: Any, optimizer: Any) -> dict[str, Any]:
     """The loop state to start from: Ray Train's checkpoint after a restart, else the newest
-    complete checkpoint of this run (``resume``), else ``resume_from``'s, else a fresh state."""
+    complete checkpoint of this run (``resume``) that loads, else ``resume_from``'s, else a fresh
+    state. A checkpoint that does not load is passed over for the next older one, with a warning
+    naming both; the state records which one the run went on from."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint() or checkpoints.latest_checkpoint(cfg.out, cfg.endpoint)
-    if checkpoint is None and cfg.resume_from:
-        checkpoint = checkpoints.checkpoint_from_uri(cfg.resume_from, cfg.endpoint)
-    if checkpoint is None:
+    candidates = []
+    restarted = ray.train.get_checkpoint()  # after a restart, or the run's latest on --resume
+    if restarted is not None:
+        candidates.append((str(restarted.path).rstrip("/").rsplit("/", 1)[-1], restarted))
+    for folder in checkpoints.complete_checkpoints(cfg.out, cfg.endpoint):
+        name = folder.rsplit("/", 1)[-1]
+        if name not in (n for n, _ in candidates):
+            candidates.append((name, checkpoints.checkpoint_from_uri(folder, cfg.endpoint)))
+    if not candidates and cfg.resume_from:
+        candidates.append(
+            (cfg.resume_from, checkpoints.checkpoint_from_uri(cfg.resume_from, cfg.endpoint))
+        )
+    if not candidates:
         return {"epoch": 0, "history": [], "best": None, "bad_epochs": 0}
-    return checkpoints.restore(checkpoint, model, optimizer)
+    state, used, passed = checkpoints.restore_newest(candidates, model, optimizer)
+    if passed:
+        log.warning(
+            "resuming from %s (epoch %d); passed over: %s", used, state["epoch"], "; ".join(passed)
+        )
+    state["restored"] = [*state.get("restored", []), {"from": used, "passed_over": passed}]
+    return state
 
 
 def train_loop(loop: dict[str, Any]) -> None:

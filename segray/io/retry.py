@@ -1,0 +1,97 @@
+"""S3 calls that ride out an outage: retried with capped exponential backoff for a time budget.
+
+botocore's own retries (``standard`` mode, a few attempts) cover a dropped connection or a single
+throttle; they give up within seconds, and a job then turns every tile of a short outage into an
+error row. :func:`call` wraps one S3 call and retries it, as long as the failure is one a later
+attempt can cure (no connection, a timeout, HTTP 5xx, throttling), until ``SEGRAY_S3_RETRY_S``
+seconds (default 60) have passed since the first failure. Permanent answers (403, 404, a bad
+request) are raised at once. Each process says once per outage that it is waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Environment variable holding the retry budget in seconds (0 turns the outer retry off).
+BUDGET_ENV = "SEGRAY_S3_RETRY_S"
+DEFAULT_BUDGET_S = 60.0
+#: First and largest pause between two attempts, in seconds.
+FIRST_PAUSE_S, MAX_PAUSE_S = 0.5, 8.0
+#: Error codes that a later attempt can cure.
+TRANSIENT_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+
+
+def budget_s() -> float:
+    """The retry budget in force (``SEGRAY_S3_RETRY_S``, else 60 s)."""
+    raw = os.environ.get(BUDGET_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_BUDGET_S
+    except ValueError:
+        return DEFAULT_BUDGET_S
+
+
+def transient(exc: BaseException) -> bool:
+    """True when a later attempt of the same call may succeed."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code", "") in TRANSIENT_CODES or status >= 500
+    connection = (bx.ConnectionError, bx.HTTPClientError, bx.ResponseStreamingError)
+    return isinstance(exc, (*connection, ConnectionError, TimeoutError))
+
+
+_waiting = {"since": 0.0}
+
+
+def call(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
+    """``fn()``, retried while its failure is :func:`transient` and the budget lasts.
+
+    ``what`` names the object for the log line. The last failure is raised when the budget is
+    spent, so the caller's error names the object as it always did.
+    """
+    budget = budget_s() if budget is None else budget
+    first_failure = None
+    pause = FIRST_PAUSE_S
+    while True:
+        try:
+            result = fn()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            now = time.monotonic()
+            first_failure = first_failure or now
+            if now - first_failure + pause > budget:
+                raise
+            if now - _waiting["since"] > budget:  # once per outage and process
+                _waiting["since"] = now
+                log.warning(
+                    "S3 unreachable at %s (%s): retrying for up to %.0f s", what, exc, budget
+                )
+            time.sleep(pause * random.uniform(0.8, 1.2))
+            pause = min(pause * 2, MAX_PAUSE_S)
+            continue
+        return result
