@@ -37,6 +37,11 @@ class StorageError(SegrayError, OSError):
     """A URI that cannot be read, written or listed; the message names the URI."""
 
 
+class OutputFull(StorageError):
+    """The output cannot take another write (disk full, quota, read-only file system): every
+    write after it would fail the same way, so a job stops and says what it did."""
+
+
 class ModelError(SegrayError, ValueError):
     """A model that cannot be built, loaded or used as asked; the message says what is allowed."""
 

@@ -156,8 +156,11 @@ def test_200_geotiff_tiles_then_a_rerun_skips_all_and_rewrites_nothing(
     again = predict(cfg)
     assert again.ok and again.counts == {"ok": 0, "skipped": COUNT, "error": 0}
     assert objects(out, s3_endpoint) == before
-    statuses = read_manifest(again.manifest, endpoint=s3_endpoint).column("status").to_pylist()
-    assert statuses == ["skipped"] * COUNT
+    again_rows = read_manifest(again.manifest, endpoint=s3_endpoint).to_pylist()
+    assert [r["status"] for r in again_rows] == ["skipped"] * COUNT
+    # skipped rows carry the fractions the run that made their masks measured
+    first = {r["input_uri"]: r["class_fractions"] for r in table.to_pylist()}
+    assert {r["input_uri"]: r["class_fractions"] for r in again_rows} == first
     assert run_folders(out, endpoint=s3_endpoint) == sorted([result.manifest, again.manifest])
 
 
@@ -341,6 +344,7 @@ def test_killed_job_rerun_ends_with_every_mask_complete_and_correct(
     subset = {rel: v for rel, v in expected.items() if fnmatch.fnmatch(rel, pattern)}
     args = ["--model", model_uri, "--input", tiles, "--output", str(out), "--pattern", pattern]
     args += ["--s3-endpoint", s3_endpoint, "--batch-size", "2", "--ray-address", "local"]
+    args += ["--manifest-flush-s", "0.2"]  # the receipt follows the masks closely
     job = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "jobs", "batch_predict.py"), *args],
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
@@ -360,11 +364,24 @@ def test_killed_job_rerun_ends_with_every_mask_complete_and_correct(
     time.sleep(0.5)
     survivors = local_masks(out)
     assert 10 <= len(survivors) < len(subset), "the job must be killed midway"
-    (out / ".tmp-killed-tile_r000_c000.tif").write_bytes(b"half a mask")  # as a torn write leaves
+    torn = out / ".tmp-killed-tile_r000_c000.tif"  # as a torn write leaves
+    torn.write_bytes(b"half a mask")
+    os.utime(torn, (time.time() - 120, time.time() - 120))
+    live = out / ".tmp-live-tile_r000_c001.tif"  # another writer's, at work right now
+    live.write_bytes(b"being written")
+    (killed,) = run_folders(str(out))
+    finished = {r["input_uri"]: r for r in read_manifest(killed).to_pylist()}
+    assert finished and all(r["status"] == "ok" for r in finished.values())
 
     rerun = config(model_uri, tiles, str(out), s3_endpoint, batch_size=32, pattern=pattern)
     result = predict(rerun)
     assert result.ok and result.counts["error"] == 0
+    assert not torn.exists() and live.exists()
+    # the rerun's receipt keeps what the killed run measured of the tiles it finished
+    rows = {r["input_uri"]: r for r in read_manifest(result.manifest).to_pylist()}
+    for uri, row in finished.items():
+        assert rows[uri]["status"] == "skipped"
+        assert rows[uri]["class_fractions"] == row["class_fractions"] is not None
     assert result.counts["skipped"] == len(survivors)
     assert result.counts["ok"] == len(subset) - len(survivors)
     masks = local_masks(out)
@@ -410,6 +427,18 @@ def test_an_empty_input_is_an_error_that_says_what_to_check(model_uri, s3_endpoi
     cfg = PredictConfig(model=model_uri, input=str(tmp_path), output=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="no input found in .*check the URI, --pattern"):
         predict(PredictConfig(**{**vars(cfg), "endpoint": s3_endpoint}))
+
+
+def test_manifest_parts_are_written_by_time_as_well_as_by_rows(tmp_path):
+    manifest = Manifest(str(tmp_path), "model-uri", "v1", rows_per_part=1000, flush_s=0.3)
+    manifest.add("a", "ok", output_uri="out/a")
+    assert storage.list_files(manifest.uri) == []
+    time.sleep(0.35)
+    manifest.add("b", "ok", output_uri="out/b")
+    assert read_manifest(manifest.uri).column("input_uri").to_pylist() == ["a", "b"]
+    manifest.add("c", "ok", output_uri="out/c")
+    assert len(storage.list_files(manifest.uri)) == 1  # c waits for its time or the close
+    assert read_manifest(manifest.close(1.0).manifest).num_rows == 3
 
 
 def test_manifest_parts_and_verdict(tmp_path):
@@ -552,3 +581,42 @@ def test_an_s3_outage_during_the_job_costs_time_not_tiles(
     assert proxy.tripped_at is not None
     assert result.counts == {"ok": COUNT, "skipped": 0, "error": 0}, result.summary()
     assert_masks_correct(out, expected, s3_endpoint)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: room for about 60 masks (mounting needs root, as this project's machines
+    and CI have; elsewhere the test says why it cannot run)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_an_output_that_takes_no_more_writes_stops_the_job_with_its_receipt(
+    fault, model_uri, tiles, expected, s3_endpoint, small_disk, tmp_path, monkeypatch, ray_local
+):
+    if fault == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    monkeypatch.setenv("SEGRAY_MANIFEST_FALLBACK", str(tmp_path / "receipts"))
+    result = predict(config(model_uri, tiles, str(small_disk), s3_endpoint, batch_size=16))
+    why = "No space left on device" if fault == "disk full" else "Read-only file system"
+    assert not result.ok and why in result.stopped and str(small_disk) in result.stopped
+    summary = result.summary()
+    assert "STOPPED" in summary and str(tmp_path / "receipts") in summary
+    # the receipt was written where it could be, and says exactly what was done
+    assert result.manifest.startswith(str(tmp_path / "receipts"))
+    rows = read_manifest(result.manifest).to_pylist()
+    done = {storage.relative_to(tiles, r["input_uri"]) for r in rows if r["status"] == "ok"}
+    masks = local_masks(small_disk)
+    assert {p.relative_to(small_disk).as_posix() for p in masks} == done
+    assert 0 < len(done) < COUNT if fault == "disk full" else not done
+    assert_masks_correct(str(small_disk), {rel: expected[rel] for rel in done}, s3_endpoint)
+    assert not [p for p in small_disk.rglob(".tmp-*")]  # no torn write left behind

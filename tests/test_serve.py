@@ -232,6 +232,22 @@ def _bad_inputs() -> list[tuple[str, dict, int, str]]:
             400,
             "invalid multipart body",
         ),
+        (
+            "two files",
+            {
+                "data": b"".join(
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                    f'filename="{n}.png"\r\n\r\n'.encode()
+                    + good
+                    + b"\r\n"
+                    for n in "ab"
+                )
+                + f"--{boundary}--\r\n".encode(),
+                "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            },
+            400,
+            "invalid multipart body",
+        ),
         ("format", {"data": good, "params": {"format": "xml"}}, 400, "invalid request"),
         ("class", {"data": good, "params": {"class": 7}}, 400, "invalid request"),
         ("threshold", {"data": good, "params": {"threshold": "high"}}, 400, "invalid request"),
@@ -344,6 +360,17 @@ def test_multipart_extraction_is_byte_exact():
     )
     assert http.image_bytes(body, 'multipart/form-data; boundary="xyz"') == payload
     assert http.image_bytes(b"raw", "image/png") == b"raw"
+    # strict: the body must close, and carry one file
+    refused = {
+        "before its final boundary": body[: -len(b"--xyz--\r\n")],
+        "2 file parts": body.replace(b'name="meta"', b'name="file"'),
+        "no file part": body.replace(b'; filename="a.tif"', b""),
+        "boundary": b"no boundary at all",
+    }
+    for reason, bad in refused.items():
+        with pytest.raises(http.ApiError) as info:
+            http.image_bytes(bad, 'multipart/form-data; boundary="xyz"')
+        assert info.value.status == 400 and reason in info.value.detail, reason
 
 
 def test_response_format_from_accept():

@@ -54,6 +54,9 @@ class PredictConfig(Settings):
     )
     io_threads: int = setting(8, "Threads of each read or write task.", ge=1, cli=False)
     manifest_rows: int = setting(10_000, "Manifest rows per Parquet part.", ge=1, cli=False)
+    manifest_flush_s: float = setting(
+        30.0, "Seconds after which collected manifest rows are written as a part.", gt=0
+    )
     ray_address: str | None = setting(None, "Ray cluster (default: RAY_ADDRESS, else local).")
 
     @field_validator("suffixes")

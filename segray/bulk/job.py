@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from segray.bulk import stages
 from segray.bulk.config import PredictConfig
-from segray.bulk.manifest import Manifest, PredictResult
-from segray.bulk.plan import outputs, plan
+from segray.bulk.manifest import Manifest, PredictResult, finished_rows
+from segray.bulk.plan import list_outputs, outputs, plan
 from segray.bulk.predictor import TilePredictor, WindowPredictor, render_options
+from segray.bulk.rows import STOP
 from segray.bulk.scenes import SceneAssembler
 from segray.errors import ConfigError
+from segray.io import storage
 from segray.log import progress
 
 if TYPE_CHECKING:
@@ -52,32 +54,92 @@ def predict(config: PredictConfig) -> PredictResult:
             f"no input found in {where} (suffixes {config.suffixes or 'default'}, pattern "
             f"{config.pattern!r}): check the URI, --pattern and --suffixes"
         )
+    stale = storage.remove_stale_temps(config.output, older_than=time.time() - STALE_TEMP_S)
+    if stale:
+        log.info("removed %d temporary file(s) a killed writer left in %s", stale, config.output)
     manifest = Manifest(
         config.output,
         config.model,
         card.version,
         endpoint=config.endpoint,
         rows_per_part=config.manifest_rows,
+        flush_s=config.manifest_flush_s,
     )
-    for input_uri, output_uri, reason in done:
-        status = "error" if reason else "skipped"
-        manifest.add(input_uri, status, reason, **({} if reason else outputs(output_uri, config)))
+    _record_settled(manifest, done, config)
+    stopped = ""
     if todo:
         _init_ray(config)
         unit = "scene" if config.scene else "tile"
         log.info("predicting %d %s(s), %d settled already", len(todo), unit, len(done))
         with progress(len(todo), f"{unit}s", unit) as bar:
             if config.scene:
-                for row in _run_scenes(todo, config, card):
+                scenes = _run_scenes(todo, config, card)
+                for row in scenes:
+                    stopped = row.pop(STOP, "")
                     manifest.add(**row)
                     bar.update(1)
+                    if stopped:
+                        scenes.close()
+                        break
             else:
-                for batch in _run_tiles(todo, config, card):
+                batches = _run_tiles(todo, config, card)
+                for batch in batches:
                     manifest.add_batch(batch)
                     bar.update(len(batch["input_uri"]))
-    result = manifest.close(time.monotonic() - start, config.max_error_rate)
+                    stopped = next((str(s) for s in batch[STOP] if s), "")
+                    if stopped:
+                        batches.close()  # Ray Data stops the pipeline: no new task starts
+                        break
+    if stopped:
+        log.error("stopping: %s", stopped)
+        _record_unreported(manifest, todo, config)
+    result = manifest.close(time.monotonic() - start, config.max_error_rate, stopped)
     log.info(result.summary())
     return result
+
+
+#: Temporary files older than this when a job starts are a killed writer's (a live write takes
+#: seconds): removed.
+STALE_TEMP_S = 60.0
+
+
+def _record_unreported(manifest: Manifest, todo: list, config: PredictConfig) -> None:
+    """After an early stop: the masks that batches in flight finished but the driver never saw
+    get ``ok`` rows too (their class fractions unknown), so the receipt covers every mask the run
+    wrote. A mask is written last and whole, so one that exists is complete."""
+    seen = manifest.inputs()
+    present = _settled_outputs(config)
+    for input_uri, output_uri in todo:
+        if input_uri not in seen and output_uri in present:
+            manifest.add(input_uri, "ok", **outputs(output_uri, config))
+
+
+def _settled_outputs(config: PredictConfig, pause_s: float = 1.0, limit_s: float = 60.0) -> set:
+    """The outputs once writes already under way have landed: listed until two listings a
+    pause apart agree (a write task that was running when the job stopped takes under a
+    second; none is started after)."""
+    present, deadline = set(list_outputs(config)), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(pause_s)
+        again = set(list_outputs(config))
+        if again == present:
+            break
+        present = again
+    return present
+
+
+def _record_settled(manifest: Manifest, done: list, config: PredictConfig) -> None:
+    """Manifest rows of the inputs settled before the run: refused ones (``error``), and those
+    whose outputs exist (``skipped``, with the class fractions of the run that made them)."""
+    earlier = None
+    for input_uri, output_uri, reason in done:
+        if reason:
+            manifest.add(input_uri, "error", reason)
+            continue
+        if earlier is None:
+            earlier = finished_rows(config.output, endpoint=config.endpoint)
+        fractions = earlier.get(input_uri)
+        manifest.add(input_uri, "skipped", class_fractions=fractions, **outputs(output_uri, config))
 
 
 def _init_ray(config: PredictConfig) -> None:
@@ -113,7 +175,7 @@ def _run_tiles(
     ds = _predict_stage(ds, config, TilePredictor)
     write = {"config": config, "footprints": footprint_options(config, card)}
     ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
-    return ds.iter_batches(batch_size=None, batch_format="numpy")
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def _run_scenes(

@@ -4,24 +4,31 @@ Inputs: a folder, prefix or list of URIs, minus those whose outputs exist (:func
 mask, and beside it, when the job makes them, its uncertainty map and its footprints. Receipt: one
 Parquet row per input and the job's verdict (:class:`Manifest`, :class:`PredictResult`).
 
-Each run writes ``<output>/_manifest/run-<UTC time>-<id>/part-00000.parquet`` (more parts every
-``rows_per_part`` rows, so the driver's memory stays flat on millions of tiles). Every part is
-written whole, and a rerun writes a new run folder, so no earlier receipt is ever overwritten; a
-run killed midway leaves the parts it had finished. :func:`read_manifest` reads one run folder,
-or every run under ``<output>/_manifest``.
+Each run writes ``<output>/_manifest/run-<UTC time>-<id>/part-00000.parquet`` (a new part every
+``rows_per_part`` rows, so the driver's memory stays flat on millions of tiles, and every
+``flush_s`` seconds, so a run killed midway leaves a receipt of nearly all it finished). Every part
+is written whole, and a rerun writes a new run folder, so no earlier receipt is ever overwritten;
+the rerun's ``skipped`` rows take their class fractions from the earlier runs' ``ok`` rows
+(:func:`finished_rows`). When the output can take no more writes (disk full, read-only), the rest
+of the receipt goes to a local folder (:func:`fallback_folder`) that the summary names.
+:func:`read_manifest` reads one run folder, or every run under ``<output>/_manifest``.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segray.errors import OutputFull
 from segray.io import storage
 
 if TYPE_CHECKING:
@@ -34,6 +41,8 @@ STATUSES = ("ok", "skipped", "error")
 _SIDE_FILES = ("uncertainty_uri", "footprints_uri")
 #: Errors quoted in the printed summary; the manifest has all of them.
 SUMMARY_ERRORS = 5
+
+log = logging.getLogger(__name__)
 
 
 # --- inputs: what to predict, what is done already -----------------------------------------------
@@ -71,6 +80,10 @@ class PredictResult:
     manifest: str
     seconds: float
     max_error_rate: float = 0.0
+    #: Why the job stopped before its end (the output could take no more writes), else "".
+    stopped: str = ""
+    #: Where the receipt went when the output could not take it.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -84,8 +97,9 @@ class PredictResult:
 
     @property
     def ok(self) -> bool:
-        """True unless the error fraction exceeds ``max_error_rate``: the job's exit status."""
-        return self.error_rate <= self.max_error_rate
+        """False when the job stopped early or its error fraction exceeds ``max_error_rate``:
+        the job's exit status."""
+        return not self.stopped and self.error_rate <= self.max_error_rate
 
     def summary(self) -> str:
         """A few lines for people: counts, throughput, the first errors, the manifest."""
@@ -102,7 +116,10 @@ class PredictResult:
         lines.append(
             f"  error rate {self.error_rate:.2%} (max {self.max_error_rate:.2%}): {verdict}"
         )
+        if self.stopped:
+            lines.append(f"  STOPPED: {self.stopped}; a rerun does the rest")
         lines.append(f"  manifest: {self.manifest}")
+        lines += [f"  manifest: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -117,16 +134,21 @@ class Manifest:
         *,
         endpoint: str | None = None,
         rows_per_part: int = 10_000,
+        flush_s: float = 30.0,
     ) -> None:
         run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         self.uri = storage.join(output, MANIFEST_DIR, f"run-{run}")
         self.model = (model_uri, model_version)
         self.endpoint = endpoint
-        self.rows_per_part = rows_per_part
+        self.rows_per_part, self.flush_s = rows_per_part, flush_s
+        self._flushed_at = time.monotonic()
+        self._run = f"run-{run}"
+        self.notes: list[str] = []
         self.counts = dict.fromkeys(STATUSES, 0)
         self.errors: list[tuple[str, str]] = []
         self._rows: dict[str, list[Any]] = {name: [] for name in schema().names}
         self._parts = 0
+        self._written: list[tuple[str, str | None]] = []  # (part, endpoint) of each part
 
     def add(
         self,
@@ -162,7 +184,9 @@ class Manifest:
         self.counts[status] += 1
         if status == "error" and len(self.errors) < SUMMARY_ERRORS:
             self.errors.append((str(input_uri), error))
-        if len(self._rows["input_uri"]) >= self.rows_per_part:
+        if len(self._rows["input_uri"]) >= self.rows_per_part or (
+            time.monotonic() - self._flushed_at >= self.flush_s
+        ):
             self.flush()
 
     def add_batch(self, batch: dict[str, Any]) -> None:
@@ -191,18 +215,75 @@ class Manifest:
         table = pa.table(self._rows, schema=schema())
         sink = io.BytesIO()
         pq.write_table(table, sink)
-        part = storage.join(self.uri, f"part-{self._parts:05d}.parquet")
-        storage.write_bytes(part, sink.getvalue(), endpoint=self.endpoint)
+        name = f"part-{self._parts:05d}.parquet"
+        try:
+            storage.write_bytes(
+                storage.join(self.uri, name), sink.getvalue(), endpoint=self.endpoint
+            )
+        except OutputFull as exc:
+            # the rest of the receipt goes where it can be written, and the summary says where
+            fallback = fallback_folder(self._run)
+            self.notes.append(
+                f"{self._parts} part(s) in {self.uri}; the rest in {fallback} ({exc})"
+            )
+            log.warning("manifest: %s; writing it to %s instead", exc, fallback)
+            self.uri, self.endpoint = fallback, None
+            storage.write_bytes(storage.join(self.uri, name), sink.getvalue())
+        self._written.append((storage.join(self.uri, name), self.endpoint))
         self._parts += 1
+        self._flushed_at = time.monotonic()
         self._rows = {name: [] for name in schema().names}
 
-    def close(self, seconds: float, max_error_rate: float = 0.0) -> PredictResult:
+    def inputs(self) -> set[str]:
+        """Every input recorded so far in this run (its parts read back, and the rows not yet
+        written): for a job that stops early and must find what it has not recorded."""
+        import pyarrow.parquet as pq
+
+        seen = set(self._rows["input_uri"])
+        for part, endpoint in self._written:
+            data = io.BytesIO(storage.read_bytes(part, endpoint=endpoint))
+            seen.update(pq.read_table(data, columns=["input_uri"]).column(0).to_pylist())
+        return seen
+
+    def close(
+        self, seconds: float, max_error_rate: float = 0.0, stopped: str = ""
+    ) -> PredictResult:
         """Write the last part and return the job's result."""
         if self._rows["input_uri"] or not self._parts:
             self.flush()
         return PredictResult(
-            dict(self.counts), list(self.errors), self.uri, seconds, max_error_rate
+            dict(self.counts),
+            list(self.errors),
+            self.uri,
+            seconds,
+            max_error_rate,
+            stopped,
+            list(self.notes),
         )
+
+
+def fallback_folder(run: str) -> str:
+    """A local folder for a receipt the output cannot take: ``$SEGRAY_MANIFEST_FALLBACK``, else
+    ``segray-manifests/`` in the system's temporary folder."""
+    root = os.environ.get("SEGRAY_MANIFEST_FALLBACK") or os.path.join(
+        tempfile.gettempdir(), "segray-manifests"
+    )
+    return os.path.join(os.path.abspath(root), run)
+
+
+def finished_rows(output: str, *, endpoint: str | None = None) -> dict[str, list[float] | None]:
+    """``{input_uri: class fractions}`` of every input an earlier run into ``output`` finished
+    (``ok`` rows; the newest run wins), for the ``skipped`` rows of a rerun."""
+    import pyarrow.parquet as pq
+
+    found: dict[str, list[float] | None] = {}
+    for folder in run_folders(output, endpoint=endpoint):
+        for part in storage.list_files(folder, suffixes=".parquet", endpoint=endpoint):
+            data = io.BytesIO(storage.read_bytes(part, endpoint=endpoint))
+            table = pq.read_table(data, columns=["input_uri", "status", "class_fractions"])
+            rows = zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
+            found.update((uri, fr) for uri, status, fr in rows if status == "ok")
+    return found
 
 
 def read_manifest(uri: str, *, endpoint: str | None = None) -> pa.Table:

@@ -66,8 +66,9 @@ class PredictedColumns(TypedDict, total=False):
     labels: bytes  # uint8 class ids, the mask's shape (with footprints)
 
 
-class ResultRow(TypedDict):
-    """A manifest row (see :func:`segray.bulk.manifest.schema`)."""
+class ResultRow(TypedDict, total=False):
+    """A manifest row (see :func:`segray.bulk.manifest.schema`), and ``stop``: why the job must
+    stop after this row (the output can take no more writes), never written to the manifest."""
 
     input_uri: str
     status: str
@@ -77,15 +78,18 @@ class ResultRow(TypedDict):
     footprints_uri: str
     class_fractions: list[float]
     seconds: float
+    stop: str
 
 
+#: The column of a result row that stops the job (see :class:`ResultRow`).
+STOP = "stop"
 #: Predicted columns of uint8 arrays of the mask's shape, written beside it.
 SIDE_COLUMNS = ("uncertainty", "labels")
 #: Columns whose values are bytes or strings: kept as numpy object arrays.
 OBJECT_COLUMNS = frozenset(
     {"input_uri", "output_uri", "error", "pixels", "dtype", "format", "crs", "status"}
     | set(SIDE_COLUMNS)
-    | {"uncertainty_uri", "footprints_uri"}
+    | {"uncertainty_uri", "footprints_uri", STOP}
 )
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from segray import inference
-from segray.bulk.rows import SIDE_COLUMNS, georeference, unpack
+from segray.bulk.rows import SIDE_COLUMNS, STOP, georeference, unpack
 from segray.bulk.stages import write_outputs
+from segray.errors import OutputFull
 from segray.inference.tiling import SceneStitcher
 from segray.io.imagery import Tile
 from segray.io.rasters import Window
@@ -131,6 +132,8 @@ class SceneAssembler:
             uris = write_outputs(
                 scene.output_uri, arrays["mask"], like, self.endpoint, self.footprints, **side
             )
+        except OutputFull as exc:  # no later write can succeed: the job stops after this row
+            return {**row, "status": "error", "error": str(exc), STOP: str(exc)}
         except Exception as exc:  # storage or encoder failure: this scene's error, not the job's
             return {**row, "status": "error", "error": f"cannot write scene mask: {exc}"}
         row["seconds"] += time.perf_counter() - start

@@ -20,6 +20,7 @@ from segray.bulk.plan import footprints_uri, uncertainty_uri
 from segray.bulk.rows import (
     NO_TRANSFORM,
     SIDE_COLUMNS,
+    STOP,
     InputRow,
     columns,
     failed_tile,
@@ -29,7 +30,7 @@ from segray.bulk.rows import (
     unpack,
     window_row,
 )
-from segray.errors import SegrayError, TileError
+from segray.errors import OutputFull, SegrayError, TileError
 from segray.inference.tiling import scene_windows
 from segray.io import imagery, storage
 from segray.io.imagery import Tile
@@ -86,6 +87,8 @@ def write_masks(
             side = {k: unpack(batch[k][i], shape, "uint8") for k in SIDE_COLUMNS if k in batch}
             mask = unpack(batch["pixels"][i], shape, batch["dtype"][i])
             uris = write_outputs(uri, mask, tile_of(batch, i), endpoint, footprints, **side)
+        except OutputFull as exc:  # no later write can succeed: the driver stops the job
+            return "error", str(exc), time.perf_counter() - start, {STOP: str(exc)}
         except Exception as exc:  # storage or encoder failure: this tile's error, not the job's
             return "error", f"{uri}: cannot write mask: {exc}", time.perf_counter() - start, {}
         return "ok", "", time.perf_counter() - start, uris
@@ -98,7 +101,7 @@ def write_masks(
         "error": objects([r[1] for r in rows]),
         **{
             k: objects([r[3].get(k, "") for r in rows])
-            for k in ("output_uri", "uncertainty_uri", "footprints_uri")
+            for k in ("output_uri", "uncertainty_uri", "footprints_uri", STOP)
         },
         "class_fractions": batch["class_fractions"],
         "seconds": np.asarray(batch["seconds"], np.float64) + [r[2] for r in rows],

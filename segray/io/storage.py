@@ -7,11 +7,12 @@ renamed into place; an S3 write is one ``PutObject``. A reader never sees half a
 The S3 endpoint is chosen, first match wins, from: the ``endpoint`` argument (the CLI's
 ``--s3-endpoint``), ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``; none means AWS itself.
 Credentials and region come from the standard AWS chain (environment, config files, instance role).
-S3 calls ride out an outage of up to ``SEGRAY_S3_RETRY_S`` seconds (default 60; :mod:`.retry`).
+S3 calls ride out an outage of up to ``SEGRAY_S3_RETRY_S`` seconds (default 60; :mod:`.s3`).
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import functools
 import os
@@ -19,11 +20,12 @@ import posixpath
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from segray.errors import StorageError
-from segray.io import retry
+from segray.errors import OutputFull, StorageError
+from segray.io import s3
+from segray.io.s3 import resolve_endpoint, s3_client, s3_filesystem  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -116,32 +118,6 @@ def local_links(uri: str) -> list[str]:
     return sorted(found)
 
 
-def resolve_endpoint(endpoint: str | None = None) -> str | None:
-    """The S3 endpoint in force: argument, ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``."""
-    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-@functools.lru_cache(maxsize=8)
-def _client(endpoint: str | None) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    session = boto3.session.Session()
-    region = session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(
-        retries={"max_attempts": 3, "mode": "standard"},  # quick ones; retry.call rides outages
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=32,
-    )
-    return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
-
-
-def s3_client(endpoint: str | None = None) -> Any:
-    """A cached boto3 S3 client for the endpoint in force (see :func:`resolve_endpoint`)."""
-    return _client(resolve_endpoint(endpoint))
-
-
 def _s3_error(uri: str, exc: Exception) -> StorageError:
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
     return StorageError(f"{uri}: S3 error {code}: {exc}")
@@ -158,7 +134,7 @@ def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
             raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
     client = s3_client(endpoint)
     try:
-        return retry.call(
+        return s3.call(
             uri, lambda: client.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
         )
     except Exception as exc:
@@ -171,14 +147,17 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
     if loc.scheme == "s3":
         try:
             client = s3_client(endpoint)
-            retry.call(uri, lambda: client.put_object(Bucket=loc.bucket, Key=loc.path, Body=data))
+            s3.call(uri, lambda: client.put_object(Bucket=loc.bucket, Key=loc.path, Body=data))
         except Exception as exc:
             raise _s3_error(uri, exc) from exc
         return
     folder = os.path.dirname(loc.path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(loc.path))
+    tmp = ""
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=folder, prefix=TEMP_PREFIX, suffix="-" + os.path.basename(loc.path)
+        )
         # mkstemp makes the file 0600 whatever the umask: give it the mode a plain open() would
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -186,10 +165,37 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, loc.path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise OutputFull(f"{uri}: cannot write: {exc.strerror}") from exc
         raise
+
+
+#: errnos after which no further write to the same output can succeed.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+#: Name prefix of the temporary files of local writes (never listed as inputs or outputs).
+TEMP_PREFIX = ".tmp-"
+
+
+def remove_stale_temps(uri: str, older_than: float) -> int:
+    """Remove the temporary files of local writes under ``uri`` last touched before
+    ``older_than`` (a ``time.time()``): what a killed writer left. Returns how many; S3 has
+    none (its writes are one PUT)."""
+    loc = parse(uri)
+    if loc.scheme != "file" or not os.path.isdir(loc.path):
+        return 0
+    removed = 0
+    for path in _walk_local(loc.path):
+        if os.path.basename(path).startswith(TEMP_PREFIX):
+            try:
+                if os.lstat(path).st_mtime < older_than:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:  # its writer finished or cleaned it meanwhile
+                pass
+    return removed
 
 
 @functools.lru_cache(maxsize=1)
@@ -225,16 +231,14 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
         return os.path.exists(loc.path)
     client = s3_client(endpoint)
     try:
-        retry.call(uri, lambda: client.head_object(Bucket=loc.bucket, Key=loc.path))
+        s3.call(uri, lambda: client.head_object(Bucket=loc.bucket, Key=loc.path))
         return True
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         if code not in ("404", "NoSuchKey", "NotFound"):
             raise _s3_error(uri, exc) from exc
     prefix = loc.path.rstrip("/") + "/" if loc.path else ""
-    resp = retry.call(
-        uri, lambda: client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
-    )
+    resp = s3.call(uri, lambda: client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1))
     return resp.get("KeyCount", 0) > 0
 
 
@@ -246,12 +250,12 @@ def delete(uri: str, *, endpoint: str | None = None) -> None:
             os.unlink(loc.path)
         return
     client = s3_client(endpoint)
-    retry.call(uri, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.path))
+    s3.call(uri, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.path))
 
 
 def _matches(rel: str, suffixes: tuple[str, ...], pattern: str | None) -> bool:
     name = rel.rsplit("/", 1)[-1]
-    if name.startswith(".tmp-"):
+    if name.startswith(TEMP_PREFIX):
         return False
     if suffixes and not name.lower().endswith(suffixes):
         return False
@@ -297,7 +301,7 @@ def list_files(
     loc = parse(uri)
     try:
         if loc.scheme == "s3":
-            found = retry.call(uri, lambda: list(_walk_s3(loc, endpoint)))
+            found = s3.call(uri, lambda: list(_walk_s3(loc, endpoint)))
         else:
             found = list(_walk_local(loc.path))
     except StorageError:
@@ -347,26 +351,3 @@ def pyarrow_filesystem(
     if loc.scheme == "file":
         return pafs.LocalFileSystem(), loc.path
     return s3_filesystem(endpoint), f"{loc.bucket}/{loc.path}".rstrip("/")
-
-
-def s3_filesystem(endpoint: str | None = None) -> pyarrow.fs.S3FileSystem:
-    """A pyarrow ``S3FileSystem`` for the endpoint in force, with boto3's resolved credentials."""
-    import boto3
-    import pyarrow.fs as pafs
-
-    url = resolve_endpoint(endpoint)
-    session = boto3.session.Session()
-    kwargs: dict[str, Any] = {
-        "region": session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    }
-    creds = session.get_credentials()
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
-        if frozen.token:
-            kwargs["session_token"] = frozen.token
-    if url:
-        parsed = urlparse(url)
-        kwargs.update(endpoint_override=parsed.netloc or url, scheme=parsed.scheme or "https")
-        kwargs["force_virtual_addressing"] = False
-    return pafs.S3FileSystem(**kwargs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from email.message import Message
-from email.parser import BytesHeaderParser
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
@@ -89,7 +88,12 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 
 def image_bytes(body: bytes, content_type: str) -> bytes:
-    """The image in a request body: the body itself, or the file part of a multipart form."""
+    """The image in a request body: the body itself, or the one file part of a multipart form.
+
+    Multipart bodies are parsed by python-multipart, strictly: the body must close with its
+    final boundary and carry exactly one file (a part with a filename, or named ``file`` or
+    ``image``); other form fields are ignored. Anything else is a 400 that says why.
+    """
     if not content_type.lower().startswith("multipart/"):
         return body
     header = Message()
@@ -97,15 +101,71 @@ def image_bytes(body: bytes, content_type: str) -> bytes:
     boundary = header.get_param("boundary")
     if not isinstance(boundary, str) or not boundary:
         raise ApiError(400, "invalid multipart body", "Content-Type has no boundary")
-    for part in body.split(b"--" + boundary.encode())[1:]:
-        if part.startswith(b"--"):
-            break
-        head, sep, data = part.partition(b"\r\n\r\n")
-        headers = BytesHeaderParser().parsebytes(head.lstrip(b"\r\n") + b"\r\n\r\n")
-        name = headers.get_param("name", header="content-disposition")
-        if sep and (headers.get_filename() or name in ("file", "image")):
-            return data.removesuffix(b"\r\n")
-    raise ApiError(400, "invalid multipart body", "no file part: send the image as field 'file'")
+    parts, closed = _multipart_parts(body, boundary)
+    if not closed:
+        raise ApiError(400, "invalid multipart body", "the body ends before its final boundary")
+    files = [data for disposition, data in parts if _is_file(disposition)]
+    if len(files) != 1:
+        detail = (
+            "no file part: send the image as field 'file'"
+            if not files
+            else (f"{len(files)} file parts: send one image per request")
+        )
+        raise ApiError(400, "invalid multipart body", detail)
+    return files[0]
+
+
+def _multipart_parts(body: bytes, boundary: str) -> tuple[list[tuple[str, bytes]], bool]:
+    """``([(content-disposition, data) per part], whether the final boundary came)``."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser
+
+    parts: list[tuple[str, bytearray]] = []
+    field, value, closed = bytearray(), bytearray(), [False]
+
+    def on_part_begin() -> None:
+        parts.append(("", bytearray()))
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        if field.decode("latin-1").strip().lower() == "content-disposition":
+            parts[-1] = (value.decode("latin-1"), parts[-1][1])
+        field.clear()
+        value.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1][1].extend(data[start:end])
+
+    def on_end() -> None:
+        closed[0] = True
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_end": on_end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, "invalid multipart body", str(exc)) from None
+    return [(d, bytes(data)) for d, data in parts], closed[0]
+
+
+def _is_file(disposition: str) -> bool:
+    header = Message()
+    header["content-disposition"] = disposition
+    name = header.get_param("name", header="content-disposition")
+    return bool(header.get_filename()) or name in ("file", "image")
 
 
 def response_format(fmt: str | None, accept: str) -> str:

@@ -1,4 +1,5 @@
-"""S3 calls that ride out an outage: retried with capped exponential backoff for a time budget.
+"""Connections to S3: the endpoint in force, cached boto3 clients and pyarrow filesystems, and
+calls that ride out an outage (retried with capped exponential backoff for a time budget).
 
 botocore's own retries (``standard`` mode, a few attempts) cover a dropped connection or a single
 throttle; they give up within seconds, and a job then turns every tile of a short outage into an
@@ -10,12 +11,17 @@ request) are raised at once. Each process says once per outage that it is waitin
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,3 +101,52 @@ def call(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
             pause = min(pause * 2, MAX_PAUSE_S)
             continue
         return result
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str | None:
+    """The S3 endpoint in force: argument, ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``."""
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    region = session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    config = Config(
+        retries={"max_attempts": 3, "mode": "standard"},  # quick ones; retry.call rides outages
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+    )
+    return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def s3_client(endpoint: str | None = None) -> Any:
+    """A cached boto3 S3 client for the endpoint in force (see :func:`resolve_endpoint`)."""
+    return _client(resolve_endpoint(endpoint))
+
+
+def s3_filesystem(endpoint: str | None = None) -> pyarrow.fs.S3FileSystem:
+    """A pyarrow ``S3FileSystem`` for the endpoint in force, with boto3's resolved credentials."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    url = resolve_endpoint(endpoint)
+    session = boto3.session.Session()
+    kwargs: dict[str, Any] = {
+        "region": session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
+    creds = session.get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+        if frozen.token:
+            kwargs["session_token"] = frozen.token
+    if url:
+        parsed = urlparse(url)
+        kwargs.update(endpoint_override=parsed.netloc or url, scheme=parsed.scheme or "https")
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)
