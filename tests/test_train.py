@@ -93,7 +93,7 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     with open(f"{newest}/model.keras", "r+b") as f:
         f.truncate(1000)
     again = train(tiny_config(binary_tiles, out, epochs=5, resume=True))
-    fallback = int(older.rsplit("_", 1)[-1])
+    fallback = int(older.rsplit("epoch_", 1)[-1][:4])
     assert again.restored[-1]["from"] == older.rsplit("/", 1)[-1]
     (passed,) = again.restored[-1]["passed_over"]
     assert passed.startswith(newest.rsplit("/", 1)[-1])

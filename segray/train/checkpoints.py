@@ -98,15 +98,32 @@ def save(model: Any, optimizer: Any, card: ModelCard, state: dict[str, Any]) -> 
     return folder
 
 
+def checkpoint_name(epoch: int, start: int) -> str:
+    """The folder of an epoch's checkpoint: ``epoch_NNNN`` in a run's first start, and
+    ``epoch_NNNN.rKK`` in its KK-th (a resumed or restarted run may report again an epoch that an
+    earlier start saved; a name of its own keeps Ray Train, which deletes checkpoints beyond the
+    two it keeps, from deleting the new one as the old)."""
+    return f"epoch_{epoch:04d}" + (f".r{start:02d}" if start > 1 else "")
+
+
+def _age(folder: str) -> tuple[int, int]:
+    """``(epoch, start)`` of a checkpoint folder named by :func:`checkpoint_name`."""
+    name = folder.rsplit("/", 1)[-1].removeprefix("epoch_")
+    epoch, _, start = name.partition(".r")
+    if not epoch.isdigit() or not (start.isdigit() or not start):
+        return (-1, 0)  # not a checkpoint of this run's naming: oldest
+    return int(epoch), int(start or 1)
+
+
 def complete_checkpoints(out: str, endpoint: str | None) -> list[str]:
-    """The complete ``epoch_NNNN`` checkpoint folders under a run folder, newest first.
+    """The complete ``epoch_NNNN[.rKK]`` checkpoint folders under a run folder, newest first.
 
     Ray Train hands restarted workers its latest registered checkpoint, but a worker lost right
     after a report can beat the registration (seen with Ray 2.60): the folders themselves are the
     record, and one counts only when all its files are there.
     """
     files = set(storage.list_files(out, pattern="epoch_*/*", endpoint=endpoint))
-    folders = sorted({f.rsplit("/", 1)[0] for f in files}, reverse=True)
+    folders = sorted({f.rsplit("/", 1)[0] for f in files}, key=_age, reverse=True)
     needed = (MODEL_FILE, CARD_FILE, OPTIMIZER_FILE, STATE_FILE)
     return [d for d in folders if all(storage.join(d, name) in files for name in needed)]
 

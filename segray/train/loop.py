@@ -216,7 +216,8 @@ def train_loop(loop: dict[str, Any]) -> None:
             card = card.replace(metrics=row, epoch=epoch)
             folder = checkpoints.save(model, optimizer, card, state)
             ckpt = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        name = checkpoints.checkpoint_name(epoch, len(state["starts"]))
+        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=name)
         if state["bad_epochs"] and cfg.patience and state["bad_epochs"] >= cfg.patience:
             break  # early stopping: the driver tells from the history
 
