@@ -437,3 +437,36 @@ def test_slow_clients_get_408_and_cannot_take_healthz_down(url):
         for sock in slow:
             sock.close()
     assert post(url, tile_png(3)).status_code == 200  # and the service goes on
+
+
+def test_a_client_that_leaves_is_one_log_line_not_a_500(url):
+    import glob
+    import os
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    import ray
+
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+
+    def counts() -> dict[str, int]:
+        text = "".join(open(f, errors="replace").read() for f in glob.glob(f"{logs}/*.log"))
+        return {key: text.count(key) for key in (" 499 ", " 500 ", "Traceback")}
+
+    before = counts()
+    host, port = urlparse(url).hostname, urlparse(url).port
+    head = (
+        f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    ).encode()
+    for _ in range(3):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(head + b"\x89PNG\r\n\x1a\n\0\0")
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while counts()[" 499 "] < before[" 499 "] + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = counts()
+    assert after[" 499 "] >= before[" 499 "] + 3
+    assert after[" 500 "] == before[" 500 "] and after["Traceback"] == before["Traceback"]
