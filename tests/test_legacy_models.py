@@ -55,6 +55,7 @@ def _tampered(tmp_path, **changes) -> str:
         ({"input_shape": [32, 32, 4]}, "input_shape has 4 band(s) but the model takes 3"),
         ({"class_names": ["a"]}, "class_names has 1 names for 3 classes"),
         ({"bands": [1, 2]}, "bands must be 3 band numbers"),
+        ({"dtype": "complex64"}, "dtype must be one of ('uint8', 'uint16', 'int16', 'float32')"),
     ],
 )
 def test_a_tampered_card_is_refused_naming_the_field(tmp_path, changes, message):

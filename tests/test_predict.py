@@ -56,6 +56,7 @@ def model_uri(s3_root, s3_endpoint) -> str:
         input_shape=(SIZE, SIZE, 3),
         class_names=["background", "building"],
         options=options,
+        dtype="uint8",
     )
     saving.save_model(model, card, f"{s3_root}/model", endpoint=s3_endpoint)
     return f"{s3_root}/model"
@@ -181,6 +182,7 @@ def corrupt_collection(root: str, endpoint: str) -> dict[str, str]:
         "images/bad/text.tif": b"this is not an image at all",
         "images/bad/one_band.tif": imagery.encode_geotiff(image[..., :1]),
         "images/bad/float64.tif": imagery.encode_geotiff(image.astype(np.float64)),
+        "images/bad/sixteen.tif": imagery.encode_geotiff(image.astype(np.uint16) * 250),
     }
     for rel, data in files.items():
         storage.write_bytes(f"{root}/{rel}", data, endpoint=endpoint)
@@ -190,6 +192,7 @@ def corrupt_collection(root: str, endpoint: str) -> dict[str, str]:
         "text.tif": "not an image",
         "one_band.tif": "has 1 band(s) but the model expects 3",
         "float64.tif": "unsupported pixel type float64",
+        "sixteen.tif": "has pixel type uint16 but the model was trained on uint8",
     }
 
 
@@ -201,8 +204,8 @@ def test_bad_tiles_become_error_rows_and_the_rest_is_done(
     out = f"{root}/pred"
     cfg = config(model_uri, f"{root}/images", out, s3_endpoint, batch_size=4)
     result = predict(cfg)
-    assert result.counts == {"ok": 9, "skipped": 0, "error": 5}
-    assert not result.ok and result.error_rate == pytest.approx(5 / 14)
+    assert result.counts == {"ok": 9, "skipped": 0, "error": 6}
+    assert not result.ok and result.error_rate == pytest.approx(6 / 15)
     assert dataclasses.replace(result, max_error_rate=0.5).ok
     rows = read_manifest(result.manifest, endpoint=s3_endpoint).to_pylist()
     errors = {r["input_uri"].rsplit("/", 1)[-1]: r for r in rows if r["status"] == "error"}
@@ -235,7 +238,7 @@ def test_bad_tiles_become_error_rows_and_the_rest_is_done(
             max_error_rate=0.5,
         )
     )
-    assert redo.ok and redo.counts == {"ok": 9, "skipped": 0, "error": 5}
+    assert redo.ok and redo.counts == {"ok": 9, "skipped": 0, "error": 6}
     after = objects(out, s3_endpoint)
     assert set(after) == set(before) and all(after[k][0] != before[k][0] for k in before)
 

@@ -44,6 +44,7 @@ def model_dir(tmp_path_factory) -> str:
         num_classes=2,
         input_shape=(SIZE, SIZE, 3),
         class_names=["background", "building"],
+        dtype="uint8",
     )
     saving.save_model(model, card, folder)
     return folder
@@ -220,6 +221,12 @@ def _bad_inputs() -> list[tuple[str, dict, int, str]]:
         ("truncated", {"data": good[: len(good) // 2]}, 400, "corrupt or truncated image"),
         ("4 bands", {"data": rgba}, 415, "unsupported band count"),
         ("float64", {"data": imagery.encode_geotiff(np.zeros((8, 8, 3)))}, 415, "unsupported"),
+        (
+            "uint16",
+            {"data": imagery.encode_geotiff(np.full((8, 8, 3), 900, np.uint16))},
+            415,
+            "unsupported image",
+        ),
         ("17 bands", {"data": imagery.encode_geotiff(np.zeros((8, 8, 17), np.uint8))}, 415, ""),
         ("body", {"data": good + b"\0" * MAX_BODY}, 413, "body too large"),
         ("pixels", {"data": imagery.encode_png(np.zeros((200, 200), np.uint8))}, 413, "too large"),
@@ -406,6 +413,11 @@ def test_refused_from_the_header_before_decoding(url):
     response = post(url, wide)
     assert response.status_code == 415, response.text
     assert "has 16 band(s) but the model expects 3" in response.json()["detail"]
+    # a pixel type the model was not trained on: refused from the header, never rescaled
+    response = post(url, imagery.encode_geotiff(np.full((SIZE, SIZE, 3), 900, np.uint16)))
+    assert response.status_code == 415, response.text
+    detail = response.json()["detail"]
+    assert "has pixel type uint16 but the model was trained on uint8" in detail
 
 
 def test_slow_clients_get_408_and_cannot_take_healthz_down(url):

@@ -74,6 +74,8 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     for name in ("model.keras", "model.json", "metrics.csv", "curves.png", "last/model.keras"):
         assert storage.exists(f"{out}/{name}"), name
     assert len(storage.read_text(f"{out}/metrics.csv").strip().splitlines()) == 3
+    card = saving.load_card(out)
+    assert card.dtype == "uint8" and card.scale == 255  # the pixel type it was trained on
     curves = imagery.decode(storage.read_bytes(f"{out}/curves.png"))
     assert curves.shape[0] > 100 and curves.shape[1] > 100
 

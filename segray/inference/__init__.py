@@ -17,6 +17,7 @@ from segray.inference.render import (
 )
 from segray.inference.run import (
     BATCH_SIZE,
+    check_pixel_type,
     infer,
     infer_images,
     infer_mc,
@@ -33,6 +34,7 @@ __all__ = [
     "BATCH_SIZE",
     "OUTPUTS",
     "Output",
+    "check_pixel_type",
     "class_fractions",
     "footprint_doc",
     "infer",

@@ -49,8 +49,10 @@ def gpu_memory_growth() -> None:
 
 
 def prepare(tile: Tile, card: ModelCard) -> np.ndarray:
-    """Select the card's bands, check the band count, and normalise to float32 (H, W, C)."""
+    """Check the pixel type against the card's, select the card's bands, check the band count,
+    and normalise to float32 (H, W, C)."""
     array = tile.array
+    check_pixel_type(str(array.dtype), card, tile.source)
     if card.bands and array.shape[-1] != card.channels:
         array = imagery.select_bands(array, card.bands, tile.source)
     if array.shape[-1] != card.channels:
@@ -61,6 +63,17 @@ def prepare(tile: Tile, card: ModelCard) -> np.ndarray:
             "bands",
         )
     return imagery.normalize(array, card.scale)
+
+
+def check_pixel_type(dtype: str, card: ModelCard, source: str) -> None:
+    """Refuse pixels of another type than the model was trained on: rescaled blindly, uint16
+    tiles through a uint8 model give a confident wrong mask, never an error."""
+    if card.dtype and dtype != card.dtype:
+        reason = (
+            f"has pixel type {dtype} but the model was trained on {card.dtype}: convert the "
+            "image to that type, or train a model on this one"
+        )
+        raise TileError(source, reason, "pixel_type")
 
 
 def model_size(model: Any, card: ModelCard, height: int, width: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from pydantic import StrictInt, model_validator
 
 from segray.errors import ModelError, StorageError
 from segray.io import storage
-from segray.io.imagery import MAX_BANDS
+from segray.io.imagery import MAX_BANDS, SUPPORTED_DTYPES
 from segray.settings import Settings, setting
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ class ModelCard(Settings):
     options: dict[str, Any] = setting(help="Model options.", default_factory=dict)
     bands: tuple[StrictInt, ...] | None = setting(None, "1-based bands read from inputs.")
     scale: float | None = setting(255.0, "Divisor that took pixels to [0, 1] in training.", gt=0)
+    dtype: str | None = setting(
+        None, "Pixel type of the images it was trained on; others are refused (None: any)."
+    )
     threshold: float = setting(0.5, "Probability threshold of binary models.", ge=0, le=1)
     input_multiple: StrictInt = setting(16, "Input sizes must be multiples of this.", ge=1)
     metrics: dict[str, Any] = setting(help="Validation metrics of its epoch.", default_factory=dict)
@@ -66,6 +69,8 @@ class ModelCard(Settings):
             raise ValueError(f"bands must be {c} band numbers >= 1; got {list(self.bands)}")
         if self.scale is not None and not math.isfinite(self.scale):
             raise ValueError(f"scale must be finite; got {self.scale}")
+        if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}; got {self.dtype!r}")
         return self
 
     @property

@@ -177,7 +177,8 @@ class SegmentModel:
 
     def _check_header(self, head: imagery.Header) -> None:
         """Refuse from the header alone what decoding would refuse later or cost too much: too
-        many pixels, bands the model cannot take, more windows than one request may cause."""
+        many pixels, a pixel type or bands the model cannot take, more windows than one request
+        may cause."""
         source, c = "request body", self.config
         imagery.check_header(source, head.width, head.height, head.count, head.dtype, c.max_pixels)
         if self.card.bands:
@@ -185,6 +186,7 @@ class SegmentModel:
         elif head.count != self.card.channels:
             reason = f"has {head.count} band(s) but the model expects {self.card.channels}"
             raise TileError(source, reason, "bands")
+        inference.check_pixel_type(head.dtype, self.card, source)
         windows = tiling.window_count(head.height, head.width, self.window, c.overlap)
         if windows > c.max_windows:
             detail = (

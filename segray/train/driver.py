@@ -110,7 +110,7 @@ def _run_config(config: TrainConfig) -> Any:
     )
 
 
-def _model_card(config: TrainConfig, channels: int, scale: float) -> ModelCard:
+def _model_card(config: TrainConfig, channels: int, scale: float, dtype: str) -> ModelCard:
     from segray import models
 
     info = models.model_info(config.model, encoder=config.encoder)
@@ -123,6 +123,7 @@ def _model_card(config: TrainConfig, channels: int, scale: float) -> ModelCard:
         options=dict(config.model_options),
         bands=config.bands,
         scale=scale,
+        dtype=dtype,
         input_multiple=int(info["output_stride"]),
     )
 
@@ -176,11 +177,12 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         weights=config.weights,
         **config.model_options,
     )
-    scale = imagery.default_scale(train_ds.take(1)[0]["image"].dtype)
+    dtype = train_ds.take(1)[0]["image"].dtype
+    scale = imagery.default_scale(dtype)
     n_val = 0 if val_ds is None else val_ds.count()
     plan = LoopPlan(
         config=config,
-        card=_model_card(config, channels, scale),
+        card=_model_card(config, channels, scale, str(dtype)),
         params=int(model.count_params()),
         train_count=info.count - n_val,
         val_count=n_val,
