@@ -164,3 +164,17 @@ def test_header_refuses_what_decode_refuses():
         with pytest.raises(TileError) as info:
             imagery.header(data, "x.bin")
         assert info.value.kind == kind and "x.bin" in str(info.value)
+
+
+def test_geotiff_masks_are_cloud_optimized_with_overviews_that_keep_class_ids():
+    mask = np.random.default_rng(4).choice(np.array([0, 4], np.uint8), (1024, 768))
+    like = imagery.Tile(np.zeros((1024, 768, 3), np.uint8), "s.tif", "tiff", CRS, TRANSFORM)
+    data, ext = imagery.encode_mask(mask, like=like)
+    assert ext == ".tif"
+    with rasterio.MemoryFile(data) as mem, mem.open() as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert ds.block_shapes == [(256, 256)] and ds.overviews(1) == [2, 4]
+        assert ds.crs.to_string() == CRS and ds.transform == TRANSFORM
+        np.testing.assert_array_equal(ds.read(1), mask)
+        overview = ds.read(1, out_shape=(256, 192))  # from the 4x overview: ids, never blends
+        assert set(np.unique(overview)) == {0, 4}

@@ -122,6 +122,7 @@ def assert_masks_correct(out: str, expected: dict, endpoint: str) -> None:
         with rasterio.MemoryFile(data) as mem, mem.open() as ds:
             assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == (SIZE, SIZE)
             assert ds.crs.to_string() == tile.crs and ds.transform == tile.transform
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
             got = ds.read(1)
         # Equal up to float noise between batch sizes: only pixels on the threshold may differ.
         assert np.all((got == mask) | (np.abs(logits[..., 0]) < 1e-4)), rel

@@ -306,10 +306,13 @@ def encode_geotiff(
     *,
     nodata: float | None = None,
     compress: str = "deflate",
+    cog: bool = False,
 ) -> bytes:
     """Encode a mask (H, W) or an image (H, W, C) to a compressed (Geo)TIFF.
 
     With ``crs`` and ``transform`` (a source tile's) the output is georeferenced exactly like it.
+    With ``cog`` it is a Cloud-Optimized GeoTIFF (GDAL's COG driver: 256 px internal tiles,
+    overviews down to one tile resampled nearest, so class ids stay class ids).
     """
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
@@ -337,7 +340,14 @@ def encode_geotiff(
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with mem.open(**profile) as ds:
             ds.write(bands)
-        return bytes(mem.read())
+        if not cog:
+            return bytes(mem.read())
+        from rasterio.shutil import copy as copy_dataset
+
+        with mem.open() as src, rasterio.MemoryFile() as out:
+            options = {"COMPRESS": compress.upper(), "BLOCKSIZE": 256}
+            copy_dataset(src, out.name, driver="COG", OVERVIEW_RESAMPLING="NEAREST", **options)
+            return bytes(out.read())
 
 
 def encode_mask(
@@ -345,12 +355,12 @@ def encode_mask(
 ) -> tuple[bytes, str]:
     """Encode a mask in the format that suits its source tile; returns ``(bytes, extension)``.
 
-    GeoTIFF sources give a single-band GeoTIFF with the source's CRS and transform; anything else
-    a PNG (paletted when ``palette`` is given).
+    GeoTIFF sources give a single-band Cloud-Optimized GeoTIFF with the source's CRS and
+    transform; anything else a PNG (paletted when ``palette`` is given).
     """
     mask = as_mask(np.asarray(mask))
     if like is not None and like.format == "tiff":
-        return encode_geotiff(mask, like.crs, like.transform), ".tif"
+        return encode_geotiff(mask, like.crs, like.transform, cog=True), ".tif"
     return encode_png(mask, palette), ".png"
 
 
