@@ -169,10 +169,14 @@ def test_header_refuses_what_decode_refuses():
 def test_geotiff_masks_are_cloud_optimized_with_overviews_that_keep_class_ids():
     mask = np.random.default_rng(4).choice(np.array([0, 4], np.uint8), (1024, 768))
     like = imagery.Tile(np.zeros((1024, 768, 3), np.uint8), "s.tif", "tiff", CRS, TRANSFORM)
-    data, ext = imagery.encode_mask(mask, like=like)
+    palette = [(0, 0, 0), (1, 2, 3), (9, 9, 9), (7, 7, 7), (230, 25, 75)]
+    tags = {"CLASS_NAMES": '["a", "b", "c", "d", "e"]'}
+    data, ext = imagery.encode_mask(mask, like=like, palette=palette, tags=tags)
     assert ext == ".tif"
     with rasterio.MemoryFile(data) as mem, mem.open() as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert ds.colormap(1)[4] == (230, 25, 75, 255) and ds.colormap(1)[1] == (1, 2, 3, 255)
+        assert ds.tags()["CLASS_NAMES"] == tags["CLASS_NAMES"]
         assert ds.block_shapes == [(256, 256)] and ds.overviews(1) == [2, 4]
         assert ds.crs.to_string() == CRS and ds.transform == TRANSFORM
         np.testing.assert_array_equal(ds.read(1), mask)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,16 @@ def test_render_outputs_share_the_threshold_and_uncertainty_is_uint8():
     assert same is again and same.tolist() == [[[0, 1, 1]]]
     entropy = np.array([0.0, 0.5, 1.0, 1.2], np.float32)
     assert inference.render_uncertainty(entropy).tolist() == [0, 128, 255, 255]
+
+
+def test_mask_legend_says_what_each_kind_of_mask_holds():
+    c = ModelCard(name="unet", num_classes=3, input_shape=(32, 32, 3), class_names=["bg", "a", "b"])
+    classes = inference.mask_legend(c, "classes")
+    assert classes["palette"] == list(inference.PALETTE[:3])
+    assert json.loads(classes["tags"]["CLASS_NAMES"]) == ["bg", "a", "b"]
+    binary = inference.mask_legend(c, "binary", 2)
+    assert binary["palette"] == [inference.PALETTE[0], inference.PALETTE[2]]
+    assert json.loads(binary["tags"]["CLASS_NAMES"]) == ["other", "b"]
+    probability = inference.mask_legend(c, "probability", 1)
+    assert "palette" not in probability  # a continuous value, not classes
+    assert probability["tags"] == {"PROBABILITY_OF": "a", "SCALE": str(1 / 255)}

@@ -123,6 +123,9 @@ def assert_masks_correct(out: str, expected: dict, endpoint: str) -> None:
             assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == (SIZE, SIZE)
             assert ds.crs.to_string() == tile.crs and ds.transform == tile.transform
             assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            # a GIS shows the classes in the palette of every picture, and knows their names
+            assert ds.colormap(1)[1][:3] == inference.PALETTE[1]
+            assert json.loads(ds.tags()["CLASS_NAMES"]) == ["background", "building"]
             got = ds.read(1)
         # Equal up to float noise between batch sizes: only pixels on the threshold may differ.
         assert np.all((got == mask) | (np.abs(logits[..., 0]) < 1e-4)), rel
@@ -275,6 +278,8 @@ def read_band(path, like: imagery.Tile) -> np.ndarray:
     with rasterio.open(path) as ds:
         assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == like.array.shape[:2]
         assert ds.crs.to_string() == like.crs and ds.transform == like.transform
+        if ".uncertainty." in path:  # its meaning and scale travel with it
+            assert ds.tags()["SCALE"] == str(1 / 255) and "entropy" in ds.tags()["UNCERTAINTY"]
         return ds.read(1)
 
 
@@ -619,8 +624,11 @@ def test_an_output_that_takes_no_more_writes_stops_the_job_with_its_receipt(
     assert result.manifest.startswith(str(tmp_path / "receipts"))
     rows = read_manifest(result.manifest).to_pylist()
     done = {storage.relative_to(tiles, r["input_uri"]) for r in rows if r["status"] == "ok"}
-    masks = local_masks(small_disk)
-    assert {p.relative_to(small_disk).as_posix() for p in masks} == done
-    assert 0 < len(done) < COUNT if fault == "disk full" else not done
-    assert_masks_correct(str(small_disk), {rel: expected[rel] for rel in done}, s3_endpoint)
+    masks = {p.relative_to(small_disk).as_posix() for p in local_masks(small_disk)}
+    assert done <= masks  # every mask the receipt calls done is there
+    # a write task still under way when the job stopped may land after the receipt (a rerun
+    # then lists it as skipped); at most a batch or two, and every mask there is whole
+    assert len(masks - done) <= 32
+    assert 0 < len(done) < COUNT if fault == "disk full" else not masks
+    assert_masks_correct(str(small_disk), {rel: expected[rel] for rel in masks}, s3_endpoint)
     assert not [p for p in small_disk.rglob(".tmp-*")]  # no torn write left behind

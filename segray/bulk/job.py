@@ -154,6 +154,13 @@ def _init_ray(config: PredictConfig) -> None:
 # --- the tile pipeline -------------------------------------------------------------------------
 
 
+def mask_legend(config: PredictConfig, card: ModelCard) -> dict[str, Any]:
+    """The colour table and metadata of this job's masks."""
+    from segray import inference
+
+    return inference.mask_legend(card, config.output_mode, config.class_index)
+
+
 def footprint_options(config: PredictConfig, card: ModelCard) -> dict[str, Any] | None:
     """What the writers need to vectorise the ``footprints`` class (None when off)."""
     if config.footprints is None:
@@ -173,7 +180,11 @@ def _run_tiles(
     read = {"config": config}
     ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
     ds = _predict_stage(ds, config, TilePredictor)
-    write = {"config": config, "footprints": footprint_options(config, card)}
+    write = {
+        "config": config,
+        "footprints": footprint_options(config, card),
+        "legend": mask_legend(config, card),
+    }
     ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -209,6 +220,7 @@ def _run_scenes(
             endpoint=config.endpoint,
             uncertainty=config.mc_samples > 0,
             footprints=footprint_options(config, card),
+            legend=mask_legend(config, card),
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield from assembler.add_batch(batch)

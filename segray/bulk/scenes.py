@@ -57,9 +57,10 @@ class SceneAssembler:
         endpoint: str | None = None,
         uncertainty: bool = False,
         footprints: dict[str, Any] | None = None,
+        legend: dict[str, Any] | None = None,
     ) -> None:
         self.card, self.geometry, self.render, self.endpoint = card, geometry, render, endpoint
-        self.uncertainty, self.footprints = uncertainty, footprints
+        self.uncertainty, self.footprints, self.legend = uncertainty, footprints, legend
         self._scenes: dict[str, SceneState] = {}
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -130,7 +131,13 @@ class SceneAssembler:
         side = {k: arrays[k] for k in SIDE_COLUMNS if k in arrays}
         try:
             uris = write_outputs(
-                scene.output_uri, arrays["mask"], like, self.endpoint, self.footprints, **side
+                scene.output_uri,
+                arrays["mask"],
+                like,
+                self.endpoint,
+                self.footprints,
+                self.legend,
+                **side,
             )
         except OutputFull as exc:  # no later write can succeed: the job stops after this row
             return {**row, "status": "error", "error": str(exc), STOP: str(exc)}

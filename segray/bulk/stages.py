@@ -70,7 +70,10 @@ def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str,
 
 
 def write_masks(
-    batch: dict[str, np.ndarray], config: PredictConfig, footprints: dict[str, Any] | None = None
+    batch: dict[str, np.ndarray],
+    config: PredictConfig,
+    footprints: dict[str, Any] | None = None,
+    legend: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: encode each mask like its tile and write it whole, with the files beside it
     (an ``uncertainty`` column, GeoJSON ``footprints`` of the ``labels`` column); returns manifest
@@ -86,7 +89,8 @@ def write_masks(
             shape = batch["shape"][i][:2]
             side = {k: unpack(batch[k][i], shape, "uint8") for k in SIDE_COLUMNS if k in batch}
             mask = unpack(batch["pixels"][i], shape, batch["dtype"][i])
-            uris = write_outputs(uri, mask, tile_of(batch, i), endpoint, footprints, **side)
+            like = tile_of(batch, i)
+            uris = write_outputs(uri, mask, like, endpoint, footprints, legend, **side)
         except OutputFull as exc:  # no later write can succeed: the driver stops the job
             return "error", str(exc), time.perf_counter() - start, {STOP: str(exc)}
         except Exception as exc:  # storage or encoder failure: this tile's error, not the job's
@@ -114,6 +118,7 @@ def write_outputs(
     like: Tile,
     endpoint: str | None,
     footprints: dict[str, Any] | None = None,
+    legend: dict[str, Any] | None = None,
     *,
     uncertainty: np.ndarray | None = None,
     labels: np.ndarray | None = None,
@@ -124,7 +129,8 @@ def write_outputs(
     uris = {}
     if uncertainty is not None:
         uris["uncertainty_uri"] = uncertainty_uri(uri)
-        data = encode_like(uncertainty, like, uris["uncertainty_uri"])
+        tags = {"tags": inference.UNCERTAINTY_TAGS}
+        data = encode_like(uncertainty, like, uris["uncertainty_uri"], tags)
         storage.write_bytes(uris["uncertainty_uri"], data, endpoint=endpoint)
     if footprints is not None and labels is not None:
         uris["footprints_uri"] = footprints_uri(uri)
@@ -132,13 +138,16 @@ def write_outputs(
             labels, like, footprints["class_index"], footprints.get("name")
         )
         storage.write_bytes(uris["footprints_uri"], json.dumps(doc).encode(), endpoint=endpoint)
-    storage.write_bytes(uri, encode_like(mask, like, uri), endpoint=endpoint)
+    storage.write_bytes(uri, encode_like(mask, like, uri, legend), endpoint=endpoint)
     return {"output_uri": uri, **uris}
 
 
-def encode_like(mask: np.ndarray, like: Tile, uri: str) -> bytes:
-    """Mask bytes in the format its URI names: ``.tif`` a GeoTIFF with ``like``'s georeference."""
-    data, ext = imagery.encode_mask(mask, like=like)
+def encode_like(
+    mask: np.ndarray, like: Tile, uri: str, legend: dict[str, Any] | None = None
+) -> bytes:
+    """Mask bytes in the format its URI names: ``.tif`` a GeoTIFF with ``like``'s georeference;
+    ``legend`` (:func:`segray.inference.mask_legend`) gives its colour table and metadata."""
+    data, ext = imagery.encode_mask(mask, like=like, **(legend or {}))
     if uri.endswith(ext):
         return data
     if uri.endswith(".tif"):  # a TIFF name holding another format: keep the name's promise

@@ -8,9 +8,12 @@ windowing and one rendering, so a mask made on any path is the same mask.
 
 from segray.inference.render import (
     OUTPUTS,
+    PALETTE,
+    UNCERTAINTY_TAGS,
     Output,
     class_fractions,
     footprint_doc,
+    mask_legend,
     render,
     render_outputs,
     render_uncertainty,
@@ -33,10 +36,13 @@ from segray.inference.run import (
 __all__ = [
     "BATCH_SIZE",
     "OUTPUTS",
+    "PALETTE",
+    "UNCERTAINTY_TAGS",
     "Output",
     "check_pixel_type",
     "class_fractions",
     "footprint_doc",
+    "mask_legend",
     "infer",
     "infer_images",
     "infer_mc",

@@ -3,6 +3,7 @@ class fractions and footprints; and the class colours every picture and mask use
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
@@ -27,6 +28,27 @@ PALETTE = (
     (145, 30, 180),
     (70, 240, 240),
 )
+
+
+def mask_legend(card: ModelCard, output: str = "classes", class_index: int = 1) -> dict[str, Any]:
+    """What a GIS needs to read a mask, as ``encode_mask`` keywords: the colour table
+    (``palette``) of class-id and binary masks, and ``tags`` naming the classes, or saying a
+    probability mask's scale (value / 255)."""
+    names = card.names()
+    if output == "probability":
+        return {"tags": {"PROBABILITY_OF": names[class_index], "SCALE": str(1 / 255)}}
+    if output == "binary":
+        palette = [PALETTE[0], PALETTE[class_index % len(PALETTE)]]
+        return {
+            "palette": palette,
+            "tags": {"CLASS_NAMES": json.dumps(["other", names[class_index]])},
+        }
+    palette = [PALETTE[i % len(PALETTE)] for i in range(card.num_classes)]
+    return {"palette": palette, "tags": {"CLASS_NAMES": json.dumps(names)}}
+
+
+#: Metadata of the uncertainty maps written beside masks.
+UNCERTAINTY_TAGS = {"UNCERTAINTY": "predictive entropy / ln(classes)", "SCALE": str(1 / 255)}
 
 
 def render(

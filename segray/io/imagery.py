@@ -307,12 +307,15 @@ def encode_geotiff(
     nodata: float | None = None,
     compress: str = "deflate",
     cog: bool = False,
+    colormap: Sequence[Sequence[int]] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> bytes:
     """Encode a mask (H, W) or an image (H, W, C) to a compressed (Geo)TIFF.
 
     With ``crs`` and ``transform`` (a source tile's) the output is georeferenced exactly like it.
     With ``cog`` it is a Cloud-Optimized GeoTIFF (GDAL's COG driver: 256 px internal tiles,
-    overviews down to one tile resampled nearest, so class ids stay class ids).
+    overviews down to one tile resampled nearest, so class ids stay class ids). ``colormap``
+    (RGB per value) makes a single-band image paletted; ``tags`` go into its metadata.
     """
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
@@ -340,6 +343,10 @@ def encode_geotiff(
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with mem.open(**profile) as ds:
             ds.write(bands)
+            if colormap is not None:
+                ds.write_colormap(1, {i: (*map(int, c[:3]), 255) for i, c in enumerate(colormap)})
+            if tags:
+                ds.update_tags(**tags)
         if not cog:
             return bytes(mem.read())
         from rasterio.shutil import copy as copy_dataset
@@ -351,16 +358,21 @@ def encode_geotiff(
 
 
 def encode_mask(
-    mask: np.ndarray, like: Tile | None = None, palette: Sequence[Sequence[int]] | None = None
+    mask: np.ndarray,
+    like: Tile | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> tuple[bytes, str]:
     """Encode a mask in the format that suits its source tile; returns ``(bytes, extension)``.
 
     GeoTIFF sources give a single-band Cloud-Optimized GeoTIFF with the source's CRS and
-    transform; anything else a PNG (paletted when ``palette`` is given).
+    transform, its colour table ``palette`` and metadata ``tags``; anything else a PNG
+    (paletted when ``palette`` is given).
     """
     mask = as_mask(np.asarray(mask))
     if like is not None and like.format == "tiff":
-        return encode_geotiff(mask, like.crs, like.transform, cog=True), ".tif"
+        data = encode_geotiff(mask, like.crs, like.transform, cog=True, colormap=palette, tags=tags)
+        return data, ".tif"
     return encode_png(mask, palette), ".png"
 
 
