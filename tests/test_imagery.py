@@ -81,12 +81,6 @@ def test_mask_of_png_tile_is_png():
     assert ext == ".png" and imagery.sniff(data) == "png"
 
 
-def test_normalize_uses_dtype_scale():
-    assert imagery.normalize(np.array([0, 255], np.uint8)).tolist() == [0.0, 1.0]
-    assert imagery.normalize(np.array([65535], np.uint16)).tolist() == [1.0]
-    assert imagery.normalize(np.array([4095], np.uint16), scale=4095).tolist() == [1.0]
-
-
 def _truncated_png():
     data = imagery.encode_png(rgb(64, 64))
     return data[: len(data) // 2]

@@ -9,7 +9,6 @@ import pytest
 
 from segray import inference, models
 from segray.errors import TileError
-from segray.io import imagery
 from segray.io.imagery import Tile
 from segray.models.saving import ModelCard
 
@@ -29,7 +28,7 @@ def test_prepare_checks_bands_and_normalises_like_imagery():
     with pytest.raises(TileError, match="has 4 band\\(s\\) but the model expects 3"):
         inference.prepare(Tile(rgbn, "t.tif"), card())
     x = inference.prepare(Tile(rgbn, "t.tif"), card(bands=(1, 2, 3)))
-    np.testing.assert_array_equal(x, imagery.normalize(rgbn[..., :3]))
+    np.testing.assert_array_equal(x, rgbn[..., :3].astype(np.float32) / 255)
 
 
 def test_infer_pads_up_to_the_model_input_and_crops_back():
@@ -50,8 +49,9 @@ def test_render_modes_binary_model():
     logits = np.array([[[[-2.0], [0.0], [0.5]]]], np.float32)  # p = 0.12, 0.5, 0.62
     assert inference.render(logits, c).tolist() == [[[0, 1, 1]]]
     assert inference.render(logits, c, "binary", threshold=0.6).tolist() == [[[0, 0, 1]]]
-    assert inference.render(logits, c, "probability").tolist() == [[[30, 128, 159]]]
-    assert inference.render(logits, c, "probability", class_index=0).tolist() == [[[225, 128, 96]]]
+    # probabilities x 254: 255 is every mask's no-data value
+    assert inference.render(logits, c, "probability").tolist() == [[[30, 127, 158]]]
+    assert inference.render(logits, c, "probability", class_index=0).tolist() == [[[224, 127, 96]]]
     with pytest.raises(ValueError, match="output must be one of"):
         inference.render(logits, c, "softmax")
 
@@ -154,11 +154,11 @@ def test_render_outputs_share_the_threshold_and_uncertainty_is_uint8():
     c = card()
     logits = np.array([[[[-2.0], [0.0], [0.5]]]], np.float32)  # p = 0.12, 0.5, 0.62
     mask, labels = inference.render_outputs(logits, c, "probability", threshold=0.6)
-    assert mask.tolist() == [[[30, 128, 159]]] and labels.tolist() == [[[0, 0, 1]]]
+    assert mask.tolist() == [[[30, 127, 158]]] and labels.tolist() == [[[0, 0, 1]]]
     same, again = inference.render_outputs(logits, c)
     assert same is again and same.tolist() == [[[0, 1, 1]]]
     entropy = np.array([0.0, 0.5, 1.0, 1.2], np.float32)
-    assert inference.render_uncertainty(entropy).tolist() == [0, 128, 255, 255]
+    assert inference.render_uncertainty(entropy).tolist() == [0, 127, 254, 254]
 
 
 def test_mask_legend_says_what_each_kind_of_mask_holds():
@@ -171,4 +171,4 @@ def test_mask_legend_says_what_each_kind_of_mask_holds():
     assert json.loads(binary["tags"]["CLASS_NAMES"]) == ["other", "b"]
     probability = inference.mask_legend(c, "probability", 1)
     assert "palette" not in probability  # a continuous value, not classes
-    assert probability["tags"] == {"PROBABILITY_OF": "a", "SCALE": str(1 / 255)}
+    assert probability["tags"] == {"PROBABILITY_OF": "a", "SCALE": str(1 / 254)}

@@ -279,7 +279,7 @@ def read_band(path, like: imagery.Tile) -> np.ndarray:
         assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == like.array.shape[:2]
         assert ds.crs.to_string() == like.crs and ds.transform == like.transform
         if ".uncertainty." in path:  # its meaning and scale travel with it
-            assert ds.tags()["SCALE"] == str(1 / 255) and "entropy" in ds.tags()["UNCERTAINTY"]
+            assert ds.tags()["SCALE"] == str(1 / 254) and "entropy" in ds.tags()["UNCERTAINTY"]
         return ds.read(1)
 
 

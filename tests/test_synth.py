@@ -10,6 +10,7 @@ import rasterio
 from PIL import Image
 
 from segray.devtools import synth
+from segray.errors import ConfigError
 
 
 def test_same_seed_is_byte_identical_and_seeds_differ():
@@ -147,3 +148,37 @@ def test_scene_layout(tmp_path):
     expected_image, expected_mask = synth.generate_tile(256, synth.tile_seed(0, 0))
     np.testing.assert_array_equal(image, expected_image)
     np.testing.assert_array_equal(mask, expected_mask)
+
+
+def test_uint16_tiles_are_reflectance_like_with_no_data_corners():
+    tiles = [synth.generate_tile(64, seed, "multiclass", 6, "uint16") for seed in range(12)]
+    images = np.stack([t[0] for t in tiles])
+    masks = np.stack([t[1] for t in tiles])
+    assert images.dtype == np.uint16 and images.shape == (12, 64, 64, 6)
+    nodata = (images == 0).all(-1)
+    np.testing.assert_array_equal(nodata, masks == 255)  # no data ↔ the ignored label
+    assert 0 < sum(n.any() for n in nodata) < 12  # some tiles lose a corner, not all
+    data = images[~nodata]
+    assert data.min() >= 1 and data.max() <= 10_000
+    means = data.mean(0)
+    assert len(set(np.round(means, -1))) == 6  # each band its own mean
+    water = masks == synth.WATER
+    assert data[..., 4][(masks[~nodata] == synth.WATER)].mean() < 0.2 * means[4]  # dark SWIR
+    assert water.any()
+    eight_bit, _ = synth.generate_tile(64, 3)
+    assert eight_bit.dtype == np.uint8  # the default stays what it was
+
+
+def test_uint16_collections_are_geotiffs_with_nodata_and_bad_options_are_refused(tmp_path):
+    summary = synth.write_collection(
+        str(tmp_path), "geotiff", count=4, size=32, bands=4, dtype="uint16", mode="binary"
+    )
+    assert summary["dtype"] == "uint16"
+    with rasterio.open(tmp_path / "images" / "tile_r000_c000.tif") as ds:
+        assert ds.dtypes[0] == "uint16" and ds.count == 4 and ds.nodata == 0
+    doc = json.loads((tmp_path / "classes.json").read_text())
+    assert doc["bands"] == ["red", "green", "blue", "nir"]
+    with pytest.raises(ConfigError, match="needs a GeoTIFF layout"):
+        synth.write_collection(str(tmp_path / "p"), "paired", count=1, size=32, dtype="uint16")
+    with pytest.raises(ConfigError, match="bands must be one of"):
+        synth.generate_tile(32, 0, bands=6)  # SWIR exists in 16-bit items only

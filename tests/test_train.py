@@ -151,7 +151,7 @@ def test_small_unet_learns_buildings(tmp_path, ray_local):
         learning_rate=3e-3,
         schedule="cosine",
         max_failures=0,
-        augment=AugmentConfig(hue=0.0, brightness=0.0, gamma=0.0),  # flips and rot90 only
+        augment=AugmentConfig(hue=0.0, brightness=0.0, contrast=0.0),  # flips and rot90 only
     )
     train(cfg)
     # evaluate the saved best model ourselves on the validation tiles

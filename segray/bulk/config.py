@@ -38,6 +38,9 @@ class PredictConfig(Settings):
         None, "Probability threshold (default: the card's).", ge=0, le=1
     )
     bands: tuple[int, ...] | None = setting(None, "1-based bands (default: the model card's).")
+    nodata: float | None = setting(
+        None, "Pixel value that is no data where a file sets none (default: the model card's)."
+    )
     overwrite: bool = setting(False, "Redo inputs whose outputs exist.")
     max_error_rate: float = setting(
         0.0, "Share of inputs in error above which the job fails.", ge=0, le=1

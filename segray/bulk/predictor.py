@@ -15,7 +15,7 @@ import numpy as np
 
 from segray import inference
 from segray.bulk.config import PredictConfig
-from segray.bulk.rows import objects, pack, unpack
+from segray.bulk.rows import objects, pack, unpack, unpack_valid
 from segray.errors import TileError
 from segray.io.imagery import Tile
 
@@ -44,7 +44,9 @@ class _Predictor:
         """Predict every row without an error; rows that fail here get one."""
         start = time.perf_counter()
         errors = [str(e) for e in batch["error"]]
-        logits = self._logits(self._prepare(batch, errors), batch["input_uri"], errors)
+        prepared, valid = self._prepare(batch, errors)
+        logits = self._logits(prepared, batch["input_uri"], errors)
+        logits = {i: inference.mark_nodata(one, valid[i]) for i, one in logits.items()}
         n = len(errors)
         columns = self._columns(logits, n)
         share = (time.perf_counter() - start) / max(1, n)
@@ -58,17 +60,23 @@ class _Predictor:
     def _columns(self, logits: dict[int, np.ndarray], n: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def _prepare(self, batch: dict[str, np.ndarray], errors: list[str]) -> dict[int, np.ndarray]:
-        prepared = {}
+    def _prepare(
+        self, batch: dict[str, np.ndarray], errors: list[str]
+    ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray | None]]:
+        """Model input of each row without an error, and the map of its pixels that are data."""
+        prepared, valid = {}, {}
         for i, uri in enumerate(batch["input_uri"]):
             if errors[i]:
                 continue
-            array = unpack(batch["pixels"][i], batch["shape"][i], batch["dtype"][i])
+            shape = batch["shape"][i]
+            array = unpack(batch["pixels"][i], shape, batch["dtype"][i])
+            tile = Tile(array, str(uri), valid=unpack_valid(batch["valid"][i], shape))
             try:
-                prepared[i] = inference.prepare(Tile(array=array, source=str(uri)), self.card)
+                prepared[i] = inference.prepare(tile, self.card, self.config.nodata)
             except TileError as exc:
                 errors[i] = str(exc)
-        return prepared
+            valid[i] = tile.valid
+        return prepared, valid
 
     def _logits(
         self, prepared: dict[int, np.ndarray], uris: np.ndarray, errors: list[str]

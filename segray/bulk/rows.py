@@ -38,6 +38,7 @@ class PixelColumns(TypedDict):
     pixels: bytes
     shape: list[int]
     dtype: str
+    valid: bytes  # bool (H, W) of the pixels that are data; b"": every pixel is
 
 
 class TileRow(InputRow, PixelColumns):
@@ -87,7 +88,7 @@ STOP = "stop"
 SIDE_COLUMNS = ("uncertainty", "labels")
 #: Columns whose values are bytes or strings: kept as numpy object arrays.
 OBJECT_COLUMNS = frozenset(
-    {"input_uri", "output_uri", "error", "pixels", "dtype", "format", "crs", "status"}
+    {"input_uri", "output_uri", "error", "pixels", "dtype", "valid", "format", "crs", "status"}
     | set(SIDE_COLUMNS)
     | {"uncertainty_uri", "footprints_uri", STOP}
 )
@@ -102,6 +103,16 @@ def pack(array: np.ndarray) -> tuple[bytes, list[int], str]:
 def unpack(data: bytes, shape: Iterable[int], dtype: str) -> np.ndarray:
     """The array :func:`pack` stored."""
     return np.frombuffer(data, dtype=dtype).reshape(tuple(int(s) for s in shape))
+
+
+def pack_valid(valid: np.ndarray | None) -> bytes:
+    """A ``valid`` column value: the bool map's bytes, or b"" when every pixel is data."""
+    return b"" if valid is None or valid.all() else np.ascontiguousarray(valid, bool).tobytes()
+
+
+def unpack_valid(data: bytes, shape: Iterable[int]) -> np.ndarray | None:
+    """The map :func:`pack_valid` stored, (H, W) of an array of ``shape``; None: all valid."""
+    return unpack(data, list(shape)[:2], "bool") if data else None
 
 
 def objects(values: Sequence[Any]) -> np.ndarray:
@@ -128,6 +139,7 @@ def failed_tile(reason: str, seconds: float) -> dict[str, Any]:
         "pixels": b"",
         "shape": [0, 0, 0],
         "dtype": "uint8",
+        "valid": b"",
         "format": "",
         "crs": "",
         "transform": NO_TRANSFORM,

@@ -145,5 +145,6 @@ class SceneAssembler:
             return {**row, "status": "error", "error": f"cannot write scene mask: {exc}"}
         row["seconds"] += time.perf_counter() - start
         assert scene.counts is not None
-        fractions = scene.counts / max(1, arrays["mask"].size)
+        counts = scene.counts  # no-data pixels are in no class
+        fractions = counts / counts.sum() if counts.sum() else np.full(counts.size, np.nan)
         return {**row, "status": "ok", "class_fractions": fractions, **uris}

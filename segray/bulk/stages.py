@@ -26,6 +26,7 @@ from segray.bulk.rows import (
     failed_tile,
     objects,
     pack,
+    pack_valid,
     tile_of,
     unpack,
     window_row,
@@ -59,6 +60,7 @@ def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str,
             "pixels": pixels,
             "shape": shape,
             "dtype": dtype,
+            "valid": pack_valid(tile.valid),
             "format": tile.format,
             "crs": tile.crs or "",
             "transform": list(t)[:6] if t is not None else NO_TRANSFORM,
@@ -151,7 +153,9 @@ def encode_like(
     if uri.endswith(ext):
         return data
     if uri.endswith(".tif"):  # a TIFF name holding another format: keep the name's promise
-        return imagery.encode_geotiff(imagery.as_mask(mask), like.crs, like.transform)
+        return imagery.encode_geotiff(
+            imagery.as_mask(mask), like.crs, like.transform, nodata=imagery.MASK_NODATA
+        )
     return imagery.encode_png(imagery.as_mask(mask))
 
 
@@ -186,6 +190,7 @@ def read_windows(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[st
     n = len(batch["input_uri"])
     errors = [str(e) for e in batch["error"]]
     packed: list[tuple[bytes, list[int], str]] = [(b"", [0, 0, 0], "uint8")] * n
+    valid = [b""] * n
     seconds = np.zeros(n)
     for uri in dict.fromkeys(str(u) for u in batch["input_uri"]):
         rows = [i for i in range(n) if batch["input_uri"][i] == uri and not errors[i]]
@@ -196,7 +201,8 @@ def read_windows(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[st
             with open_scene(uri, endpoint=config.endpoint) as ds:
                 for i in rows:
                     win = Window(*map(int, batch["window"][i]))
-                    packed[i] = pack(read_window(ds, win, config.bands))
+                    pixels, valid_map = read_window(ds, win, config.bands)
+                    packed[i], valid[i] = pack(pixels), pack_valid(valid_map)
         except Exception as exc:  # a broken block fails this scene, not the job
             for i in rows:
                 errors[i] = f"{uri}: cannot read window {list(batch['window'][i])}: {exc}"
@@ -208,4 +214,5 @@ def read_windows(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[st
         "pixels": objects([p[0] for p in packed]),
         "shape": np.asarray([p[1] for p in packed]),
         "dtype": objects([p[2] for p in packed]),
+        "valid": objects(valid),
     }

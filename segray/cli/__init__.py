@@ -81,9 +81,17 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--mode", type=click.Choice(synth_data.MODES), default=synth_data.MODES[0])
 @click.option(
     "--bands",
-    type=click.IntRange(min(synth_data.BANDS), max(synth_data.BANDS)),
-    default=min(synth_data.BANDS),
+    type=click.Choice([str(b) for b in synth_data.BANDS]),
+    default=str(synth_data.BANDS[0]),
     show_default=True,
+    help="RGB, RGB+NIR, or RGB+NIR+SWIR1+SWIR2 (uint16 only).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(synth_data.spectra.DTYPES),
+    default="uint8",
+    show_default=True,
+    help="uint16: reflectance x 10,000 with no-data corners (GeoTIFF layouts).",
 )
 @endpoint_option
 def synth(
@@ -94,7 +102,8 @@ def synth(
     scene_size: int,
     seed: int,
     mode: str,
-    bands: int,
+    bands: str,
+    dtype: str,
     endpoint: str | None,
 ) -> None:
     """Write a deterministic synthetic satellite collection."""
@@ -108,9 +117,10 @@ def synth(
         size=size,
         seed=seed,
         mode=mode,
-        bands=bands,
+        bands=int(bands),
         endpoint=endpoint,
         scene_size=scene_size,
+        dtype=dtype,
     )
     click.echo(json.dumps(summary, indent=2, default=str))
 

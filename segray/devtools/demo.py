@@ -139,7 +139,7 @@ def _run(config: DemoConfig, root: str, ep: str | None) -> dict[str, Any]:
             model_options={"base_filters": 8, "depth": 3},
             learning_rate=3e-3,
             schedule="cosine",
-            augment=AugmentConfig(hue=0.0, brightness=0.0, gamma=0.0),
+            augment=AugmentConfig(hue=0.0, brightness=0.0, contrast=0.0),
             seed=config.seed,
             endpoint=ep,
             max_failures=1,

@@ -13,6 +13,8 @@ import numpy as np
 from affine import Affine
 from PIL import Image, ImageDraw
 
+from segray.devtools import spectra
+from segray.devtools.noise import value_noise
 from segray.errors import ConfigError
 from segray.inference.render import PALETTE
 from segray.io import imagery, storage
@@ -21,7 +23,7 @@ CLASSES = ("background", "building", "road", "water", "vegetation")
 BINARY_CLASSES = ("background", "building")
 LAYOUTS = ("paired", "geotiff", "scene")
 MODES = ("multiclass", "binary")
-BANDS = (3, 4)
+BANDS = (3, 4, 6)  # RGB, RGB+NIR, and two SWIR bands more (16-bit only)
 CRS = "EPSG:32633"  # UTM 33N: a real projected CRS with metre units
 RESOLUTION = 0.5  # metres per pixel
 ORIGIN = (500_000.0, 5_000_000.0)  # top-left corner of tile (0, 0) / scene 0
@@ -62,23 +64,33 @@ def tile_seed(seed: int, index: int) -> int:
 
 
 def generate_tile(
-    size: int | tuple[int, int], seed: int, mode: str = "multiclass", bands: int = 3
+    size: int | tuple[int, int],
+    seed: int,
+    mode: str = "multiclass",
+    bands: int = 3,
+    dtype: str = "uint8",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic tile.
 
-    Returns ``(image, mask)``: image uint8 (H, W, bands), RGB or RGB+NIR; mask uint8 (H, W) of
-    class ids from ``class_names(mode)`` - the class of what is visible at each pixel.
+    Returns ``(image, mask)``: image (H, W, bands), RGB, RGB+NIR or (uint16 only) RGB+NIR+SWIR;
+    mask uint8 (H, W) of class ids from ``class_names(mode)`` - the class of what is visible at
+    each pixel. uint16 images are reflectance x 10,000 with a no-data corner on some tiles
+    (0 in the image, 255 in the mask; :mod:`segray.devtools.spectra`).
     """
     height, width = _check_size("size", size)
     _check_choice("mode", mode, MODES)
-    _check_choice("bands", bands, BANDS)
+    _check_options(bands, dtype)
     rng = np.random.default_rng(seed)
-    bands = int(bands)
     labels, building_ids, roof_colours, shadow = _layout(rng, height, width)
-    image = _render(rng, labels, building_ids, roof_colours, shadow)[..., :bands]
-    if mode == "binary":
-        labels = (labels == BUILDING).astype(np.uint8)
-    return image, labels
+    image = _render(rng, labels, building_ids, roof_colours, shadow)
+    classes = (labels == BUILDING).astype(np.uint8) if mode == "binary" else labels
+    if dtype == "uint8":
+        return image[..., : int(bands)], classes
+    image = spectra.reflectance(image, labels, int(bands), rng)
+    edge = spectra.nodata_edge(rng, height, width)
+    if edge is not None:
+        image[edge], classes[edge] = spectra.NODATA, spectra.IGNORE
+    return image, classes
 
 
 # --- layout: where each class is --------------------------------------------------------------
@@ -101,7 +113,7 @@ def _layout(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, ...]:
 
 def _vegetation(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Patches of trees: the top ``fraction`` of a smooth noise field."""
-    field = _noise(rng, h, w, cell=48, octaves=4)
+    field = value_noise(rng, h, w, cell=48, octaves=4)
     fraction = rng.uniform(0.12, 0.35)
     return field > np.quantile(field, 1 - fraction)
 
@@ -109,7 +121,7 @@ def _vegetation(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def _water(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Lakes (wobbly ellipses, at least one) and sometimes a river."""
     water = np.zeros((h, w), bool)
-    wobble = _noise(rng, h, w, cell=16, octaves=2) - 0.5
+    wobble = value_noise(rng, h, w, cell=16, octaves=2) - 0.5
     for _ in range(max(1, rng.poisson(h * w / 220**2))):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         ry, rx = rng.uniform(5, np.clip(0.35 * min(h, w), 8, 40), 2)
@@ -180,7 +192,7 @@ def _buildings(
     px = to_image(np.broadcast_to(probe, (n, *probe.shape)))
     hit = blocked[_pixel_at(px[..., 1], h), _pixel_at(px[..., 0], w)].any(axis=1)
     # Large scenes get denser and sparser districts rather than one uniform density.
-    urban = _noise(rng, h, w, cell=512, octaves=2)[
+    urban = value_noise(rng, h, w, cell=512, octaves=2)[
         _pixel_at(centres[:, 1], h), _pixel_at(centres[:, 0], w)
     ]
     sparse = rng.random(n) > np.clip(2.5 * urban - 0.6, 0.15, 1.0)
@@ -242,8 +254,8 @@ def _render(
     """RGB+NIR uint8 image: textured ground, then class colours, shadows and sensor noise."""
     h, w = labels.shape
     image = _ground(rng, h, w)
-    grain = _noise(rng, h, w, cell=6, octaves=2) - 0.5
-    canopy = _noise(rng, h, w, cell=4, octaves=2) - 0.5
+    grain = value_noise(rng, h, w, cell=6, octaves=2) - 0.5
+    canopy = value_noise(rng, h, w, cell=4, octaves=2) - 0.5
     for cls, colour, texture, amount in (
         (VEGETATION, _TREES, canopy, 1.0),
         (WATER, _WATER, grain, 0.25),
@@ -260,37 +272,11 @@ def _render(
 
 def _ground(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Bare soil blending into grass, with a medium-scale mottle; (H, W, 4) float32."""
-    grassiness = np.clip((_noise(rng, h, w, cell=96, octaves=4) - 0.35) / 0.3, 0, 1)
-    mottle = _noise(rng, h, w, cell=12, octaves=3) - 0.5
+    grassiness = np.clip((value_noise(rng, h, w, cell=96, octaves=4) - 0.35) / 0.3, 0, 1)
+    mottle = value_noise(rng, h, w, cell=12, octaves=3) - 0.5
     image = _SOIL + grassiness[..., None] * (_GRASS - _SOIL)
     image *= 1 + 0.35 * mottle[..., None]
     return image
-
-
-def _noise(rng: np.random.Generator, h: int, w: int, cell: float, octaves: int) -> np.ndarray:
-    """Multi-octave value noise in [0, 1]; ``cell`` is the coarsest feature size in pixels."""
-    total = np.zeros((h, w), np.float32)
-    for octave in range(octaves):
-        total += 0.5**octave * _value_layer(rng, h, w, max(cell / 2**octave, 1.0))
-    return total / (2 - 0.5 ** (octaves - 1))
-
-
-def _value_layer(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
-    """Random values on a grid of ``cell`` px, smoothly interpolated (separably) to (h, w)."""
-    rows, row_t = _grid_coordinates(rng, h, cell)
-    cols, col_t = _grid_coordinates(rng, w, cell)
-    grid = rng.random((rows[-1] + 2, cols[-1] + 2), dtype=np.float32)
-    row_t, col_t = row_t[:, None], col_t[None, :]
-    across = grid[rows] * (1 - row_t) + grid[rows + 1] * row_t
-    return across[:, cols] * (1 - col_t) + across[:, cols + 1] * col_t
-
-
-def _grid_coordinates(rng: np.random.Generator, n: int, cell: float) -> tuple[np.ndarray, ...]:
-    """Grid index left of each pixel and the smoothstep weight of the next one."""
-    position = (np.arange(n, dtype=np.float32) + rng.uniform(0, cell)) / np.float32(cell)
-    index = position.astype(np.int64)
-    t = position - index
-    return index, t * t * (3 - 2 * t)
 
 
 # --- collections on disk or S3 ----------------------------------------------------------------
@@ -306,6 +292,7 @@ def write_collection(
     bands: int = 3,
     endpoint: str | None = None,
     scene_size: int = 2048,
+    dtype: str = "uint8",
 ) -> dict:
     """Write ``count`` synthetic items and ``classes.json`` under ``out`` (path, file://, s3://).
 
@@ -313,27 +300,31 @@ def write_collection(
     channel; with bands=4 the image PNG is RGBA with NIR as alpha); "geotiff" -
     ``images|masks/tile_r000_c000.tif`` tiles in EPSG:32633 at 0.5 m, adjacent on a near-square
     grid; "scene" - ``scenes/scene_000.tif`` + ``scene_000_mask.tif`` of ``scene_size`` px.
-    Item i is drawn from ``tile_seed(seed, i)``, so it does not depend on ``count``.
+    Item i is drawn from ``tile_seed(seed, i)``, so it does not depend on ``count``. uint16
+    collections need a GeoTIFF layout; their files have nodata 0.
     """
     _check_choice("layout", layout, LAYOUTS)
     _check_choice("mode", mode, MODES)
-    _check_choice("bands", bands, BANDS)
+    _check_options(bands, dtype)
+    if dtype != "uint8" and layout == "paired":
+        raise ConfigError(f"dtype {dtype} needs a GeoTIFF layout (geotiff or scene), not paired")
     side = _check_side("scene_size", scene_size) if layout == "scene" else _check_side("size", size)
     _check_side("count", count, minimum=1)
     names = class_names(mode)
     pixels = np.zeros(len(names), np.int64)
     columns = math.ceil(math.sqrt(count))
     for index in range(count):
-        image, mask = generate_tile(side, tile_seed(seed, index), mode, bands)
+        image, mask = generate_tile(side, tile_seed(seed, index), mode, bands, dtype)
         row, col = divmod(index, columns)
         image_path, mask_path = _item_paths(layout, index, row, col)
         image_bytes, mask_bytes = _encode(layout, image, mask, grid_transform(row, col, side))
         storage.write_bytes(storage.join(out, image_path), image_bytes, endpoint=endpoint)
         storage.write_bytes(storage.join(out, mask_path), mask_bytes, endpoint=endpoint)
-        pixels += np.bincount(mask.ravel(), minlength=len(names))
+        pixels += np.bincount(mask.ravel(), minlength=256)[: len(names)]
     _write_classes(out, mode, bands, endpoint)
     fractions = {n: round(float(p / pixels.sum()), 4) for n, p in zip(names, pixels, strict=True)}
-    summary = {"out": out, "layout": layout, "mode": mode, "bands": bands, "count": count}
+    summary = {"out": out, "layout": layout, "mode": mode, "bands": bands, "dtype": dtype}
+    summary["count"] = count
     return summary | {"size": side, "files": 2 * count + 1, "class_fractions": fractions}
 
 
@@ -360,7 +351,9 @@ def _encode(
 ) -> tuple[bytes, bytes]:
     if layout == "paired":
         return imagery.encode_png(image), imagery.encode_png(mask)
-    return tuple(imagery.encode_geotiff(a, CRS, transform) for a in (image, mask))
+    nodata = spectra.NODATA if image.dtype == np.uint16 else None
+    encoded = imagery.encode_geotiff(image, CRS, transform, nodata=nodata)
+    return encoded, imagery.encode_geotiff(mask, CRS, transform)
 
 
 def _write_classes(out: str, mode: str, bands: int, endpoint: str | None) -> None:
@@ -369,7 +362,7 @@ def _write_classes(out: str, mode: str, bands: int, endpoint: str | None) -> Non
         "classes": list(names),
         "palette": [list(rgb) for rgb in PALETTE[: len(names)]],
         "mode": mode,
-        "bands": ["red", "green", "blue", "nir"][:bands],
+        "bands": list(spectra.BAND_NAMES[:bands]),
     }
     storage.write_text(
         storage.join(out, "classes.json"), json.dumps(doc, indent=2) + "\n", endpoint=endpoint
@@ -382,6 +375,11 @@ def _write_classes(out: str, mode: str, bands: int, endpoint: str | None) -> Non
 def _check_choice(field: str, value: object, allowed: tuple) -> None:
     if value not in allowed or isinstance(value, bool):
         raise ConfigError(f"{field} must be one of {allowed}; got {value!r}")
+
+
+def _check_options(bands: object, dtype: object) -> None:
+    _check_choice("dtype", dtype, spectra.DTYPES)
+    _check_choice("bands", bands, BANDS if dtype == "uint16" else BANDS[:2])
 
 
 def _check_side(field: str, value: object, minimum: int = 16) -> int:

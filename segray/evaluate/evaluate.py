@@ -63,6 +63,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         endpoint=config.endpoint,
         limit=config.limit,
         val_fraction=0.0,
+        nodata=card.nodata,
+        ignore_index=255 if card.ignore_index is None else card.ignore_index,
     )
     samples = labels.find_samples(spec)
     total = metrics.ConfusionMatrix(card.num_classes, class_names=card.names())
@@ -85,12 +87,13 @@ def predict_rows(model: Any, card: Any, rows: list[dict[str, Any]]) -> list[np.n
     the model's size (any tile size), batched inference, stitch, render."""
     from segray import inference
 
-    images = [inference.prepare(imagery.Tile(r["image"], r["id"]), card) for r in rows]
+    tiles = [imagery.Tile(r["image"], r["id"], valid=r.get("valid")) for r in rows]
+    images = [inference.prepare(tile, card) for tile in tiles]
     masks = []
-    for logits in inference.infer_images(model, images, card):
+    for tile, logits in zip(tiles, inference.infer_images(model, images, card), strict=True):
         if isinstance(logits, Exception):
             raise logits
-        masks.append(inference.render(logits[None], card)[0])
+        masks.append(inference.render(inference.mark_nodata(logits, tile.valid)[None], card)[0])
     return masks
 
 

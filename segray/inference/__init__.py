@@ -7,12 +7,15 @@ windowing and one rendering, so a mask made on any path is the same mask.
 """
 
 from segray.inference.render import (
+    NODATA,
     OUTPUTS,
     PALETTE,
+    PROBABILITY_MAX,
     UNCERTAINTY_TAGS,
     Output,
     class_fractions,
     footprint_doc,
+    mark_nodata,
     mask_legend,
     render,
     render_outputs,
@@ -35,13 +38,16 @@ from segray.inference.run import (
 
 __all__ = [
     "BATCH_SIZE",
+    "NODATA",
     "OUTPUTS",
     "PALETTE",
+    "PROBABILITY_MAX",
     "UNCERTAINTY_TAGS",
     "Output",
     "check_pixel_type",
     "class_fractions",
     "footprint_doc",
+    "mark_nodata",
     "mask_legend",
     "infer",
     "infer_images",

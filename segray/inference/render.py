@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
+from segray.io.bands import NODATA_CLASS
+
 if TYPE_CHECKING:
     from segray.io.imagery import Tile
     from segray.models.saving import ModelCard
 
 
-#: What a mask holds: class ids, 1 where one class is predicted, or its probability x 255.
+#: What a mask holds: class ids, 1 where one class is predicted, or its probability x 254.
 Output = Literal["classes", "binary", "probability"]
 OUTPUTS: tuple[str, ...] = get_args(Output)
 #: Class colours by class id, the same in every mask, overlay and synthetic collection:
@@ -33,10 +35,11 @@ PALETTE = (
 def mask_legend(card: ModelCard, output: str = "classes", class_index: int = 1) -> dict[str, Any]:
     """What a GIS needs to read a mask, as ``encode_mask`` keywords: the colour table
     (``palette``) of class-id and binary masks, and ``tags`` naming the classes, or saying a
-    probability mask's scale (value / 255)."""
+    probability mask's scale (value / 254). Every mask holds :data:`NODATA` where the input
+    was no data."""
     names = card.names()
     if output == "probability":
-        return {"tags": {"PROBABILITY_OF": names[class_index], "SCALE": str(1 / 255)}}
+        return {"tags": {"PROBABILITY_OF": names[class_index], "SCALE": str(1 / PROBABILITY_MAX)}}
     if output == "binary":
         palette = [PALETTE[0], PALETTE[class_index % len(PALETTE)]]
         return {
@@ -47,8 +50,35 @@ def mask_legend(card: ModelCard, output: str = "classes", class_index: int = 1) 
     return {"palette": palette, "tags": {"CLASS_NAMES": json.dumps(names)}}
 
 
+#: The value of every output pixel whose input pixel was no data (the GeoTIFF nodata value).
+NODATA = NODATA_CLASS
+#: The value of probability 1 (and of the largest uncertainty): 255 is :data:`NODATA`.
+PROBABILITY_MAX = 254
 #: Metadata of the uncertainty maps written beside masks.
-UNCERTAINTY_TAGS = {"UNCERTAINTY": "predictive entropy / ln(classes)", "SCALE": str(1 / 255)}
+UNCERTAINTY_TAGS = {
+    "UNCERTAINTY": "predictive entropy / ln(classes)",
+    "SCALE": str(1 / PROBABILITY_MAX),
+}
+
+
+def mark_nodata(logits: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """Logits (…, H, W, K) with NaN at the pixels that were no data (``valid`` (H, W) False):
+    NaN survives stitching and blending of windows, and :func:`render` turns it into
+    :data:`NODATA` in every output."""
+    if valid is None or valid.all():
+        return logits
+    return np.where(valid[..., None], logits, np.float32(np.nan)).astype(logits.dtype)
+
+
+def _nodata(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits with NaN replaced by 0, and the (…, H, W) map of no-data pixels (None: none)."""
+    logits = np.asarray(logits)
+    if not np.issubdtype(logits.dtype, np.floating):
+        return logits, None
+    missing = np.isnan(logits).any(axis=-1)
+    if not missing.any():
+        return logits, None
+    return np.nan_to_num(logits, nan=0.0), missing
 
 
 def render(
@@ -62,8 +92,19 @@ def render(
 
     ``classes``: class ids (binary models threshold at the card's threshold); ``binary``: 1 where
     ``class_index`` is predicted (or its probability ≥ ``threshold``), else 0; ``probability``: the
-    probability of ``class_index`` scaled to 0..255.
+    probability of ``class_index`` scaled to 0..254. Pixels whose logits are NaN
+    (:func:`mark_nodata`) are :data:`NODATA` in all three.
     """
+    logits, missing = _nodata(logits)
+    mask = _render(logits, card, output, class_index, threshold)
+    if missing is not None:
+        mask[missing] = NODATA
+    return mask
+
+
+def _render(
+    logits: np.ndarray, card: ModelCard, output: str, class_index: int, threshold: float | None
+) -> np.ndarray:
     from segray import metrics
 
     if output not in OUTPUTS:
@@ -77,7 +118,7 @@ def render(
         if probs.shape[-1] == 1 and class_index == 0:
             p = 1.0 - p
         if output == "probability":
-            return np.round(p * 255).astype(np.uint8)
+            return np.round(p * PROBABILITY_MAX).astype(np.uint8)
         return (p >= t).astype(np.uint8)
     labels = np.asarray(metrics.logits_to_labels(logits, threshold=t)).astype(np.uint8)
     return (labels == class_index).astype(np.uint8) if output == "binary" else labels
@@ -100,8 +141,12 @@ def render_outputs(
 
 
 def render_uncertainty(entropy: np.ndarray) -> np.ndarray:
-    """The uint8 uncertainty map of an entropy in [0, 1] (:func:`infer_mc`): round(255 x it)."""
-    return np.round(np.clip(entropy, 0.0, 1.0) * 255).astype(np.uint8)
+    """The uint8 uncertainty map of an entropy in [0, 1] (:func:`infer_mc`): round(254 x it),
+    and :data:`NODATA` where the entropy is NaN (no data)."""
+    entropy = np.asarray(entropy)
+    out = np.round(np.clip(np.nan_to_num(entropy), 0.0, 1.0) * PROBABILITY_MAX).astype(np.uint8)
+    out[np.isnan(entropy)] = NODATA
+    return out
 
 
 def footprint_doc(
@@ -119,6 +164,8 @@ def footprint_doc(
 
 
 def class_fractions(mask: np.ndarray, num_classes: int) -> list[float]:
-    """Fraction of the mask's pixels in each class id."""
+    """Fraction of the mask's data pixels in each class id (:data:`NODATA` pixels are left out;
+    NaN for each class when no pixel is data)."""
     counts = np.bincount(mask.reshape(-1), minlength=num_classes)[:num_classes]
-    return (counts / max(mask.size, 1)).tolist()
+    total = counts.sum()
+    return (counts / total).tolist() if total else [float("nan")] * num_classes

@@ -15,7 +15,7 @@ import numpy as np
 
 from segray.errors import TileError
 from segray.inference.tiling import BLEND, OVERLAP, cut_windows, join_windows, pad_to
-from segray.io import imagery
+from segray.io import bands, imagery
 from segray.io.imagery import Tile
 
 if TYPE_CHECKING:
@@ -48,9 +48,14 @@ def gpu_memory_growth() -> None:
             pass
 
 
-def prepare(tile: Tile, card: ModelCard) -> np.ndarray:
+def prepare(tile: Tile, card: ModelCard, nodata: float | None = None) -> np.ndarray:
     """Check the pixel type against the card's, select the card's bands, check the band count,
-    and normalise to float32 (H, W, C)."""
+    and normalise to float32 (H, W, C) by the card's rule.
+
+    ``tile.valid`` is completed with ``nodata`` (else the card's) where the file sets no nodata
+    value; its no-data pixels go into the model as 0, and :func:`~segray.inference.render.
+    mark_nodata` with ``tile.valid`` makes them no data in every output."""
+    bands.apply_nodata(tile, card.nodata if nodata is None else nodata)
     array = tile.array
     check_pixel_type(str(array.dtype), card, tile.source)
     if card.bands and array.shape[-1] != card.channels:
@@ -62,7 +67,7 @@ def prepare(tile: Tile, card: ModelCard) -> np.ndarray:
             "select bands with --bands",
             "bands",
         )
-    return imagery.normalize(array, card.scale)
+    return card.normalize_pixels(array, tile.valid)
 
 
 def check_pixel_type(dtype: str, card: ModelCard, source: str) -> None:

@@ -26,6 +26,8 @@ MAX_PIXELS = 64 * 1024 * 1024
 MAX_BANDS = 16
 #: File suffixes of the formats decode() reads.
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+#: The nodata value of every mask segray writes (see :mod:`segray.io.bands`).
+MASK_NODATA = 255
 #: Pixel types accepted from any format.
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "float32")
 
@@ -41,7 +43,8 @@ _MAGIC = {
 
 @dataclass
 class Tile:
-    """A decoded tile: pixels as (H, W, C) plus georeference when the file had one."""
+    """A decoded tile: pixels as (H, W, C) plus georeference when the file had one, and ``valid``
+    (H, W) bool when the file marks some pixels as no data (None: every pixel is data)."""
 
     array: np.ndarray
     source: str = "<bytes>"
@@ -49,6 +52,7 @@ class Tile:
     crs: str | None = None
     transform: Affine | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    valid: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -238,7 +242,9 @@ def _decode_tiff(
                 check_header(source, ds.width, ds.height, ds.count, ds.dtypes[0], max_pixels)
                 if bands is not None:
                     check_band_selection(bands, ds.count, source)
-                array = np.moveaxis(ds.read(list(bands) if bands else None), 0, -1)
+                indexes = list(bands) if bands else list(ds.indexes)
+                array = np.moveaxis(ds.read(indexes), 0, -1)
+                valid = read_valid(ds, indexes)
                 crs = ds.crs.to_string() if ds.crs else None
                 transform = None if ds.transform.is_identity else ds.transform
                 meta = {"nodata": ds.nodata, "tags": ds.tags()}
@@ -247,8 +253,19 @@ def _decode_tiff(
     except Exception as exc:
         raise TileError(source, f"corrupt or truncated TIFF: {exc}", "corrupt") from exc
     return Tile(
-        array=np.ascontiguousarray(array), source=source, crs=crs, transform=transform, meta=meta
+        np.ascontiguousarray(array), source, crs=crs, transform=transform, meta=meta, valid=valid
     )
+
+
+def read_valid(ds: Any, indexes: Sequence[int], window: Any = None) -> np.ndarray | None:
+    """(H, W) bool: pixels that are data in every one of ``indexes`` (by the file's nodata value,
+    internal mask or alpha band), or None when the file marks every pixel as data."""
+    from rasterio.enums import MaskFlags
+
+    if all(ds.mask_flag_enums[i - 1] == [MaskFlags.all_valid] for i in indexes):
+        return None
+    valid = ds.read_masks(list(indexes), window=window).all(axis=0)
+    return None if valid.all() else valid
 
 
 def as_mask(array: np.ndarray, source: str = "<bytes>") -> np.ndarray:
@@ -362,32 +379,18 @@ def encode_mask(
     like: Tile | None = None,
     palette: Sequence[Sequence[int]] | None = None,
     tags: dict[str, str] | None = None,
+    nodata: int | None = MASK_NODATA,
 ) -> tuple[bytes, str]:
     """Encode a mask in the format that suits its source tile; returns ``(bytes, extension)``.
 
     GeoTIFF sources give a single-band Cloud-Optimized GeoTIFF with the source's CRS and
-    transform, its colour table ``palette`` and metadata ``tags``; anything else a PNG
-    (paletted when ``palette`` is given).
+    transform, its colour table ``palette``, metadata ``tags`` and ``nodata`` value; anything
+    else a PNG (paletted when ``palette`` is given).
     """
     mask = as_mask(np.asarray(mask))
     if like is not None and like.format == "tiff":
-        data = encode_geotiff(mask, like.crs, like.transform, cog=True, colormap=palette, tags=tags)
+        data = encode_geotiff(
+            mask, like.crs, like.transform, nodata=nodata, cog=True, colormap=palette, tags=tags
+        )
         return data, ".tif"
     return encode_png(mask, palette), ".png"
-
-
-def normalize(array: np.ndarray, scale: float | None = None) -> np.ndarray:
-    """The one normalisation of segray: pixel values to float32 in [0, 1].
-
-    ``scale`` defaults from the pixel type: 255 for uint8, 65535 for uint16, 32767 for int16, 1 for
-    float. Training records the scale it used in the model config; prediction and Serve reuse it.
-    """
-    if scale is None:
-        scale = default_scale(array.dtype)
-    return np.asarray(array, dtype=np.float32) / np.float32(scale)
-
-
-def default_scale(dtype: Any) -> float:
-    """The default normalisation divisor for a pixel type."""
-    name = np.dtype(dtype).name
-    return {"uint8": 255.0, "uint16": 65535.0, "int16": 32767.0}.get(name, 1.0)

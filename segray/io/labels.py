@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import field_validator
 
 from segray.errors import DatasetError, TileError
-from segray.io import imagery, storage
+from segray.io import bands, imagery, storage
 from segray.settings import Settings, setting
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ class DatasetSpec(Settings):
     seed: int = setting(0, "Seed of the train/validation split.")
     endpoint: str | None = setting(None, "S3 endpoint URL.")
     limit: int | None = setting(None, "Use only the first N samples.", ge=1)
+    nodata: float | None = setting(None, "Pixel value that is no data where a file sets none.")
+    ignore_index: int = setting(255, "Label id that counts for nothing.", ge=0, le=255)
 
     @field_validator("size", mode="before")
     @classmethod
@@ -312,24 +314,43 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def load_sample(
     sample: Sample, spec: DatasetSpec, palette: np.ndarray | None = None
 ) -> dict[str, Any]:
-    """Read, decode, check and resize one sample into ``{"id", "image", "mask"}``.
+    """Read, decode, check and resize one sample into ``{"id", "image", "mask", "valid"}``.
 
-    Raises :class:`TileError` naming the file at fault.
+    Pixels that are no data in the image (``valid`` False) are labelled ``spec.ignore_index``;
+    class ids ≥ ``spec.num_classes`` other than it are refused. Raises :class:`TileError`
+    naming the file at fault.
     """
     tile = imagery.decode(_read(sample.image, spec.endpoint), sample.image, bands=spec.bands)
+    tile = bands.apply_nodata(tile, spec.nodata)
     mask = _read_mask(sample, spec, tile, palette)
     _check_same_size(mask.shape, tile, sample.labels[0], sample.image)
-    image = tile.array
+    image, valid = tile.array, tile.valid
     if spec.size is not None:
+        if valid is not None:  # no-data values must not bleed into their neighbours
+            image = np.where(valid[..., None], image, _band_means(image, valid))
+            valid = resize_mask(valid, spec.size)
         image, mask = resize_image(image, spec.size), resize_mask(mask, spec.size)
-    if spec.num_classes is not None and mask.size and int(mask.max()) >= spec.num_classes:
+    ids = np.unique(mask)
+    bad = ids[(ids >= (spec.num_classes or 256)) & (ids != spec.ignore_index)]
+    if bad.size:
         raise TileError(
             sample.labels[0],
-            f"class id {int(mask.max())} found but classes is {spec.num_classes} "
-            f"(ids must be < classes); raise --classes",
+            f"class id {int(bad.max())} found but classes is {spec.num_classes} "
+            f"(ids must be < classes, or {spec.ignore_index} to ignore); raise --classes",
             "labels",
         )
-    return {"id": sample.id, "image": image, "mask": mask}
+    if valid is None:
+        valid = np.ones(mask.shape, bool)
+    else:
+        mask = np.where(valid, mask, np.uint8(spec.ignore_index)).astype(np.uint8)
+    return {"id": sample.id, "image": image, "mask": mask, "valid": valid}
+
+
+def _band_means(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per-band mean of the valid pixels, in the image's pixel type (0 when none is valid)."""
+    if not valid.any():
+        return np.zeros(image.shape[-1], image.dtype)
+    return image[valid].mean(axis=0).astype(image.dtype)
 
 
 def split_samples(

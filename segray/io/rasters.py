@@ -59,13 +59,17 @@ def open_scene(uri: str, *, endpoint: str | None = None) -> Iterator[Any]:
             yield ds
 
 
-def read_window(ds: Any, window: Window, bands: Sequence[int] | None = None) -> np.ndarray:
-    """Pixels (h, w, C) of ``window`` from an open rasterio dataset; ``bands`` are 1-based."""
+def read_window(
+    ds: Any, window: Window, bands: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixels (h, w, C) of ``window`` from an open rasterio dataset (``bands`` are 1-based), and
+    the (h, w) map of those that are data (None: all are; see :func:`imagery.read_valid`)."""
     from rasterio.windows import Window as RioWindow
 
     rio = RioWindow(window.col, window.row, window.width, window.height)
     indexes = list(bands) if bands else list(range(1, ds.count + 1))
-    return np.ascontiguousarray(np.moveaxis(ds.read(indexes, window=rio), 0, -1))
+    pixels = np.ascontiguousarray(np.moveaxis(ds.read(indexes, window=rio), 0, -1))
+    return pixels, imagery.read_valid(ds, indexes, rio)
 
 
 #: Largest scene accepted: its uint8 mask is held whole by the driver while it is stitched.

@@ -13,10 +13,13 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import StrictInt, model_validator
 
 from segray.errors import ModelError, StorageError
+from segray.io import bands as band_rules
 from segray.io import storage
+from segray.io.bands import BandStats, Method
 from segray.io.imagery import MAX_BANDS, SUPPORTED_DTYPES
 from segray.settings import Settings, setting
 
@@ -44,10 +47,14 @@ class ModelCard(Settings):
     encoder: str | None = setting(None, "keras.applications backbone, if any.")
     options: dict[str, Any] = setting(help="Model options.", default_factory=dict)
     bands: tuple[StrictInt, ...] | None = setting(None, "1-based bands read from inputs.")
-    scale: float | None = setting(255.0, "Divisor that took pixels to [0, 1] in training.", gt=0)
+    normalize: Method = setting("scale", "How pixels became model input in training.")
+    scale: float | None = setting(255.0, "Divisor of the 'scale' rule.", gt=0)
+    stats: BandStats | None = setting(None, "Per-band statistics of the training pixels.")
     dtype: str | None = setting(
         None, "Pixel type of the images it was trained on; others are refused (None: any)."
     )
+    nodata: float | None = setting(None, "Pixel value read as no data where a file sets none.")
+    ignore_index: StrictInt | None = setting(None, "Label id that counted for nothing.")
     threshold: float = setting(0.5, "Probability threshold of binary models.", ge=0, le=1)
     input_multiple: StrictInt = setting(16, "Input sizes must be multiples of this.", ge=1)
     metrics: dict[str, Any] = setting(help="Validation metrics of its epoch.", default_factory=dict)
@@ -71,7 +78,16 @@ class ModelCard(Settings):
             raise ValueError(f"scale must be finite; got {self.scale}")
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}; got {self.dtype!r}")
+        if self.normalize != "scale" and (self.stats is None or self.stats.count != c):
+            raise ValueError(f"normalize {self.normalize!r} needs stats of {c} band(s)")
         return self
+
+    def normalize_pixels(self, array: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Pixels (…, C) as model input by the card's rule (:func:`segray.io.bands.normalize`);
+        pixels not ``valid`` become 0."""
+        return band_rules.normalize(
+            array, self.normalize, scale=self.scale, stats=self.stats, valid=valid
+        )
 
     @property
     def channels(self) -> int:

@@ -207,7 +207,8 @@ class SegmentModel:
         self, tile: Tile, layout: tiling.Layout, logits: np.ndarray, options: tuple
     ) -> Response:
         fmt, output, class_index, threshold = options
-        full = tiling.join_windows(logits, layout, self.config.blend)[None]
+        joined = tiling.join_windows(logits, layout, self.config.blend)
+        full = inference.mark_nodata(joined, tile.valid)[None]
         headers = {"X-Segray-Model-Version": self.card.version}
         if fmt == "png":
             index = 1 if class_index is None else class_index
@@ -225,7 +226,8 @@ class SegmentModel:
             "shape": list(mask.shape),
             "model": {"name": self.card.name, "version": self.card.version},
             "classes": names,
-            "fractions": dict(zip(names, fractions, strict=True)),
+            # no data pixels are in no class; a tile of no data at all has no fractions (null)
+            "fractions": {n: None if f != f else f for n, f in zip(names, fractions, strict=True)},
             "crs": tile.crs if tile.georeferenced else None,
         }
         if class_index is not None:

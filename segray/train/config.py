@@ -45,6 +45,13 @@ class TrainConfig(Settings):
     class_names: tuple[str, ...] | None = setting(None, "Class names, e.g. background,building.")
     size: int = setting(128, "Tile size for training (pixels).", ge=1)
     bands: tuple[int, ...] | None = setting(None, "1-based bands, e.g. 1,2,3.")
+    normalize: Literal["auto", "stats", "percentile", "scale"] = setting(
+        "auto",
+        "Pixels to model input: per-band standardisation (stats), p2-p98 stretch (percentile) "
+        "or divide by the type's maximum (scale); auto: scale for uint8, else stats.",
+    )
+    nodata: float | None = setting(None, "Pixel value that is no data where a file sets none.")
+    ignore_index: int = setting(255, "Label id that counts for nothing.", ge=0, le=255)
     palette: str | None = setting(None, "Palette JSON for --layout palette.")
     epochs: int = setting(20, "Epochs to train.", ge=1)
     batch_size: int = setting(16, "Global batch size (all workers together).", ge=1)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray.errors import DatasetError, TileError
+from segray.io import bands
+from segray.io.bands import BandStats
 from segray.io.labels import (
     DatasetSpec,
     Sample,
@@ -26,12 +28,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class DatasetInfo:
-    """What a scan of the pixels found: counts, shapes, classes present."""
+    """What a scan of the pixels found: counts, shapes, pixel type, classes present (the
+    ignored label aside) and the band statistics of the valid pixels."""
 
     count: int
     image_shape: tuple[int, ...]
     max_class: int
     class_pixels: list[int] = field(default_factory=list)
+    dtype: str = "uint8"
+    stats: BandStats | None = None
 
     def class_fractions(self) -> list[float]:
         """Fraction of all mask pixels in each class id."""
@@ -39,7 +44,7 @@ class DatasetInfo:
         return [c / total for c in self.class_pixels]
 
 
-def _loader(spec: DatasetSpec, palette: np.ndarray | None) -> Any:
+def _loader(spec: DatasetSpec, palette: np.ndarray | None, per_image: int) -> Any:
     def load(row: dict[str, Any]) -> dict[str, Any]:
         sample = Sample(row["id"], row["image_uri"], tuple(row["label_uris"]))
         try:
@@ -47,8 +52,24 @@ def _loader(spec: DatasetSpec, palette: np.ndarray | None) -> Any:
         except TileError as exc:
             # Empty arrays of the right rank keep the columns' types; check() reports the error.
             empty = {"image": np.zeros((0, 0, 0), np.uint8), "mask": np.zeros((0, 0), np.uint8)}
-            return {"id": sample.id, **empty, "error": str(exc), "shape": "", "hist": _hist(None)}
-        out.update(error="", shape="x".join(map(str, out["image"].shape)), hist=_hist(out["mask"]))
+            return {
+                "id": sample.id,
+                **empty,
+                "valid": np.zeros((0, 0), bool),
+                "error": str(exc),
+                "shape": "",
+                "dtype": "",
+                "hist": _hist(None),
+                **_band_parts(None, None, 0),
+            }
+        image = out["image"]
+        out.update(
+            error="",
+            shape="x".join(map(str, image.shape)),
+            dtype=image.dtype.name,
+            hist=_hist(out["mask"]),
+            **_band_parts(image, out["valid"], per_image, sample.id),
+        )
         return out
 
     return load
@@ -58,6 +79,19 @@ def _hist(mask: np.ndarray | None) -> np.ndarray:
     if mask is None:
         return np.zeros(256, np.int64)
     return np.bincount(mask.reshape(-1), minlength=256).astype(np.int64)
+
+
+def _band_parts(
+    image: np.ndarray | None, valid: np.ndarray | None, k: int, seed: str = ""
+) -> dict[str, Any]:
+    """This image's share of the band statistics (:func:`segray.io.bands.image_summary`)."""
+    if image is None:
+        empty = np.zeros(0, np.float64)
+        return {"band_sums": empty, "band_squares": empty, "band_count": 0,
+                "band_sample": np.zeros((0, 0), np.float32)}  # fmt: skip
+    rng = np.random.default_rng(list(seed.encode()) or 0)
+    sums, squares, count, sample = bands.image_summary(image, valid, k, rng)
+    return {"band_sums": sums, "band_squares": squares, "band_count": count, "band_sample": sample}
 
 
 def to_ray_dataset(samples: Sequence[Sample], spec: DatasetSpec) -> ray.data.Dataset:
@@ -71,17 +105,21 @@ def to_ray_dataset(samples: Sequence[Sample], spec: DatasetSpec) -> ray.data.Dat
     palette = load_palette(spec) if spec.layout == "palette" else None
     items = [{"id": s.id, "image_uri": s.image, "label_uris": list(s.labels)} for s in samples]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    return ds.map(_loader(spec, palette))
+    return ds.map(_loader(spec, palette, bands.sample_size(len(items))))
 
 
-def check(ds: ray.data.Dataset, what: str = "dataset") -> tuple[ray.data.Dataset, DatasetInfo]:
+def check(
+    ds: ray.data.Dataset, what: str = "dataset", ignore_index: int = 255
+) -> tuple[ray.data.Dataset, DatasetInfo]:
     """Materialise ``ds``, raise :class:`DatasetError` listing every bad file, and summarise it.
 
-    Returns the materialised dataset of ``{"id", "image", "mask"}`` rows and a
+    Returns the materialised dataset of ``{"id", "image", "mask", "valid"}`` rows and a
     :class:`DatasetInfo`.
     """
     ds = ds.materialize()
-    rows = ds.select_columns(["error", "shape", "hist"]).take_all()
+    columns = ["id", "error", "shape", "dtype", "hist"]
+    columns += ["band_sums", "band_squares", "band_count", "band_sample"]
+    rows = ds.select_columns(columns).take_all()
     if not rows:
         raise DatasetError(f"the {what} is empty")
     errors = [r["error"] for r in rows if r["error"]]
@@ -89,17 +127,26 @@ def check(ds: ray.data.Dataset, what: str = "dataset") -> tuple[ray.data.Dataset
         shown = "\n  ".join(errors[:10])
         more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise DatasetError(f"{len(errors)} bad file(s) in the {what}:\n  {shown}{more}")
-    shapes = sorted({r["shape"] for r in rows})
-    if len(shapes) > 1:
-        raise DatasetError(f"images in the {what} differ in size ({', '.join(shapes)}); set --size")
+    for key, fix in (("shape", "set --size"), ("dtype", "convert them to one pixel type")):
+        found = sorted({r[key] for r in rows})
+        if len(found) > 1:
+            first = {v: next(r["id"] for r in rows if r[key] == v) for v in found}
+            listed = ", ".join(f"{v} (e.g. {first[v]})" for v in found)
+            raise DatasetError(f"images in the {what} differ in {key}: {listed}; {fix}")
     hist = np.sum([r["hist"] for r in rows], axis=0)
+    hist[ignore_index] = 0
+    sampler = bands.StatsSampler()
+    for r in rows:
+        sampler.add(r["band_sums"], r["band_squares"], r["band_count"], r["band_sample"])
     info = DatasetInfo(
         count=len(rows),
-        image_shape=tuple(int(v) for v in shapes[0].split("x")),
+        image_shape=tuple(int(v) for v in rows[0]["shape"].split("x")),
         max_class=int(np.nonzero(hist)[0].max()) if hist.any() else 0,
         class_pixels=[int(v) for v in hist],
+        dtype=str(rows[0]["dtype"]),
+        stats=sampler.result(f"the {what}") if sampler.pixels else None,
     )
-    return ds.select_columns(["id", "image", "mask"]), info
+    return ds.select_columns(["id", "image", "mask", "valid"]), info
 
 
 def load_splits(
@@ -112,14 +159,19 @@ def load_splits(
     """
     samples = find_samples(spec)
     train_s, val_s = split_samples(samples, spec.val_fraction, spec.seed)
-    train, info = check(to_ray_dataset(train_s, spec), "training set")
+    train, info = check(to_ray_dataset(train_s, spec), "training set", spec.ignore_index)
     val = None
     if val_s:
-        val, val_info = check(to_ray_dataset(val_s, spec), "validation set")
+        val, val_info = check(to_ray_dataset(val_s, spec), "validation set", spec.ignore_index)
         if val_info.image_shape != info.image_shape:
             raise DatasetError(
                 f"training images are {info.image_shape} but validation images are "
                 f"{val_info.image_shape}; set --size"
+            )
+        if val_info.dtype != info.dtype:
+            raise DatasetError(
+                f"training images are {info.dtype} but validation images are {val_info.dtype}; "
+                "convert them to one pixel type"
             )
         info.count += val_info.count
         info.class_pixels = [

@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
-from segray.errors import ConfigError
+from segray.errors import ConfigError, DatasetError
 from segray.io import storage
 from segray.models.saving import ModelCard
 from segray.train import checkpoints
 from segray.train.config import MONITOR_MODES, TrainConfig
-from segray.train.data import load_splits, pad_to_multiple
+from segray.train.data import DatasetInfo, load_splits, pad_to_multiple
 from segray.train.history import history_csv, plot_curves
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,14 @@ def _run_config(config: TrainConfig) -> Any:
     )
 
 
-def _model_card(config: TrainConfig, channels: int, scale: float, dtype: str) -> ModelCard:
+def _model_card(config: TrainConfig, channels: int, data: DatasetInfo) -> ModelCard:
     from segray import models
+    from segray.io import bands
 
     info = models.model_info(config.model, encoder=config.encoder)
+    method = bands.default_method(data.dtype) if config.normalize == "auto" else config.normalize
+    if method != "scale" and data.stats is None:
+        raise DatasetError(f"--normalize {method}: the training set has no valid pixel")
     return ModelCard(
         name=config.model,
         num_classes=config.num_classes,
@@ -122,8 +126,12 @@ def _model_card(config: TrainConfig, channels: int, scale: float, dtype: str) ->
         encoder=config.encoder,
         options=dict(config.model_options),
         bands=config.bands,
-        scale=scale,
-        dtype=dtype,
+        normalize=method,
+        scale=bands.default_scale(data.dtype),
+        stats=data.stats,
+        dtype=data.dtype,
+        nodata=config.nodata,
+        ignore_index=config.ignore_index,
         input_multiple=int(info["output_stride"]),
     )
 
@@ -145,7 +153,6 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
     Raises :class:`~segray.errors.SegrayError` kinds (config, model, dataset) naming the problem.
     """
     from segray import models
-    from segray.io import imagery
     from segray.io.labels import DatasetSpec
     from segray.train import losses
 
@@ -166,6 +173,8 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         seed=config.seed,
         endpoint=config.endpoint,
         limit=config.limit,
+        nodata=config.nodata,
+        ignore_index=config.ignore_index,
     )
     train_ds, val_ds, info = load_splits(spec)
     channels = info.image_shape[2]
@@ -177,12 +186,10 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         weights=config.weights,
         **config.model_options,
     )
-    dtype = train_ds.take(1)[0]["image"].dtype
-    scale = imagery.default_scale(dtype)
     n_val = 0 if val_ds is None else val_ds.count()
     plan = LoopPlan(
         config=config,
-        card=_model_card(config, channels, scale, str(dtype)),
+        card=_model_card(config, channels, info),
         params=int(model.count_params()),
         train_count=info.count - n_val,
         val_count=n_val,

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray.io import imagery, storage
+from segray.io import storage
 from segray.train import checkpoints
-from segray.train.augment import augment_batch
+from segray.train.augment import Photometry, augment_batch
 from segray.train.config import MONITOR_MODES, TrainConfig
 from segray.train.progress import post_epoch, post_step
 
@@ -106,14 +106,18 @@ class Steps:
         )
 
 
-def _batches(shard: Any, batch: int, scale: float) -> Any:
+def _batches(shard: Any, batch: int, card: ModelCard) -> Any:
+    """Batches of (model input by the card's rule, masks, sample weights, ids, valid maps)."""
     batches = shard.iter_batches(
         batch_size=batch, batch_format="numpy", drop_last=False, prefetch_batches=2
     )
     for b in batches:
-        images = np.stack(list(b["image"])) if b["image"].dtype == object else b["image"]
-        masks = np.stack(list(b["mask"])) if b["mask"].dtype == object else b["mask"]
-        yield imagery.normalize(images, scale), masks, b["weight"], b["id"]
+        images, masks, valid = (_stacked(b[key]) for key in ("image", "mask", "valid"))
+        yield card.normalize_pixels(images, valid), masks, b["weight"], b["id"], valid
+
+
+def _stacked(column: np.ndarray) -> np.ndarray:
+    return np.stack(list(column)) if column.dtype == object else column
 
 
 def _summary(cm: np.ndarray) -> dict[str, float]:
@@ -198,14 +202,16 @@ def train_loop(loop: dict[str, Any]) -> None:
         state = _start(cfg, model, optimizer)
     # Each start of the loop (fresh, resumed, or restarted after a worker failure) is recorded.
     state["starts"] = [*state.get("starts", []), state["epoch"] + 1]
-    loss = losses.build_loss(cfg.loss, cfg.num_classes, cfg.class_weights)
+    loss = losses.build_loss(
+        cfg.loss, cfg.num_classes, cfg.class_weights, ignore_index=cfg.ignore_index
+    )
     steps = Steps(strategy, model, optimizer, loss, cfg.num_classes, per_worker * world)
     board = plan.board if rank == 0 else None
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         _maybe_fail(cfg, epoch, rank)
         where = (board, epoch, steps_per_epoch)
         row, ids = _train_epoch(steps, train_shard, cfg, card, per_worker, rank, where)
-        row.update(_validate(steps, val_shard, per_worker, card.scale) if val_shard else {})
+        row.update(_validate(steps, val_shard, per_worker, card) if val_shard else {})
         row["epoch"] = epoch
         state = _advance(state, row, cfg)
         if cfg.diagnostics:
@@ -234,10 +240,11 @@ def _train_epoch(
     board, epoch, steps_per_epoch = where
     rng = np.random.default_rng([cfg.seed, epoch, rank])
     sums, ids, start = [], [], time.monotonic()
-    for step, (images, masks, weights, batch_ids) in enumerate(
-        _batches(shard, per_worker, card.scale), 1
+    photometry = Photometry.of(card)
+    for step, (images, masks, weights, batch_ids, valid) in enumerate(
+        _batches(shard, per_worker, card), 1
     ):
-        images, masks = augment_batch(images, masks, cfg.augment, rng)
+        images, masks = augment_batch(images, masks, cfg.augment, rng, photometry, valid)
         # keep the step's outputs as tensors: converting each one would sync every step
         sums.append(steps.train(images, masks.astype(np.int32), weights.astype(np.float32)))
         ids.extend(str(i) for i, w in zip(batch_ids, weights, strict=True) if w > 0)
@@ -248,9 +255,9 @@ def _train_epoch(
     return {"loss": total / max(count, 1.0), "img_per_s": count / max(seconds, 1e-9)}, ids
 
 
-def _validate(steps: Steps, shard: Any, per_worker: int, scale: float) -> dict[str, float]:
+def _validate(steps: Steps, shard: Any, per_worker: int, card: ModelCard) -> dict[str, float]:
     total, count, cm = 0.0, 0.0, None
-    for images, masks, weights, _ in _batches(shard, per_worker, scale):
+    for images, masks, weights, _, _ in _batches(shard, per_worker, card):
         loss_sum, n, batch_cm = steps.val(
             images, masks.astype(np.int32), weights.astype(np.float32)
         )

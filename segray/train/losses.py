@@ -6,6 +6,9 @@ positive class 1) and ``C = num_classes`` otherwise (softmax). Values are not re
 batch: the distributed step averages them over the global batch. Everything is ``keras.ops``
 in float32, so it runs inside a compiled step under any backend and any mixed-precision policy.
 
+Pixels labelled ``ignore_index`` (unlabelled, or no data in the image) count for nothing in any
+loss: their label is replaced by 0 and their per-pixel terms by 0.
+
 Per-class weights (``class_weights``, one per class including background):
 
 - cross-entropy and focal: each pixel's loss is multiplied by the weight of its TRUE class and the
@@ -53,8 +56,12 @@ def list_losses() -> list[str]:
 # ---- shared preparation ------------------------------------------------------------------------
 
 
-def _prepare(y_true: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, int]:
-    """int32 labels without a channel axis, float32 logits, and the channel count."""
+def _prepare(
+    y_true: Tensor, logits: Tensor, ignore_index: int | None = None
+) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """int32 labels without a channel axis, float32 logits, the channel count, and the float32
+    map of pixels that count (None when all do): label ``ignore_index`` counts for nothing and is
+    replaced by 0 so that every label indexes a class."""
     logits = ops.cast(ops.convert_to_tensor(logits), "float32")
     labels = ops.convert_to_tensor(y_true)
     if len(labels.shape) == len(logits.shape):
@@ -62,7 +69,11 @@ def _prepare(y_true: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, int]:
     channels = logits.shape[-1]
     if channels is None:
         raise ValueError(f"logits need a static channel axis last; got shape {logits.shape}")
-    return ops.cast(labels, "int32"), logits, int(channels)
+    labels = ops.cast(labels, "int32")
+    if ignore_index is None:
+        return labels, logits, int(channels), None
+    counts = labels != ignore_index
+    return ops.where(counts, labels, 0), logits, int(channels), ops.cast(counts, "float32")
 
 
 def _weights(class_weights: Sequence[float], num_classes: int) -> Tensor:
@@ -76,11 +87,18 @@ def _weights(class_weights: Sequence[float], num_classes: int) -> Tensor:
 
 
 def _per_sample_mean(
-    pixel_loss: Tensor, labels: Tensor, class_weights: Sequence[float] | None, num_classes: int
+    pixel_loss: Tensor,
+    labels: Tensor,
+    class_weights: Sequence[float] | None,
+    num_classes: int,
+    counts: Tensor | None = None,
 ) -> Tensor:
-    """Mean over the non-batch axes of a per-pixel loss, each pixel weighted by its true class."""
+    """Mean over the non-batch axes of a per-pixel loss, each pixel weighted by its true class;
+    pixels outside ``counts`` (ignored labels, no data) add nothing."""
     if class_weights is not None:
         pixel_loss = pixel_loss * ops.take(_weights(class_weights, num_classes), labels)
+    if counts is not None:
+        pixel_loss = pixel_loss * counts
     return ops.mean(pixel_loss, axis=tuple(range(1, len(pixel_loss.shape))))
 
 
@@ -101,52 +119,66 @@ def _log_p_true(labels: Tensor, logits: Tensor, channels: int) -> Tensor:
 
 
 def binary_cross_entropy(
-    y_true: Tensor, logits: Tensor, class_weights: Sequence[float] | None = None
+    y_true: Tensor,
+    logits: Tensor,
+    class_weights: Sequence[float] | None = None,
+    ignore_index: int | None = None,
 ) -> Tensor:
     """Binary cross-entropy from one logit channel, per sample ``(B,)``.
 
     ``class_weights`` = (background weight, foreground weight), applied per pixel by true class.
     """
-    labels, logits, channels = _prepare(y_true, logits)
+    labels, logits, channels, counts = _prepare(y_true, logits, ignore_index)
     if channels != 1:
         raise ValueError(f"binary cross-entropy needs 1 logit channel; got {channels}")
-    return _per_sample_mean(_binary_pixel_ce(labels, logits), labels, class_weights, 2)
+    return _per_sample_mean(_binary_pixel_ce(labels, logits), labels, class_weights, 2, counts)
 
 
 def sparse_categorical_cross_entropy(
-    y_true: Tensor, logits: Tensor, class_weights: Sequence[float] | None = None
+    y_true: Tensor,
+    logits: Tensor,
+    class_weights: Sequence[float] | None = None,
+    ignore_index: int | None = None,
 ) -> Tensor:
     """Softmax cross-entropy from C >= 2 logit channels and integer labels, per sample ``(B,)``.
 
     ``class_weights`` (one per class) multiply each pixel's loss by the weight of its true class.
     """
-    labels, logits, channels = _prepare(y_true, logits)
+    labels, logits, channels, counts = _prepare(y_true, logits, ignore_index)
     if channels < 2:
         raise ValueError(f"categorical cross-entropy needs >= 2 logit channels; got {channels}")
     pixel_loss = -_log_p_true(labels, logits, channels)
-    return _per_sample_mean(pixel_loss, labels, class_weights, channels)
+    return _per_sample_mean(pixel_loss, labels, class_weights, channels, counts)
 
 
 def cross_entropy(
-    y_true: Tensor, logits: Tensor, class_weights: Sequence[float] | None = None
+    y_true: Tensor,
+    logits: Tensor,
+    class_weights: Sequence[float] | None = None,
+    ignore_index: int | None = None,
 ) -> Tensor:
     """BCE for one logit channel, sparse categorical CE otherwise; per sample ``(B,)``."""
     if ops.convert_to_tensor(logits).shape[-1] == 1:
-        return binary_cross_entropy(y_true, logits, class_weights)
-    return sparse_categorical_cross_entropy(y_true, logits, class_weights)
+        return binary_cross_entropy(y_true, logits, class_weights, ignore_index)
+    return sparse_categorical_cross_entropy(y_true, logits, class_weights, ignore_index)
 
 
-def _soft_overlap(y_true: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Per sample and class: soft intersection ``sum(p * t)`` and ``sum(p) + sum(t)``, (B, C').
+def _soft_overlap(
+    y_true: Tensor, logits: Tensor, ignore_index: int | None = None
+) -> tuple[Tensor, Tensor, int]:
+    """Per sample and class: soft intersection ``sum(p * t)`` and ``sum(p) + sum(t)``, (B, C'),
+    over the pixels that count.
 
     Binary problems give the foreground column only (C' = 1).
     """
-    labels, logits, channels = _prepare(y_true, logits)
+    labels, logits, channels, counts = _prepare(y_true, logits, ignore_index)
     probs = logits_to_probabilities(logits)
     if channels == 1:
         truth = ops.cast(ops.expand_dims(labels, -1), probs.dtype)
     else:
         truth = ops.one_hot(labels, channels, dtype=probs.dtype)
+    if counts is not None:
+        probs, truth = probs * counts[..., None], truth * counts[..., None]
     axes = tuple(range(1, len(probs.shape) - 1))
     intersection = ops.sum(probs * truth, axis=axes)
     total = ops.sum(probs, axis=axes) + ops.sum(truth, axis=axes)
@@ -168,6 +200,7 @@ def soft_dice_loss(
     logits: Tensor,
     class_weights: Sequence[float] | None = None,
     smooth: float = 1.0,
+    ignore_index: int | None = None,
 ) -> Tensor:
     """``1 - soft Dice`` per sample ``(B,)``, Dice = ``(2 sum(p t) + s) / (sum(p) + sum(t) + s)``.
 
@@ -177,7 +210,7 @@ def soft_dice_loss(
     absent from a tile's truth score ~1 when it is also not predicted, instead of ~0, so such
     tiles neither add a constant ~1 per absent class nor lose the push towards predicting nothing.
     """
-    intersection, total, channels = _soft_overlap(y_true, logits)
+    intersection, total, channels = _soft_overlap(y_true, logits, ignore_index)
     dice = (2.0 * intersection + smooth) / (total + smooth)
     return 1.0 - _class_mean(dice, class_weights, channels)
 
@@ -187,10 +220,11 @@ def soft_jaccard_loss(
     logits: Tensor,
     class_weights: Sequence[float] | None = None,
     smooth: float = 1.0,
+    ignore_index: int | None = None,
 ) -> Tensor:
     """``1 - soft IoU`` per sample ``(B,)``, IoU = ``(sum(p t) + s) / (sum(p) + sum(t) - sum(p t)
     + s)``; classes, weights and ``smooth`` as in `soft_dice_loss`."""
-    intersection, total, channels = _soft_overlap(y_true, logits)
+    intersection, total, channels = _soft_overlap(y_true, logits, ignore_index)
     iou = (intersection + smooth) / (total - intersection + smooth)
     return 1.0 - _class_mean(iou, class_weights, channels)
 
@@ -201,6 +235,7 @@ def focal_loss(
     class_weights: Sequence[float] | None = None,
     gamma: float = 2.0,
     alpha: float = 0.25,
+    ignore_index: int | None = None,
 ) -> Tensor:
     """Focal loss ``-a_t (1 - p_t)^gamma log(p_t)`` averaged over pixels, per sample ``(B,)``.
 
@@ -211,7 +246,7 @@ def focal_loss(
     """
     if gamma < 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"focal loss needs gamma >= 0 and alpha in [0, 1]; got {gamma}, {alpha}")
-    labels, logits, channels = _prepare(y_true, logits)
+    labels, logits, channels, counts = _prepare(y_true, logits, ignore_index)
     if channels == 1:
         neg_log_pt = _binary_pixel_ce(labels, logits)
         y = ops.cast(labels, "float32")
@@ -223,7 +258,7 @@ def focal_loss(
         num_classes = channels
     p_t = ops.exp(-neg_log_pt)
     pixel_loss = alpha_t * ops.power(1.0 - p_t, gamma) * neg_log_pt
-    return _per_sample_mean(pixel_loss, labels, class_weights, num_classes)
+    return _per_sample_mean(pixel_loss, labels, class_weights, num_classes, counts)
 
 
 _FUNCTIONS: dict[str, Callable[..., Tensor]] = {
@@ -294,12 +329,14 @@ def build_loss(
     num_classes: int,
     class_weights: Sequence[float] | None = None,
     options: Mapping[str, Mapping[str, float]] | None = None,
+    ignore_index: int | None = None,
 ) -> Loss:
     """A `Loss` from a spec: ``"ce"``, ``"ce+dice"``, ``"0.7*ce+0.3*dice"``, a ``{name: weight}``
     dict, or a list of such terms. Names are in `LOSSES`; ``"ce"`` on two classes is BCE.
 
     ``class_weights`` (``num_classes`` values) go to every term. ``options`` give per-name keyword
-    arguments: ``{"focal": {"gamma": 1.0, "alpha": 0.5}, "dice": {"smooth": 1e-5}}``.
+    arguments: ``{"focal": {"gamma": 1.0, "alpha": 0.5}, "dice": {"smooth": 1e-5}}``. Pixels
+    labelled ``ignore_index`` (unlabelled, or no data in the image) count in no term.
     """
     if int(num_classes) != num_classes or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
@@ -317,7 +354,12 @@ def build_loss(
     for weight, name in _parse_spec(spec):
         if name == "bce" and num_classes != 2:
             raise ValueError(f"'bce' needs num_classes == 2; got {num_classes} (use 'ce')")
-        fn = partial(_FUNCTIONS[name], class_weights=class_weights, **options.get(name, {}))
+        fn = partial(
+            _FUNCTIONS[name],
+            class_weights=class_weights,
+            ignore_index=ignore_index,
+            **options.get(name, {}),
+        )
         terms.append((weight, name, fn))
     label = "+".join(name if weight == 1.0 else f"{weight:g}*{name}" for weight, name, _ in terms)
     return Loss(name=label, num_classes=int(num_classes), terms=tuple(terms))

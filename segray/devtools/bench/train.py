@@ -21,13 +21,13 @@ def _bare_keras(data: str, size: int, options: dict, batch: int, epochs: int) ->
     import keras
 
     from segray import models
-    from segray.io import imagery, labels
+    from segray.io import bands, labels
     from segray.train import losses
 
     spec = labels.DatasetSpec(root=data, size=size, val_fraction=0.2)
     train_s, _ = labels.split_samples(labels.find_samples(spec), 0.2, 0)
     rows = [labels.load_sample(s, spec) for s in train_s]
-    x = imagery.normalize(np.stack([r["image"] for r in rows]))
+    x = bands.normalize(np.stack([r["image"] for r in rows]))  # uint8 tiles: today's rule
     y = np.stack([r["mask"] for r in rows]).astype(np.int32)[..., None]  # keras keeps (B,H,W,1)
     model = models.build_model("unet", 2, (size, size, 3), **options)
     loss = losses.build_loss("ce+dice", 2)
