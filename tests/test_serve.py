@@ -99,6 +99,39 @@ def secure_url(url, model_dir, s3_endpoint) -> str:
     return f"{url}/secure"
 
 
+@pytest.fixture(scope="module")
+def uint16_url(url, tmp_path_factory) -> tuple[str, str]:
+    """A third app at /u16: an untrained 4-band model of uint16 data, standardised by the
+    statistics in its card (as training on ``synth --dtype uint16 --bands 4`` writes it)."""
+    from ray import serve as ray_serve
+
+    from segray.io import bands
+    from segray.models import build_model
+
+    folder = str(tmp_path_factory.mktemp("model16"))
+    sampler = bands.StatsSampler()
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        image, _ = synth.generate_tile(SIZE, seed, "binary", 4, "uint16")
+        sampler.add(*bands.image_summary(image, (image > 0).all(-1), 512, rng))
+    model = build_model("unet", 2, (SIZE, SIZE, 4), base_filters=4, depth=2)
+    card = saving.ModelCard(
+        name="unet",
+        num_classes=2,
+        input_shape=(SIZE, SIZE, 4),
+        dtype="uint16",
+        normalize="stats",
+        stats=sampler.result(),
+    )
+    saving.save_model(model, card, folder)
+    ray_serve.run(
+        serve.build_app(ServeConfig(model_uri=folder, num_cpus=0.5)),
+        name="segray-u16",
+        route_prefix="/u16",
+    )
+    return f"{url}/u16", folder
+
+
 def tile_png(seed: int = 1, size: int | tuple[int, int] = SIZE, bands: int = 3) -> bytes:
     return imagery.encode_png(synth.generate_tile(size, seed, "binary", bands)[0])
 
@@ -177,11 +210,10 @@ def test_geotiff_mask_and_json_polygons_in_crs(url, loaded, tmp_path):
     tile = imagery.decode(data)
     same = inference.footprint_doc(shared_mask(data, loaded), tile, 1, "building")
     assert polygons == json.loads(json.dumps(same))
-    x0, y0 = synth.ORIGIN
-    side = SIZE * synth.RESOLUTION
+    # RFC 7946: WGS84 longitude and latitude (UTM 33N, 500 km E, 5,000 km N: 15° E, 45.15° N)
     for feature in polygons["features"]:
         for x, y in feature["geometry"]["coordinates"][0]:
-            assert x0 <= x <= x0 + side and y0 - side <= y <= y0
+            assert abs(x - 15.0) < 0.01 and abs(y - 45.15) < 0.01
 
 
 def test_json_polygons_in_pixels_for_png(url):
@@ -312,6 +344,39 @@ def test_bulk_predict_gives_the_same_masks(url, model_dir, tmp_path):
         bulk = imagery.as_mask(imagery.decode((out / name).read_bytes()).array)
         served = png_mask(post(url, (folder / "images" / name).read_bytes()))
         np.testing.assert_array_equal(served, bulk)
+
+
+def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, tmp_path):
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.job import predict
+    from segray.evaluate.evaluate import predict_rows
+    from segray.io import labels
+
+    address, model_dir = uint16_url
+    folder = tmp_path / "in"
+    synth.write_collection(
+        str(folder), "geotiff", count=6, size=SIZE, mode="binary", bands=4, dtype="uint16"
+    )
+    out = tmp_path / "out"
+    assert predict(PredictConfig(model=model_dir, input=str(folder / "images"), output=str(out))).ok
+    spec = labels.DatasetSpec(root=str(folder), num_classes=2, val_fraction=0.0)
+    samples = {s.id: s for s in labels.find_samples(spec)}
+    model, card = saving.load_model(model_dir)
+    edged = 0
+    for name in sorted(samples):
+        data = (folder / "images" / f"{name}.tif").read_bytes()
+        bulk = imagery.decode((out / f"{name}.tif").read_bytes()).array[..., 0]
+        served = png_mask(post(address, data))
+        (evaluated,) = predict_rows(model, card, [labels.load_sample(samples[name], spec)])
+        np.testing.assert_array_equal(served, bulk)
+        np.testing.assert_array_equal(evaluated, bulk)
+        nodata = (imagery.decode(data).array == 0).all(-1)
+        np.testing.assert_array_equal(bulk == 255, nodata)  # no data in, 255 out
+        edged += bool(nodata.any())
+    assert edged  # at least one tile had a no-data corner
+    eight_bit = post(address, tile_png(3, SIZE, 4))
+    assert eight_bit.status_code == 415
+    assert "uint8" in eight_bit.text and "uint16" in eight_bit.text
 
 
 # --- without Serve --------------------------------------------------------------------------

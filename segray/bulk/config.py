@@ -7,6 +7,7 @@ from pydantic import field_validator, model_validator
 from segray.inference.render import Output
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend
+from segray.io.footprints import NATIVE, WGS84
 from segray.settings import Settings, setting
 
 
@@ -55,6 +56,9 @@ class PredictConfig(Settings):
     footprints: int | None = setting(
         None, "Class id to vectorise; writes <name>.geojson beside each mask.", ge=0
     )
+    footprints_crs: str = setting(
+        WGS84, "CRS of the footprints: EPSG:4326 (RFC 7946), native (the tile's) or EPSG:n."
+    )
     io_threads: int = setting(8, "Threads of each read or write task.", ge=1, cli=False)
     manifest_rows: int = setting(10_000, "Manifest rows per Parquet part.", ge=1, cli=False)
     manifest_flush_s: float = setting(
@@ -66,6 +70,19 @@ class PredictConfig(Settings):
     @classmethod
     def _lower(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return tuple(s.lower() for s in value) if value else None
+
+    @field_validator("footprints_crs")
+    @classmethod
+    def _known_crs(cls, value: str) -> str:
+        if value == NATIVE:
+            return value
+        from rasterio.crs import CRS
+        from rasterio.errors import CRSError
+
+        try:
+            return CRS.from_user_input(value).to_string()
+        except CRSError as exc:
+            raise ValueError(f"not a CRS rasterio knows, nor 'native': {exc}") from None
 
     @model_validator(mode="after")
     def _fits(self) -> PredictConfig:

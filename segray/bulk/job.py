@@ -165,7 +165,11 @@ def footprint_options(config: PredictConfig, card: ModelCard) -> dict[str, Any] 
     """What the writers need to vectorise the ``footprints`` class (None when off)."""
     if config.footprints is None:
         return None
-    return {"class_index": config.footprints, "name": card.names()[config.footprints]}
+    return {
+        "class_index": config.footprints,
+        "name": card.names()[config.footprints],
+        "to_crs": config.footprints_crs,
+    }
 
 
 def _run_tiles(

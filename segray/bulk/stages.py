@@ -136,9 +136,7 @@ def write_outputs(
         storage.write_bytes(uris["uncertainty_uri"], data, endpoint=endpoint)
     if footprints is not None and labels is not None:
         uris["footprints_uri"] = footprints_uri(uri)
-        doc = inference.footprint_doc(
-            labels, like, footprints["class_index"], footprints.get("name")
-        )
+        doc = inference.footprint_doc(labels, like, **footprints)
         storage.write_bytes(uris["footprints_uri"], json.dumps(doc).encode(), endpoint=endpoint)
     storage.write_bytes(uri, encode_like(mask, like, uri, legend), endpoint=endpoint)
     return {"output_uri": uri, **uris}

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 
 from segray.io.bands import NODATA_CLASS
+from segray.io.footprints import WGS84
 
 if TYPE_CHECKING:
     from segray.io.imagery import Tile
@@ -150,16 +151,27 @@ def render_uncertainty(entropy: np.ndarray) -> np.ndarray:
 
 
 def footprint_doc(
-    labels: np.ndarray, like: Tile, class_index: int, name: str | None = None
+    labels: np.ndarray,
+    like: Tile,
+    class_index: int,
+    name: str | None = None,
+    to_crs: str = WGS84,
 ) -> dict[str, Any]:
-    """GeoJSON polygons of ``class_index`` in a class-id mask, in ``like``'s CRS (in pixels when
-    it has no georeference), simplified by half a pixel: bulk ``footprints`` and Serve's JSON."""
+    """GeoJSON polygons of ``class_index`` in a class-id mask, simplified by half a pixel, in
+    ``to_crs`` (RFC 7946 WGS84 by default, ``native`` for ``like``'s CRS; pixels when it has no
+    georeference): bulk ``footprints`` and Serve's JSON."""
     from segray.io.footprints import footprints
 
     transform = like.transform
     simplify = abs(transform.a) / 2 if transform is not None else 0.5
     return footprints(
-        labels, class_index, transform=transform, crs=like.crs, simplify=simplify, name=name
+        labels,
+        class_index,
+        transform=transform,
+        crs=like.crs,
+        simplify=simplify,
+        name=name,
+        to_crs=to_crs,
     )
 
 
