@@ -160,13 +160,16 @@ def test_imagenet_weights_are_forwarded_to_keras_applications(monkeypatch):
     seen = {}
     real = keras.applications.MobileNetV2
 
-    def fake(**kwargs):  # records the argument and builds without downloading
-        seen.update(kwargs)
+    def fake(**kwargs):  # records the arguments and builds without downloading
+        if kwargs["weights"] is not None:
+            seen.update(kwargs)
         return real(**{**kwargs, "weights": None})
 
     monkeypatch.setattr(keras.applications, "MobileNetV2", fake)
     model = tiny_model("unet-mobilenetv2", weights="imagenet", freeze_encoder=True)
+    # the pretrained 3-band copy whose weights are carried over
     assert seen["weights"] == "imagenet" and seen["alpha"] == 0.35
+    assert seen["input_shape"] == (32, 32, 3)
     assert not model.get_layer("block_1_expand").trainable
     assert model.get_layer("decoder_stage0a_conv").trainable
 
@@ -256,8 +259,8 @@ def test_one_adam_step_lowers_the_loss(name):
         (lambda: build_model("unet", 2, (100, 128, 3)), ["height 100", "stride 16", "96 or 112"]),
         (lambda: build_model("fcn8s", 2, (64, 70, 3)), ["width 70", "stride 32", "64 or 96"]),
         (
-            lambda: build_model("unet-resnet50", 2, (64, 64, 4), weights="imagenet"),
-            ["needs 3 input channels", "4"],
+            lambda: build_model("unet-efficientnetb0", 2, (64, 64, 4), weights="imagenet"),
+            ["cannot be adapted to 4 bands"],
         ),
         (
             lambda: build_model("unet", 2, upsampling="nearest"),
@@ -278,3 +281,76 @@ def test_errors_say_what_is_allowed(call, words):
         call()
     for word in words:
         assert word in str(raised.value)
+
+
+# --- pretrained backbones fed what they expect ----------------------------------------------
+
+PREPROCESS = {
+    "mobilenetv2": keras.applications.mobilenet_v2.preprocess_input,
+    "resnet50": keras.applications.resnet50.preprocess_input,
+    "densenet121": keras.applications.densenet.preprocess_input,
+    "efficientnetb0": keras.applications.efficientnet.preprocess_input,
+}
+
+
+def _reference(encoder: str, tmp_path, options: dict) -> tuple[keras.Model, str]:
+    """keras.applications' own backbone with random weights, saved as the weights file segray
+    loads in place of "imagenet" (unreachable here): identical weights on both sides."""
+    row = BACKBONES[encoder]
+    constructor = getattr(keras.applications, row.constructor)
+    reference = constructor(include_top=False, weights=None, input_shape=(32, 32, 3), **options)
+    rng = np.random.default_rng(1)
+    for layer in reference.layers:  # batch-norm statistics too, so they are carried over
+        if isinstance(layer, keras.layers.BatchNormalization):
+            mean, var = layer.moving_mean, layer.moving_variance
+            mean.assign(rng.normal(0, 0.1, mean.shape).astype("float32"))
+            var.assign(rng.uniform(0.5, 2.0, var.shape).astype("float32"))
+    path = str(tmp_path / f"{encoder}.weights.h5")
+    reference.save_weights(path)
+    return reference, path
+
+
+def _features(model: keras.Model, layer: str, x: np.ndarray) -> np.ndarray:
+    probe = keras.Model(model.inputs[0], model.get_layer(layer).output)
+    return keras.ops.convert_to_numpy(probe(x, training=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", list(PREPROCESS))
+def test_backbone_inside_segray_sees_what_keras_applications_feeds_it(encoder, tmp_path):
+    options = {"alpha": 0.35} if encoder == "mobilenetv2" else {}
+    reference, path = _reference(encoder, tmp_path, options)
+    model = build_model(f"unet-{encoder}", 2, (32, 32, 3), weights=path, **options)
+    image = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    for layer in BACKBONES[encoder].features[::2]:  # the deepest, and two skips
+        ours = _features(model, layer, image / 255.0)  # segray's input: pixels / 255
+        theirs = _features(reference, layer, PREPROCESS[encoder](image.copy()))
+        assert np.abs(theirs).max() > 0
+        np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
+
+
+@pytest.mark.slow
+def test_multispectral_input_keeps_pretrained_features(tmp_path):
+    reference, path = _reference("mobilenetv2", tmp_path, {"alpha": 0.35})
+    six = build_model("unet-mobilenetv2", 2, (32, 32, 6), weights=path, alpha=0.35)
+    rgb_kernel = keras.ops.convert_to_numpy(reference.get_layer("Conv1").kernel)
+    kernel = keras.ops.convert_to_numpy(six.get_layer("Conv1").kernel)
+    np.testing.assert_allclose(kernel, rgb_kernel[:, :, [0, 1, 2, 0, 1, 2], :] * 0.5, rtol=1e-6)
+    # six bands that repeat RGB see exactly what the RGB backbone sees
+    image = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    layer = BACKBONES["mobilenetv2"].features[0]
+    ours = _features(six, layer, np.concatenate([image, image], axis=-1) / 255.0)
+    theirs = _features(reference, layer, PREPROCESS["mobilenetv2"](image.copy()))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
+
+
+def test_standardised_input_maps_onto_imagenet_statistics():
+    from segray.models.layers import BackbonePreprocess
+
+    x = np.random.default_rng(3).normal(size=(1, 4, 4, 5)).astype("float32")
+    torch_like = BackbonePreprocess("torch", "standard")(x)  # ImageNet-standardised already
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(torch_like), x, rtol=1e-5, atol=1e-5)
+    unit = BackbonePreprocess("tf", "unit")(np.full((1, 2, 2, 3), 0.5, "float32"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(unit), 0.0, atol=1e-6)
+    model = tiny_model("unet-mobilenetv2", 2, (32, 32, 4), input_range="standard")
+    assert model.get_layer("backbone_preprocess").input_range == "standard"

@@ -80,7 +80,10 @@ def option_for(name: str, info: FieldInfo, required: bool | None = None) -> Call
     kw: dict[str, Any] = {"help": info.description or None, "show_default": default is not None}
     flag = flag_name(name, info)
     if get_origin(kind) is Literal:
-        kw["type"] = click.Choice([str(v) for v in get_args(kind)])
+        by_text = {str(v): v for v in get_args(kind)}  # click gives text; Literal[3, 4] wants ints
+        kw["type"] = click.Choice(list(by_text))
+        kw["callback"] = lambda ctx, param, value: by_text.get(value, value)
+        default = None if default is None else str(default)
     elif kind is bool:
         if default:
             flag = f"{flag}/--no-{flag[2:]}"

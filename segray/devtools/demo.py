@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Literal
 
 from segray.errors import ConfigError
 from segray.io import storage
@@ -39,6 +39,10 @@ class DemoConfig(Settings):
     scene_size: int = setting(512, "Side of the synthetic scene in pixels.", ge=64)
     seed: int = setting(0, "Seed of the synthetic data and the training.")
     held_out: int = setting(16, "Held-out GeoTIFF tiles for the bulk job and evaluation.", ge=1)
+    dtype: Literal["uint8", "uint16"] = setting(
+        "uint8", "Pixel type: uint16 is reflectance x 10,000 with no-data corners (GeoTIFF)."
+    )
+    bands: Literal[3, 4, 6] = setting(3, "Bands: RGB, +NIR, +SWIR1 and SWIR2 (6: uint16 only).")
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -88,8 +92,14 @@ def _synthesise(config: DemoConfig, root: str, ep: str | None) -> dict[str, str]
         config.held_out,
         config.scene_size,
     )
+    pixels = {"dtype": config.dtype, "bands": config.bands, "endpoint": ep}
     synth.write_collection(
-        paths["data"], count=config.count, size=config.size, seed=config.seed, endpoint=ep
+        paths["data"],
+        layout="paired" if config.dtype == "uint8" else "geotiff",  # 16-bit needs GeoTIFF
+        count=config.count,
+        size=config.size,
+        seed=config.seed,
+        **pixels,
     )
     synth.write_collection(
         paths["heldout"],
@@ -97,7 +107,7 @@ def _synthesise(config: DemoConfig, root: str, ep: str | None) -> dict[str, str]
         count=config.held_out,
         size=config.size,
         seed=config.seed + 1000,
-        endpoint=ep,
+        **pixels,
     )
     synth.write_collection(
         paths["scenes"],
@@ -105,7 +115,7 @@ def _synthesise(config: DemoConfig, root: str, ep: str | None) -> dict[str, str]
         count=1,
         seed=config.seed + 2000,
         scene_size=config.scene_size,
-        endpoint=ep,
+        **pixels,
     )
     return paths
 

@@ -96,7 +96,7 @@ def keras_backbone_features(
     """(inputs, stride-16 features, stride-4 features) of a keras.applications backbone."""
     model = build_backbone(encoder, input_shape, weights, freeze, **options)
     deep, low = (model.get_layer(feature_layer(encoder, s)).output for s in (16, 4))
-    return model.input, deep, low
+    return model.inputs[0], deep, low
 
 
 def build_deeplab(

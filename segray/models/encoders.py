@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from segray.errors import ModelError
+
 if TYPE_CHECKING:
     import keras
 
@@ -30,6 +32,7 @@ class Backbone:
     features: tuple[str, ...]
     strides: tuple[int, ...]
     preprocessing: str
+    mode: str  # segray.models.layers.BackbonePreprocess mode: what preprocessing amounts to
     options: Mapping[str, tuple[Any, tuple]] = field(default_factory=dict)
 
 
@@ -46,6 +49,7 @@ BACKBONES: dict[str, Backbone] = {
         ),
         (32, 16, 8, 4, 2),
         "pixels 0..255 scaled to [-1, 1] (keras.applications.mobilenet_v2.preprocess_input)",
+        "tf",
         {"alpha": (1.0, _ALPHAS)},
     ),
     "densenet121": Backbone(
@@ -54,6 +58,7 @@ BACKBONES: dict[str, Backbone] = {
         (32, 16, 8, 4, 2),
         "pixels 0..255 scaled to [0, 1] then ImageNet mean/std per RGB channel"
         " (keras.applications.densenet.preprocess_input)",
+        "torch",
     ),
     "resnet50": Backbone(
         "ResNet50",
@@ -67,6 +72,7 @@ BACKBONES: dict[str, Backbone] = {
         (32, 16, 8, 4, 2),
         "pixels 0..255, RGB -> BGR, ImageNet mean subtracted (caffe mode,"
         " keras.applications.resnet50.preprocess_input)",
+        "caffe",
     ),
     "efficientnetb0": Backbone(
         "EfficientNetB0",
@@ -79,6 +85,7 @@ BACKBONES: dict[str, Backbone] = {
         ),
         (32, 16, 8, 4, 2),
         "pixels 0..255 as they are: the model rescales and normalises inside",
+        "raw",
     ),
 }
 
@@ -94,26 +101,63 @@ def build_backbone(
     input_shape: tuple[int, int, int],
     weights: str | None = None,
     freeze: bool = False,
+    input_range: str = "unit",
     **options: Any,
 ) -> keras.Model:
-    """Construct the keras.applications model without its classifier top.
+    """The keras.applications model without its classifier top, behind its preprocessing.
 
-    `weights` ("imagenet" or a file) goes straight to the constructor, which downloads it.
+    The model's input is segray's (``input_range``: unit pixels or standardised bands); a
+    :class:`~segray.models.layers.BackbonePreprocess` layer inside turns it into what the backbone
+    was trained on, so every path that loads the saved model feeds it right. ``weights``
+    ("imagenet", downloaded by keras, or a weights file of the 3-band backbone) are loaded into a
+    3-band copy and carried over; with N ≠ 3 bands the first convolution's RGB kernels are
+    repeated across the bands and scaled by 3/N (as timm and segmentation_models_pytorch adapt
+    pretrained stems), so multispectral input keeps the pretrained features.
     """
     import keras
 
+    from segray.models.layers import BackbonePreprocess
+
     row = BACKBONES[backbone]
     constructor = getattr(keras.applications, row.constructor)
+    inputs = keras.Input(tuple(input_shape), name="image")
+    x = BackbonePreprocess(row.mode, input_range, name="backbone_preprocess")(inputs)
+    bands = int(input_shape[-1])
+    direct = weights if row.mode == "raw" else None  # rescales inside: no copy can reproduce it
+    if weights is not None and row.mode == "raw" and bands != 3:
+        raise ModelError(
+            f"{backbone} rescales its input inside, so its pretrained weights cannot be adapted to "
+            f"{bands} bands; use another encoder or weights=None"
+        )
     with warnings.catch_warnings():
         # Multispectral input (1 or 4+ bands) is intended here; keras warns about it.
         warnings.filterwarnings("ignore", message="This model usually expects")
-        model = constructor(
-            include_top=False, weights=weights, input_shape=tuple(input_shape), **options
-        )
+        model = constructor(include_top=False, weights=direct, input_tensor=x, **options)
+        if weights is not None and direct is None:
+            shape = (*tuple(input_shape)[:2], 3)
+            source = constructor(include_top=False, weights=weights, input_shape=shape, **options)
+            adapt_weights(source, model)
     if freeze:
         for layer in model.layers:
             layer.trainable = False
     return model
+
+
+def adapt_weights(source: keras.Model, target: keras.Model) -> None:
+    """Copy the weights of a 3-band backbone into the same backbone of any band count, layer by
+    layer in order: a kernel whose input axis differs (the first convolution) takes the RGB
+    kernel of band i mod 3, scaled by 3/N; everything else is copied as it is."""
+    weighted = [[layer for layer in m.layers if layer.weights] for m in (source, target)]
+    if len(weighted[0]) != len(weighted[1]):
+        raise ModelError(f"cannot carry weights of {source.name} over: the layers differ")
+    for src, dst in zip(*weighted, strict=True):
+        values = []
+        for value, like in zip(src.get_weights(), dst.get_weights(), strict=True):
+            if value.shape != like.shape:
+                bands = like.shape[-2]
+                value = value[..., [i % 3 for i in range(bands)], :] * (3.0 / bands)
+            values.append(value)
+        dst.set_weights(values)
 
 
 def encoder_features(model: keras.Model, backbone: str) -> list[keras.KerasTensor]:

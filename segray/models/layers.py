@@ -1,6 +1,7 @@
 """segray's serialisable custom layers, and the switch for Monte-Carlo dropout.
 
-Importing this module registers MCDropout, MaxUnpooling2D and BilinearUpsampling with keras
+Importing this module registers MCDropout, MaxUnpooling2D, BilinearUpsampling and
+BackbonePreprocess with keras
 (package "segray"), which `.keras` files that use them need before loading. The registered names
 do not depend on this module's path, so files saved before a move still load.
 """
@@ -86,10 +87,69 @@ class BilinearUpsampling(keras.initializers.Initializer):
         return {}
 
 
+#: ImageNet statistics of the RGB channels, on pixels in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The BGR means that caffe-style backbones subtract from 0..255 pixels.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+#: How keras.applications backbones want their input (``preprocess_input``'s modes), and "raw":
+#: 0..255 as they are (backbones that rescale inside, like EfficientNet).
+PREPROCESS_MODES = ("tf", "torch", "caffe", "raw")
+#: What segray hands a model: pixels in [0, 1] (the scale and percentile rules), or standardised
+#: bands (the stats rule).
+INPUT_RANGES = ("unit", "standard")
+
+
+@keras.saving.register_keras_serializable(package="segray")
+class BackbonePreprocess(layers.Layer):
+    """segray's model input turned into what a keras.applications backbone was trained on.
+
+    The input becomes 0..255 pixels first: unit input times 255; standardised bands mapped onto
+    ImageNet's mean and spread (band i like RGB channel i mod 3). Then the backbone's own rule:
+    ``tf`` to [-1, 1], ``torch`` ImageNet mean/std, ``caffe`` RGB→BGR (3 bands) minus the BGR
+    means, ``raw`` as it is. Band i of N ≠ 3 takes channel i mod 3's constants, as the adapted
+    first convolution takes that channel's kernel.
+    """
+
+    def __init__(self, mode: str, input_range: str = "unit", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in PREPROCESS_MODES or input_range not in INPUT_RANGES:
+            raise ValueError(f"bad preprocessing {mode!r} / input range {input_range!r}")
+        self.mode, self.input_range = mode, input_range
+
+    def call(self, inputs: Any) -> Any:
+        bands = int(inputs.shape[-1])
+        pick = [i % 3 for i in range(bands)]
+
+        def per_band(values: tuple[float, ...]) -> Any:
+            return ops.cast(np.asarray(values, np.float32)[pick], inputs.dtype)
+
+        mean, std = per_band(IMAGENET_MEAN), per_band(IMAGENET_STD)
+        x = inputs * std + mean if self.input_range == "standard" else inputs
+        if self.mode == "tf":
+            return x * 2.0 - 1.0
+        if self.mode == "torch":
+            return (x - mean) / std
+        x = x * 255.0
+        if self.mode == "caffe":
+            if bands == 3:
+                x = ops.flip(x, axis=-1)
+            return x - per_band(CAFFE_MEAN_BGR)
+        return x
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        """The rule and the input range."""
+        return {**super().get_config(), "mode": self.mode, "input_range": self.input_range}
+
+
 CUSTOM_OBJECTS = {
     "MCDropout": MCDropout,
     "MaxUnpooling2D": MaxUnpooling2D,
     "BilinearUpsampling": BilinearUpsampling,
+    "BackbonePreprocess": BackbonePreprocess,
 }
 
 

@@ -162,4 +162,6 @@ BUILTIN_BACKBONE_OPTIONS = ("output_stride", "backbone_filters", "blocks_per_sta
 def encoder_options(backbone: str) -> dict[str, Option]:
     """The options every model on a keras.applications backbone takes."""
     extra = {k: choice(d, allowed) for k, (d, allowed) in BACKBONES[backbone].options.items()}
-    return {"freeze_encoder": boolean(False), **extra}
+    # what the model's input holds: set by training from the card's rule (stats: standard)
+    ranges = choice("unit", ("unit", "standard"))
+    return {"freeze_encoder": boolean(False), "input_range": ranges, **extra}

@@ -269,10 +269,10 @@ def _check_weights(spec: ModelSpec, weights: str | None, channels: int) -> None:
             f"weights must be one of (None, 'imagenet') or the path of an existing backbone"
             f" weights file; got {weights!r}"
         )
-    if channels != 3:
+    if channels != 3 and BACKBONES[spec.encoder].mode == "raw":
         raise ModelError(
-            f"weights={weights!r} needs 3 input channels (RGB) but input_shape has {channels};"
-            f" use weights=None for {channels}-band imagery"
+            f"{spec.encoder} rescales its input inside, so its pretrained weights cannot be "
+            f"adapted to {channels} bands; use another encoder or weights=None"
         )
 
 

@@ -85,4 +85,4 @@ def build_encoder_unet(
     for stage, filters in enumerate(decoder_filters):
         skip = skips[stage] if stage < len(skips) else None
         x = decoder_block(stage, filters, upsampling, batch_norm=decoder_batch_norm)(x, skip)
-    return keras.Model(backbone.input, logits(x, num_classes, kernel_size=3), name=name)
+    return keras.Model(backbone.inputs[0], logits(x, num_classes, kernel_size=3), name=name)

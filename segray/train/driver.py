@@ -118,13 +118,16 @@ def _model_card(config: TrainConfig, channels: int, data: DatasetInfo) -> ModelC
     method = bands.default_method(data.dtype) if config.normalize == "auto" else config.normalize
     if method != "scale" and data.stats is None:
         raise DatasetError(f"--normalize {method}: the training set has no valid pixel")
+    options = dict(config.model_options)
+    if info["encoder"] and "input_range" not in options:  # the backbone's preprocessing reads it
+        options["input_range"] = "standard" if method == "stats" else "unit"
     return ModelCard(
         name=config.model,
         num_classes=config.num_classes,
         input_shape=(config.size, config.size, channels),
         class_names=list(config.class_names) if config.class_names else None,
         encoder=config.encoder,
-        options=dict(config.model_options),
+        options=options,
         bands=config.bands,
         normalize=method,
         scale=bands.default_scale(data.dtype),
@@ -178,18 +181,19 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
     )
     train_ds, val_ds, info = load_splits(spec)
     channels = info.image_shape[2]
+    card = _model_card(config, channels, info)
     model = models.build_model(
         config.model,
         config.num_classes,
         (config.size, config.size, channels),
         encoder=config.encoder,
         weights=config.weights,
-        **config.model_options,
+        **card.options,
     )
     n_val = 0 if val_ds is None else val_ds.count()
     plan = LoopPlan(
         config=config,
-        card=_model_card(config, channels, info),
+        card=card,
         params=int(model.count_params()),
         train_count=info.count - n_val,
         val_count=n_val,

@@ -141,7 +141,7 @@ def _build(cfg: TrainConfig, card: ModelCard) -> Any:
         tuple(card.input_shape),
         encoder=cfg.encoder,
         weights=cfg.weights,
-        **cfg.model_options,
+        **card.options,  # the run's options and what the card's rule adds (input_range)
     )
 
 
