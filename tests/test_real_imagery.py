@@ -120,3 +120,35 @@ def test_landsat_water_is_learned_and_masks_keep_no_data(water_tiles, tmp_path, 
     sample = next(s for s in labels.find_samples(spec) if s.id.endswith("r000_c000"))
     (from_eval,) = predict_rows(model, card, [labels.load_sample(sample, spec)])
     np.testing.assert_array_equal(from_eval, mask)
+
+
+def test_seven_band_landsat_cog_in_wgs84_through_the_shared_path():
+    """The Utah window: 7 uint8 bands in EPSG:4326. Bands are picked by the card, scene windows
+    read as rasterio reads them, and footprints stay in the file's own WGS84 degrees."""
+    from segray import inference
+    from segray.io.rasters import Window, open_scene, read_window
+    from segray.models.saving import ModelCard
+
+    path = DATA / "landsat7_utah.tif"
+    tile = imagery.decode(path.read_bytes(), str(path))
+    assert tile.shape == (256, 256, 7) and tile.crs == "EPSG:4326" and tile.valid is None
+    card = ModelCard(name="unet", num_classes=2, input_shape=(64, 64, 3), bands=(3, 2, 1))
+    x = inference.prepare(tile, card)
+    np.testing.assert_allclose(x, tile.array[..., [2, 1, 0]] / 255.0, rtol=1e-6)
+    with open_scene(str(path)) as ds, rasterio.open(path) as plain:
+        window = Window(100, 60, 64, 96)
+        pixels, valid = read_window(ds, window, (4, 3))
+        expected = plain.read((4, 3), window=rasterio.windows.Window(60, 100, 96, 64))
+        np.testing.assert_array_equal(pixels, np.moveaxis(expected, 0, -1))
+        assert valid is None
+    red, nir = tile.array[..., 2].astype(float), tile.array[..., 3].astype(float)
+    ndvi = (nir - red) / np.maximum(nir + red, 1)
+    vegetation = (ndvi > np.quantile(ndvi, 0.9)).astype(np.uint8)  # the greenest tenth of a desert
+    assert 0 < vegetation.mean() < 1
+    doc = inference.footprint_doc(vegetation, tile, 1, "vegetation")
+    assert "segray:crs" not in doc and doc["features"]  # already WGS84: RFC 7946 as it is
+    west, south, east, north = rasterio.transform.array_bounds(256, 256, tile.transform)
+    for feature in doc["features"]:
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        assert np.all((west <= ring[:, 0]) & (ring[:, 0] <= east))
+        assert np.all((south <= ring[:, 1]) & (ring[:, 1] <= north))

@@ -60,7 +60,7 @@ def main(lts: str, psm: str) -> None:
             "w",
             driver="GTiff",
             width=256,
-            height=443,
+            height=256,
             count=7,
             dtype="uint8",
             crs=src.crs,
