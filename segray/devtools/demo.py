@@ -1,7 +1,8 @@
 """The main job on the embedded default: synthetic scenes, local storage, tiny settings.
 
-``make demo`` runs this end to end: synthesise a multi-class satellite collection, train a small
-U-Net on 2 Ray Train workers, segment held-out GeoTIFF tiles and one large scene with the bulk
+``make demo`` runs this end to end: synthesise a multi-class satellite collection (16-bit, six
+bands, no-data corners, by default; ``--dtype uint8`` for 8-bit RGB), train a small U-Net on 2 Ray
+Train workers, segment held-out GeoTIFF tiles and one large scene with the bulk
 job, evaluate, and print where everything is. ``--s3`` does the same with every URI on s3://,
 against a moto S3 server started on 127.0.0.1 for the run and stopped at the end.
 
@@ -39,10 +40,16 @@ class DemoConfig(Settings):
     scene_size: int = setting(512, "Side of the synthetic scene in pixels.", ge=64)
     seed: int = setting(0, "Seed of the synthetic data and the training.")
     held_out: int = setting(16, "Held-out GeoTIFF tiles for the bulk job and evaluation.", ge=1)
-    dtype: Literal["uint8", "uint16"] = setting(
-        "uint8", "Pixel type: uint16 is reflectance x 10,000 with no-data corners (GeoTIFF)."
+    dtype: Literal["uint16", "uint8"] = setting(
+        "uint16", "Pixel type: uint16 is reflectance x 10,000 with no-data corners (GeoTIFF)."
     )
-    bands: Literal[3, 4, 6] = setting(3, "Bands: RGB, +NIR, +SWIR1 and SWIR2 (6: uint16 only).")
+    bands: Literal[3, 4, 6] | None = setting(
+        None, "Bands: RGB, +NIR, +SWIR1 and SWIR2 (default 6 for uint16, 3 for uint8)."
+    )
+
+    def band_count(self) -> int:
+        """The bands asked for, or the default of the pixel type."""
+        return self.bands or (6 if self.dtype == "uint16" else 3)
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -87,12 +94,15 @@ def _synthesise(config: DemoConfig, root: str, ep: str | None) -> dict[str, str]
 
     paths = {k: storage.join(root, k) for k in ("data", "heldout", "scenes")}
     log.info(
-        "[1/5] synthesising %d training tiles, %d held-out GeoTIFF tiles and a %dpx scene",
+        "[1/5] synthesising %d training tiles, %d held-out GeoTIFF tiles and a %dpx scene "
+        "(%s, %d bands)",
         config.count,
         config.held_out,
         config.scene_size,
+        config.dtype,
+        config.band_count(),
     )
-    pixels = {"dtype": config.dtype, "bands": config.bands, "endpoint": ep}
+    pixels = {"dtype": config.dtype, "bands": config.band_count(), "endpoint": ep}
     synth.write_collection(
         paths["data"],
         layout="paired" if config.dtype == "uint8" else "geotiff",  # 16-bit needs GeoTIFF
