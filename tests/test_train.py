@@ -195,3 +195,33 @@ def test_bad_data_and_model_refused(tmp_path, ray_local):
     )
     with pytest.raises(DatasetError, match="mask is 8x8 but its image"):
         prepare(tiny_config(data, out, num_classes=5))
+
+
+def test_photometric_augmentation_works_in_normalised_space_band_by_band():
+    from segray.train.augment import Photometry, augment_batch
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 16, 16, 4)).astype(np.float32)  # standardised bands
+    masks = np.zeros((8, 16, 16), np.uint8)
+    valid = np.ones((8, 16, 16), bool)
+    valid[:, :4] = False  # a no-data strip
+    images[~valid] = 0
+    unit = Photometry(np.zeros(4, np.float32), np.full(4, 2.0, np.float32))
+    geometry_off = {"hflip": False, "vflip": False, "rot90": False, "hue": 0.0}
+    shifted, _ = augment_batch(
+        images, masks, AugmentConfig(**geometry_off, brightness=0.1, contrast=0.0), rng, unit, valid
+    )
+    assert (shifted < -1).mean() > 0.1  # nothing clipped to [0, 1]: negatives survive
+    assert (shifted[~valid] == 0).all()  # no data stays what inference sees
+    delta = (shifted - images)[:, 4:]  # valid rows: one shift per sample and band
+    per_band = delta.reshape(8, -1, 4)
+    np.testing.assert_allclose(
+        per_band, np.broadcast_to(per_band[:, :1], per_band.shape), atol=1e-5
+    )
+    assert np.abs(per_band[:, 0]).max() <= 0.1 * 2.0 + 1e-6  # at most 0.1 of a band's spread
+    assert np.ptp(per_band[:, 0], axis=1).min() > 0  # the bands move independently
+    stretched, _ = augment_batch(
+        images, masks, AugmentConfig(**geometry_off, brightness=0.0, contrast=0.2), rng, unit, valid
+    )
+    ratio = stretched[:, 4:] / np.where(images[:, 4:] == 0, 1, images[:, 4:])
+    assert np.all((ratio > np.exp(-0.2) - 1e-4) & (ratio < np.exp(0.2) + 1e-4))
