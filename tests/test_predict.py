@@ -353,7 +353,7 @@ def test_killed_job_rerun_ends_with_every_mask_complete_and_correct(
     subset = {rel: v for rel, v in expected.items() if fnmatch.fnmatch(rel, pattern)}
     args = ["--model", model_uri, "--input", tiles, "--output", str(out), "--pattern", pattern]
     args += ["--s3-endpoint", s3_endpoint, "--batch-size", "2", "--ray-address", "local"]
-    args += ["--manifest-flush-s", "0.2"]  # the receipt follows the masks closely
+    args += ["--manifest-flush-s", "0.2", "--tiles-per-task", "2"]  # the receipt follows closely
     job = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "jobs", "batch_predict.py"), *args],
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},

@@ -92,7 +92,11 @@ def secure_url(url, model_dir, s3_endpoint) -> str:
         with open(f"{model_dir}/{name}", "rb") as f:
             storage.write_bytes(f"{prefix}/model/{name}", f.read(), endpoint=s3_endpoint)
     config = ServeConfig(
-        model_uri=f"{prefix}/model", api_token=TOKEN, endpoint=s3_endpoint, num_cpus=0.5
+        model_uri=f"{prefix}/model",
+        api_token=TOKEN,
+        endpoint=s3_endpoint,
+        num_cpus=0.5,
+        max_batch_size=4,
     )
     app = serve.build_app(config)
     ray_serve.run(app, name="segray-secure", route_prefix="/secure")
@@ -315,6 +319,39 @@ def test_64_concurrent_requests_are_batched(url):
     new = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     assert sum(k * v for k, v in new.items()) == 64
     assert max(new) > 1, new
+
+
+def windowed_mask(data: bytes, model_card) -> np.ndarray:
+    """The shared path's mask of an image larger than the model: windows cut, run, stitched."""
+    model, card = model_card
+    array = inference.prepare(imagery.decode(data), card)
+    return inference.render(inference.infer_images(model, [array], card)[0][None], card)[0]
+
+
+def _new_batches(url: str, before: dict, **kwargs) -> dict[int, int]:
+    after = requests.get(f"{url}/v1/stats", timeout=10, **kwargs).json()["batch_sizes"]
+    return {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+
+
+def test_batches_are_counted_in_windows_and_a_large_request_fills_several(url, secure_url, loaded):
+    # 64 px images: 9 windows each of the 32 px model (windows at 0, 16, 32 on each axis)
+    images = [tile_png(200 + i, (2 * SIZE, 2 * SIZE)) for i in range(6)]
+    before = requests.get(f"{url}/v1/stats", timeout=10).json()["batch_sizes"]
+    with ThreadPoolExecutor(6) as pool:
+        masks = list(pool.map(lambda data: png_mask(post(url, data)), images))
+    for data, mask in zip(images, masks, strict=True):
+        np.testing.assert_array_equal(mask, windowed_mask(data, loaded))
+    new = _new_batches(url, before)
+    assert sum(k * v for k, v in new.items()) == 6 * 9, new
+    # at most 16 windows a batch (the app's max_batch_size), and more than one request's
+    assert max(new) <= 16 and max(new) > 9, new
+    # the secure app batches 4 windows: one request of 9 goes in parts, each within the limit
+    auth = {"headers": {"Authorization": f"Bearer {TOKEN}"}}
+    before = requests.get(f"{secure_url}/v1/stats", timeout=10, **auth).json()["batch_sizes"]
+    mask = png_mask(post(secure_url, images[0], **auth))
+    np.testing.assert_array_equal(mask, windowed_mask(images[0], loaded))
+    new = _new_batches(secure_url, before, **auth)
+    assert sum(k * v for k, v in new.items()) == 9 and max(new) <= 4, new
 
 
 def test_token_required_on_v1_only(secure_url):

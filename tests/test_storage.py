@@ -158,3 +158,12 @@ def test_s3_outage_past_the_budget_names_the_object_and_permanent_errors_fail_at
     with pytest.raises(storage.StorageError, match="NoSuchKey"):  # a 404 is not retried
         storage.read_bytes(uri, endpoint=proxy.endpoint)
     assert time.monotonic() - start < 1.0
+
+
+def test_s3_keys_keep_question_marks_and_hashes():
+    # characters of a key, not a query or fragment: a mask of "a?b#c.tif" is that key's mask
+    loc = storage.parse("s3://bucket/tiles/a?b#c.tif")
+    assert (loc.bucket, loc.path) == ("bucket", "tiles/a?b#c.tif")
+    assert storage.relative_to("s3://bucket/tiles", loc.uri) == "a?b#c.tif"
+    with pytest.raises(storage.StorageError, match="needs a bucket"):
+        storage.parse("s3:///key")

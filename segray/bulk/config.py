@@ -29,6 +29,9 @@ class PredictConfig(Settings):
     pattern: str | None = setting(None, "Glob on the relative path or file name.")
     suffixes: tuple[str, ...] | None = setting(None, "Input suffixes, e.g. .tif,.png.")
     batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
+    tiles_per_task: int = setting(
+        64, "Tiles per read or write task (fewer, larger tasks cost less per tile).", ge=1
+    )
     concurrency: int = setting(1, "Predictor actors.", ge=1)
     gpus_per_actor: float = setting(0.0, "GPUs each Predictor actor holds.", ge=0)
     cpus_per_actor: float = setting(1.0, "CPUs each Predictor actor holds.", gt=0)

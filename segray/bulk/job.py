@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from segray.bulk import stages
@@ -37,8 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def predict(config: PredictConfig) -> PredictResult:
-    """Run one bulk prediction job; logs and returns its :class:`PredictResult`."""
+def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None) -> PredictResult:
+    """Run one bulk prediction job; logs and returns its :class:`PredictResult`.
+
+    ``on_rows`` is called with the number of manifest rows each time the driver records some
+    for inputs of this run (a progress display, or a benchmark's clock)."""
     from segray.models import saving
 
     start = time.monotonic()
@@ -78,6 +81,8 @@ def predict(config: PredictConfig) -> PredictResult:
                     stopped = row.pop(STOP, "")
                     manifest.add(**row)
                     bar.update(1)
+                    if on_rows is not None:
+                        on_rows(1)
                     if stopped:
                         scenes.close()
                         break
@@ -86,6 +91,8 @@ def predict(config: PredictConfig) -> PredictResult:
                 for batch in batches:
                     manifest.add_batch(batch)
                     bar.update(len(batch["input_uri"]))
+                    if on_rows is not None:
+                        on_rows(len(batch["input_uri"]))
                     stopped = next((str(s) for s in batch[STOP] if s), "")
                     if stopped:
                         batches.close()  # Ray Data stops the pipeline: no new task starts
@@ -178,7 +185,7 @@ def _run_tiles(
     import ray.data
 
     items = [{"input_uri": i, "output_uri": o} for i, o in todo]
-    blocks = max(1, math.ceil(len(items) / config.batch_size))
+    blocks = max(1, math.ceil(len(items) / config.tiles_per_task))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     cpus = config.cpus_per_task
     read = {"config": config}

@@ -263,6 +263,41 @@ def bench_train_cmd(tiles: int, size: int, batch: int, epochs: int, base_filters
     bench_train(tiles, size, batch, epochs, base_filters, echo=click.echo)
 
 
+@bench.command("predict")
+@click.option(
+    "--tiles",
+    "sizes",
+    default="64:4000,256:300",
+    show_default=True,
+    help="Tile size and count pairs, px:count.",
+)
+@click.option("--s3/--no-s3", default=True, show_default=True, help="Also S3 → S3 (moto server).")
+@click.option("--rss-tiles", default="1000,10000", show_default=True, help="Driver RSS at these.")
+@click.option("--repeats", default=3, show_default=True, help="Job runs per case (median).")
+@click.option("--loop-tiles", default=600, show_default=True, help="Tiles the plain loop does.")
+@click.option("--concurrency", default=1, show_default=True, help="Predictor actors.")
+def bench_predict_cmd(
+    sizes: str, s3: bool, rss_tiles: str, repeats: int, loop_tiles: int, concurrency: int
+) -> None:
+    """A bulk job against a plain loop and the model alone, at 64 and 256 px, local and S3."""
+    from segray.devtools.bench.predict import bench_predict
+
+    try:
+        pairs = [tuple(int(v) for v in pair.split(":")) for pair in sizes.split(",")]
+        counts = [int(c) for c in rss_tiles.split(",") if c]
+    except ValueError:
+        raise click.BadParameter("give px:count pairs and counts as integers") from None
+    bench_predict(
+        pairs,  # type: ignore[arg-type]
+        s3=s3,
+        rss_tiles=counts,
+        repeats=repeats,
+        loop_tiles=loop_tiles,
+        job={"concurrency": concurrency},
+        echo=click.echo,
+    )
+
+
 @bench.command("serve")
 @click.option("--model", default=None, help="Model URI (default: untrained 128 px U-Net).")
 @click.option("--requests", default=200, show_default=True, help="Requests per level.")

@@ -340,38 +340,36 @@ def encode_geotiff(
     array = np.asarray(array)
     bands = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     count, height, width = bands.shape
-    profile: dict[str, Any] = {
-        "driver": "GTiff",
-        "width": width,
-        "height": height,
-        "count": count,
-        "dtype": bands.dtype.name,
-        "compress": compress,
-    }
+    profile: dict[str, Any] = {"width": width, "height": height, "count": count}
+    profile.update(dtype=bands.dtype.name, crs=crs, transform=transform, nodata=nodata)
+    gtiff = {"driver": "GTiff", "compress": compress}
     if height >= 256 and width >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    if crs is not None:
-        profile["crs"] = crs
-    if transform is not None:
-        profile["transform"] = transform
-    if nodata is not None:
-        profile["nodata"] = nodata
+        gtiff.update(tiled=True, blockxsize=256, blockysize=256)
     with warnings.catch_warnings(), rasterio.MemoryFile() as mem:
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with mem.open(**profile) as ds:
+        # a COG is a copy (GDAL's COG driver has no Create): of an in-memory dataset, which costs
+        # a third of encoding a GeoTIFF first (2.8 vs 4.3 ms for a 64 px mask)
+        src = rasterio.open("", "w", "MEM", **profile) if cog else mem.open(**profile, **gtiff)
+        with src as ds:
             ds.write(bands)
             if colormap is not None:
                 ds.write_colormap(1, {i: (*map(int, c[:3]), 255) for i, c in enumerate(colormap)})
             if tags:
                 ds.update_tags(**tags)
-        if not cog:
-            return bytes(mem.read())
-        from rasterio.shutil import copy as copy_dataset
+            if cog:
+                from rasterio.shutil import copy as copy_dataset
 
-        with mem.open() as src, rasterio.MemoryFile() as out:
-            options = {"COMPRESS": compress.upper(), "BLOCKSIZE": 256}
-            copy_dataset(src, out.name, driver="COG", OVERVIEW_RESAMPLING="NEAREST", **options)
-            return bytes(out.read())
+                options = {"COMPRESS": compress.upper(), "BLOCKSIZE": 256}
+                copy_dataset(ds, mem.name, driver="COG", OVERVIEW_RESAMPLING="NEAREST", **options)
+        return bytes(mem.read())
+
+
+def gdal_env() -> Any:
+    """One GDAL environment for a run of reads or encodes in this thread: without it, rasterio
+    sets one up and tears it down around every call."""
+    import rasterio
+
+    return rasterio.Env()
 
 
 def encode_mask(

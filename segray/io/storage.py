@@ -50,14 +50,28 @@ class Location:
 
 
 def parse(uri: str) -> Location:
-    """Parse a local path, ``file://`` URI or ``s3://bucket/key`` into a :class:`Location`."""
+    """Parse a local path, ``file://`` URI or ``s3://bucket/key`` into a :class:`Location`.
+
+    An S3 key is everything after the bucket: ``?`` and ``#`` are characters of keys, not a
+    query or fragment."""
+    if uri.startswith(("s3://", "/")):  # their meaning depends on nothing else: cached
+        return _parse_fixed(uri)
+    return _parse(uri)
+
+
+@functools.lru_cache(maxsize=4096)  # a job parses its input and output bases once per tile
+def _parse_fixed(uri: str) -> Location:
+    return _parse(uri)
+
+
+def _parse(uri: str) -> Location:
     if not uri:
         raise StorageError("empty URI: give a local path, file:// or s3://bucket/prefix")
     if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
+        bucket, _, key = uri[5:].partition("/")
+        if not bucket:
             raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
-        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+        return Location("s3", bucket, key.lstrip("/"))
     if uri.startswith("file://"):
         return Location("file", "", os.path.abspath(urlparse(uri).path))
     if "://" in uri:

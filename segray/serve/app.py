@@ -3,9 +3,10 @@
 Bytes are checked before decoding, decoded by :mod:`segray.io.imagery` and run through
 :mod:`segray.inference` in dynamic batches, so a mask from Serve equals the bulk path's. An image
 of another size than the model's input is windowed by :func:`segray.inference.tiling.cut_windows`
-and stitched back by :func:`segray.inference.tiling.join_windows`, as the bulk predictor does it;
-the windows of every request in a batch run together. JSON polygons are
-:func:`segray.inference.footprint_doc`, as bulk ``--footprints`` writes them.
+and stitched back by :func:`segray.inference.tiling.join_windows`, as the bulk predictor does it.
+Batches are counted in windows (``@serve.batch(batch_size_fn=…)``): a batch holds the windows of
+several requests, up to ``max_batch_size``, and a large request fills several batches. JSON
+polygons are :func:`segray.inference.footprint_doc`, as bulk ``--footprints`` writes them.
 
 Status codes: 400 malformed request (empty body, truncated or corrupt image, bad multipart body or
 query); 415 bytes that are no usable image (not PNG/JPEG/TIFF, unsupported pixel type, mode or band
@@ -67,6 +68,11 @@ async def _invalid_query(request: Request, exc: RequestValidationError) -> JSONR
     return JSONResponse({"error": "invalid request", "detail": detail}, status_code=400)
 
 
+def window_count(items: list[np.ndarray]) -> int:
+    """The size of a Serve batch of window stacks (n, h, w, C): its windows."""
+    return sum(len(item) for item in items)
+
+
 # Serve pickles the routes when the class is decorated: what they call must be defined above.
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(app)
@@ -106,12 +112,13 @@ class SegmentModel:
 
     @app.get("/v1/stats")
     def stats(self, request: Request) -> dict:
-        """This replica's batch-size histogram (requests per model batch)."""
+        """This replica's batch-size histogram (windows per model batch)."""
         self._authorize(request)
         return self.batch_stats()
 
     def batch_stats(self) -> dict:
-        """Batch sizes run so far ``{size: count}`` and batch settings; callable by handle."""
+        """Batch sizes in windows run so far ``{size: count}`` and batch settings; callable by
+        handle."""
         return {
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "max_batch_size": self.config.max_batch_size,
@@ -135,9 +142,7 @@ class SegmentModel:
         body = await read_body(request, c.max_body_bytes, c.body_timeout_s, c.chunk_timeout_s)
         data = image_bytes(body, request.headers.get("content-type", ""))
         tile, layout, windows = await asyncio.to_thread(self._prepare, data)
-        logits = await self._infer_batch(windows)
-        if isinstance(logits, Exception):  # this request's shape group failed, not the batch
-            raise logits
+        logits = await self._infer_windows(windows)
         options = (fmt, output, class_index, threshold)
         return await asyncio.to_thread(self._respond, tile, layout, logits, options)
 
@@ -196,9 +201,21 @@ class SegmentModel:
             )
             raise ApiError(413, "image too large", detail)
 
-    @serve.batch  # sizes set per replica from its config in __init__
+    async def _infer_windows(self, windows: np.ndarray) -> np.ndarray:
+        """Logits of one request's windows. Batches are counted in windows, not requests; a
+        request goes in parts of a quarter batch at most, so that parts of several requests fill
+        a batch (two requests of 9 windows would otherwise leave batches of 16 at 9)."""
+        step = max(1, self.config.max_batch_size // 4)
+        parts = [windows[i : i + step] for i in range(0, len(windows), step)]
+        results = await asyncio.gather(*(self._infer_batch(part) for part in parts))
+        for result in results:
+            if isinstance(result, Exception):  # this request's shape group failed, not the batch
+                raise result
+        return np.concatenate(results)
+
+    @serve.batch(batch_size_fn=window_count)  # sizes set per replica from its config in __init__
     async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray | Exception]:
-        self.batch_sizes[len(items)] += 1
+        self.batch_sizes[window_count(items)] += 1
         return await asyncio.to_thread(
             inference.infer_stacks, self.model, items, self.card, self.config.max_batch_size
         )

@@ -1,0 +1,429 @@
+"""``segray bench predict``: a bulk job against a plain loop and the model alone, in one run.
+
+On the same GeoTIFF tiles and the same model:
+
+- **job** — :func:`segray.bulk.predict`, timed from the call to its result (actor start and model
+  load included), Ray already running as on any cluster;
+- **loop** — one process, one tile at a time: read, decode, prepare, the same compiled model call
+  (:func:`segray.inference.infer`, batch of one), render, encode, write;
+- **model** — :func:`segray.inference.infer` on in-memory batches of ``batch_size`` windows.
+
+The loop and the model run in a child process, so the job's driver never imports Keras and its
+resident memory is its own. Peak RSS is sampled from ``/proc`` while the job runs: the driver, and
+every Ray worker process (the Predictor actors and the read/write tasks). The figures that matter
+are the ratios, taken side by side on one machine; each rate is the median of ``repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+
+#: The bench model: the classic U-Net of the issue's table (1.94 M parameters), binary, untrained.
+MODEL = {"name": "unet", "num_classes": 2}
+#: Distinct synthetic tiles the collection cycles through (each file has its own georeference).
+POOL = 64
+
+
+def bench_predict(
+    sizes: Sequence[tuple[int, int]] = ((64, 4000), (256, 300)),
+    *,
+    s3: bool = True,
+    rss_tiles: Sequence[int] = (1000, 10_000),
+    repeats: int = 3,
+    loop_tiles: int = 600,
+    model_seconds: float = 5.0,
+    job: dict[str, Any] | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the bench over ``sizes`` ((tile px, tile count) pairs), print the table, return figures.
+
+    ``job`` holds extra :class:`~segray.bulk.PredictConfig` fields for every job run (for example
+    ``{"concurrency": 2}``). ``rss_tiles`` are the tile counts (of the first size, local) at which
+    the job's driver and worker peak RSS are compared; empty skips that part.
+    """
+    from segray.devtools.s3server import TEST_CREDENTIALS, MotoServer
+    from segray.runtime import init_ray
+
+    rows, rss = [], []
+    saved = {k: os.environ.get(k) for k in TEST_CREDENTIALS}
+    with tempfile.TemporaryDirectory() as tmp, _anchor_pool() as pool:
+        server = MotoServer().start() if s3 else None
+        try:
+            if server is not None:  # before Ray starts: its workers inherit the environment
+                os.environ.update(TEST_CREDENTIALS)
+            init_ray()
+            for size, count in sizes:
+                model = os.path.join(tmp, f"model-{size}")
+                pool.submit(_save_model, model, size).result()
+                local = os.path.join(tmp, f"tiles-{size}")
+                write_tiles(local, count, size)
+                targets = [("local", local, None)]
+                if server is not None:
+                    bucket = f"s3://bench-{size}/tiles"
+                    write_tiles(bucket, count, size, endpoint=server.endpoint)
+                    targets.append(("s3", bucket, server.endpoint))
+                rate = pool.submit(_model_rate, model, model_seconds).result()
+                for where, tiles, endpoint in targets:
+                    out = tmp if endpoint is None else f"s3://bench-{size}"
+                    runs = [
+                        _job(model, tiles, f"{out}/masks-{size}-{where}-{r}", endpoint, job or {})
+                        for r in range(repeats)
+                    ]
+                    loop_out = f"{out}/loop-{size}-{where}"
+                    loop = pool.submit(
+                        _loop_rate, model, tiles, loop_out, endpoint, loop_tiles
+                    ).result()
+                    same_masks(loop_out, f"{out}/masks-{size}-{where}-0", endpoint)
+                    job_rate = statistics.median(r["tiles_per_s"] for r in runs)
+                    steady = statistics.median(r["steady_per_s"] for r in runs)
+                    rows.append(
+                        {
+                            "size": size,
+                            "tiles": count,
+                            "storage": where,
+                            "job": job_rate,
+                            "steady": steady,
+                            "start_s": statistics.median(r["start_s"] for r in runs),
+                            "job_runs": [round(r["tiles_per_s"], 1) for r in runs],
+                            "loop": loop,
+                            "model": rate,
+                            "job_vs_loop": job_rate / loop,
+                            "steady_vs_loop": steady / loop,
+                            "job_vs_model": job_rate / rate,
+                            "steady_vs_model": steady / rate,
+                        }
+                    )
+                    echo(format_row(rows[-1]))
+            if rss_tiles:
+                size = sizes[0][0]
+                model = os.path.join(tmp, f"model-{size}")
+                for count in rss_tiles:
+                    tiles = os.path.join(tmp, f"rss-{count}")
+                    write_tiles(tiles, count, size)
+                    run = _job(model, tiles, os.path.join(tmp, f"rss-out-{count}"), None, job or {})
+                    rss.append({"tiles": count, "size": size, **run})
+                    echo(format_rss(rss[-1]))
+        finally:
+            if server is not None:
+                server.stop()
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+    summary = {"rates": rows, "rss": rss, "repeats": repeats}
+    echo(format_report(summary))
+    return summary
+
+
+# --- the three contenders ----------------------------------------------------------------------
+
+
+def _job(model: str, tiles: str, out: str, endpoint: str | None, extra: dict) -> dict[str, Any]:
+    """One bulk job, timed, with the peak RSS of the driver and of Ray's worker processes."""
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.job import predict
+
+    config = PredictConfig(model=model, input=tiles, output=out, endpoint=endpoint, **extra)
+    arrivals: list[tuple[float, int]] = []
+
+    def on_rows(n: int) -> None:
+        arrivals.append((time.perf_counter(), n))
+
+    with RssSampler() as sampler:
+        start = time.perf_counter()
+        result = predict(config, on_rows)
+        seconds = time.perf_counter() - start
+    if not result.ok or result.counts.get("ok", 0) != result.total:
+        raise RuntimeError(f"bench job failed: {result.summary()}")
+    return {
+        "tiles_per_s": result.total / seconds,
+        "steady_per_s": steady_rate(arrivals),
+        "start_s": arrivals[0][0] - start,
+        "seconds": seconds,
+        "driver_mib": sampler.driver / 2**20,
+        "worker_mib": sampler.workers / 2**20,
+        "actor_mib": sampler.actors / 2**20,
+    }
+
+
+def steady_rate(arrivals: list[tuple[float, int]], skip: float = 0.2) -> float:
+    """Rows/s once the pipeline is full: from the arrival that takes the count past ``skip`` of
+    all rows to the last. (From the first arrival it would overstate: masks are written in
+    blocks, so the first rows arrive after many tiles went through the model.)"""
+    total = sum(n for _, n in arrivals)
+    seen = 0
+    for i, (t, n) in enumerate(arrivals):
+        seen += n
+        if seen >= skip * total and i < len(arrivals) - 1:
+            later = total - seen
+            return later / (arrivals[-1][0] - t)
+    return float("nan")
+
+
+def _loop_rate(model_uri: str, tiles: str, out: str, endpoint: str | None, limit: int) -> float:
+    """Tiles/s of the plain loop over the first ``limit`` tiles (the first one, which compiles
+    the model call, is not timed)."""
+    from segray import inference
+    from segray.bulk.stages import encode_like
+    from segray.io import imagery, storage
+
+    model, card = inference.load(model_uri, endpoint=endpoint)
+    uris = storage.list_files(tiles, suffixes=(".tif",), endpoint=endpoint)[: limit + 1]
+    start = 0.0
+    for n, uri in enumerate(uris):
+        if n == 1:
+            start = time.perf_counter()
+        tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri)
+        x = inference.prepare(tile, card)
+        logits = inference.mark_nodata(inference.infer(model, x[None], card)[0], tile.valid)
+        masks, _ = inference.render_outputs(logits[None], card)
+        name = storage.join(out, storage.relative_to(tiles, uri))
+        storage.write_bytes(name, encode_like(masks[0], tile, name), endpoint=endpoint)
+    return (len(uris) - 1) / (time.perf_counter() - start)
+
+
+def same_masks(loop_out: str, job_out: str, endpoint: str | None) -> int:
+    """Check that the loop wrote, for every tile it did, the very mask the job wrote (the anchor
+    computes what the job computes); returns the number compared."""
+    from segray.io import imagery, storage
+
+    names = storage.list_files(loop_out, suffixes=(".tif",), endpoint=endpoint)
+    for uri in names:
+        twin = storage.join(job_out, storage.relative_to(loop_out, uri))
+        mine, theirs = (
+            imagery.decode(storage.read_bytes(u, endpoint=endpoint), u).array for u in (uri, twin)
+        )
+        if not np.array_equal(mine, theirs):
+            raise RuntimeError(f"the plain loop's mask {uri} differs from the job's {twin}")
+    if not names:
+        raise RuntimeError(f"the plain loop wrote no mask under {loop_out}")
+    return len(names)
+
+
+def _model_rate(model_uri: str, seconds: float) -> float:
+    """Tiles/s of the model alone: in-memory batches of the job's ``batch_size``."""
+    from segray import inference
+    from segray.bulk.config import PredictConfig
+    from segray.devtools.bench.serve import compute_ceiling
+
+    model, card = inference.load(model_uri)
+    batch = PredictConfig.model_fields["batch_size"].default
+    return compute_ceiling(model, card, batch, seconds)
+
+
+def _save_model(folder: str, size: int) -> None:
+    from segray.models import build_model, saving
+
+    shape = (size, size, 3)
+    model = build_model(MODEL["name"], MODEL["num_classes"], shape)
+    saving.save_model(model, saving.ModelCard(**MODEL, input_shape=shape), folder)
+
+
+def _anchor_pool() -> ProcessPoolExecutor:
+    """One child process for everything that imports Keras (spawned: no forked Ray state)."""
+    return ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+
+
+# --- tiles -------------------------------------------------------------------------------------
+
+
+def write_tiles(out: str, count: int, size: int, endpoint: str | None = None) -> None:
+    """``count`` georeferenced 8-bit RGB GeoTIFF tiles of ``size`` px under ``out``, cycling
+    through :data:`POOL` synthetic scenes, each file on its own cell of the collection grid."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segray.devtools import synth
+    from segray.io import imagery, storage
+
+    if endpoint is not None:
+        storage.make_bucket(out, endpoint=endpoint)
+    pool = [synth.generate_tile(size, synth.tile_seed(0, i))[0] for i in range(min(POOL, count))]
+    columns = int(np.ceil(np.sqrt(count)))
+
+    def one(index: int) -> None:
+        row, col = divmod(index, columns)
+        data = imagery.encode_geotiff(
+            pool[index % len(pool)], synth.CRS, synth.grid_transform(row, col, size)
+        )
+        uri = storage.join(out, f"r{row:04d}/tile_r{row:04d}_c{col:04d}.tif")
+        storage.write_bytes(uri, data, endpoint=endpoint)
+
+    with ThreadPoolExecutor(8) as threads:
+        list(threads.map(one, range(count)))
+
+
+# --- planning at scale -------------------------------------------------------------------------
+
+
+def bench_plan(keys: int = 1_000_000, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The planning step of a job over a simulated listing of ``keys`` tiles: a Parquet URI list
+    (s3:// keys under a 1,000-folder prefix) planned against an empty output, in a fresh process
+    so its peak RSS is the planner's alone. Returns seconds, peak RSS and bytes per key."""
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = os.path.join(tmp, "listing.parquet")
+        with _anchor_pool() as pool:
+            pool.submit(_write_listing, listing, keys).result()
+        with _anchor_pool() as pool:
+            figures = pool.submit(_plan_probe, listing, os.path.join(tmp, "out")).result()
+    figures["bytes_per_key"] = (figures["peak_mib"] - figures["base_mib"]) * 2**20 / keys
+    echo(
+        f"planning {keys:,} keys: {figures['seconds']:.1f} s, driver peak RSS "
+        f"{figures['peak_mib']:.0f} MiB ({figures['base_mib']:.0f} before; "
+        f"{figures['bytes_per_key']:.0f} bytes per key)"
+    )
+    return figures
+
+
+def _write_listing(path: str, keys: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uris = [f"s3://bench/tiles/{i // 1000:04d}/tile_{i:08d}.tif" for i in range(keys)]
+    pq.write_table(pa.table({"input_uri": uris}), path)
+
+
+def _plan_probe(listing: str, out: str) -> dict[str, Any]:
+    import resource
+
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.plan import plan
+
+    os.makedirs(out)
+    config = PredictConfig(model="unused", manifest=listing, input="s3://bench/tiles", output=out)
+    base = rss_bytes(os.getpid()) / 2**20
+    start = time.perf_counter()
+    todo, done = plan(config)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if done or not todo:
+        raise RuntimeError(f"planning refused {len(done)} of the simulated keys")
+    return {"keys": len(todo), "seconds": seconds, "peak_mib": peak, "base_mib": base}
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Peak resident memory, sampled every ``interval`` s from ``/proc`` while in the block: this
+    process (the driver), and the largest Ray worker process (``ray::`` titles; ``actors`` for
+    those titled by a Predictor class)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.driver = self.workers = self.actors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        self.driver = max(self.driver, rss_bytes(os.getpid()))
+        for pid, title in ray_processes():
+            rss = rss_bytes(pid)
+            self.workers = max(self.workers, rss)
+            if "Predictor" in title:
+                self.actors = max(self.actors, rss)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def ray_processes() -> list[tuple[int, str]]:
+    """(pid, title) of this user's Ray worker processes (``ray::…`` titles)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read(200).split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::"):
+            found.append((int(entry), title))
+    return found
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return (
+        f"{row['size']:>4} px {row['storage']:<5} {row['tiles']:>6} tiles: job "
+        f"{row['job']:6.1f}/s {row['job_runs']} (first masks after {row['start_s']:.1f} s; "
+        f"at full flow {row['steady']:.1f}/s)  loop {row['loop']:.1f}/s  "
+        f"model {row['model']:.1f}/s  "
+        f"job/loop {row['job_vs_loop']:.2f}x ({row['steady_vs_loop']:.2f}x)  job/model "
+        f"{row['job_vs_model']:.2f}x ({row['steady_vs_model']:.2f}x)"
+    )
+
+
+def format_rss(run: dict[str, Any]) -> str:
+    return (
+        f"{run['tiles']:>6} tiles of {run['size']} px: {run['tiles_per_s']:.1f}/s, peak RSS "
+        f"driver {run['driver_mib']:.0f} MiB, largest worker {run['worker_mib']:.0f} MiB "
+        f"(Predictor {run['actor_mib']:.0f} MiB)"
+    )
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The README's table: rates, ratios, and the driver's memory growth."""
+    lines = [
+        "| tiles | storage | job tiles/s (full flow) | plain loop | model alone "
+        "| job / loop | job / model |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary["rates"]:
+        lines.append(
+            f"| {r['tiles']:,} × {r['size']} px | {r['storage']} | {r['job']:.1f} "
+            f"({r['steady']:.1f}) | {r['loop']:.1f} | {r['model']:.1f} | {r['job_vs_loop']:.2f}× "
+            f"({r['steady_vs_loop']:.2f}×) | "
+            f"{r['job_vs_model']:.2f}× ({r['steady_vs_model']:.2f}×) |"
+        )
+    local = {r["size"]: r["job"] for r in summary["rates"] if r["storage"] == "local"}
+    for r in summary["rates"]:
+        if r["storage"] == "s3" and r["size"] in local:
+            ratio = r["job"] / local[r["size"]]
+            lines.append(f"S3 → S3 / local at {r['size']} px: {ratio:.2f}×")
+    rss = summary["rss"]
+    if len(rss) >= 2:
+        first, last = rss[0], rss[-1]
+        growth = last["driver_mib"] / first["driver_mib"] - 1
+        lines.append(
+            f"driver peak RSS {first['driver_mib']:.0f} MiB at {first['tiles']:,} tiles → "
+            f"{last['driver_mib']:.0f} MiB at {last['tiles']:,} ({growth:+.1%}); largest worker "
+            f"{first['worker_mib']:.0f} → {last['worker_mib']:.0f} MiB"
+        )
+    lines.append(
+        f"(median of {summary['repeats']} job runs; in brackets: at full flow, from the first "
+        "20% of masks to the last, without the start-up of actors and workers)"
+    )
+    return "\n".join(lines)
