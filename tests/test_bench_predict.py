@@ -15,9 +15,10 @@ from segray.io import imagery, storage
 def test_steady_rate_starts_after_the_first_fifth_of_rows():
     # 100 rows: 30 arrive at t=10 (start-up), then 10 rows a second from t=10 to t=17
     arrivals = [(10.0, 30)] + [(10.0 + i, 10) for i in range(1, 8)]
-    assert bench.steady_rate(arrivals) == pytest.approx(70 / 7)
-    # a lone arrival has no rate
-    assert np.isnan(bench.steady_rate([(3.0, 100)]))
+    assert bench.steady_rate(arrivals, fewest=2) == pytest.approx(70 / 7)
+    # too few arrivals (blocks queued during start-up would inflate the rate): none
+    assert np.isnan(bench.steady_rate(arrivals))
+    assert np.isnan(bench.steady_rate([(3.0, 100)], fewest=1))
 
 
 def test_same_masks_refuses_a_loop_mask_that_differs(tmp_path):

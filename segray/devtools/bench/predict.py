@@ -75,15 +75,18 @@ def bench_predict(
                 rate = pool.submit(_model_rate, model, model_seconds).result()
                 for where, tiles, endpoint in targets:
                     out = tmp if endpoint is None else f"s3://bench-{size}"
-                    runs = [
-                        _job(model, tiles, f"{out}/masks-{size}-{where}-{r}", endpoint, job or {})
-                        for r in range(repeats)
-                    ]
                     loop_out = f"{out}/loop-{size}-{where}"
-                    loop = pool.submit(
-                        _loop_rate, model, tiles, loop_out, endpoint, loop_tiles
-                    ).result()
-                    same_masks(loop_out, f"{out}/masks-{size}-{where}-0", endpoint)
+                    runs, loops = [], []
+                    for r in range(repeats):  # side by side: a loop right after each job
+                        masks = f"{out}/masks-{size}-{where}-{r}"
+                        runs.append(_job(model, tiles, masks, endpoint, job or {}))
+                        loops.append(
+                            pool.submit(
+                                _loop_rate, model, tiles, f"{loop_out}-{r}", endpoint, loop_tiles
+                            ).result()
+                        )
+                        same_masks(f"{loop_out}-{r}", masks, endpoint)
+                    loop = statistics.median(loops)
                     job_rate = statistics.median(r["tiles_per_s"] for r in runs)
                     steady = statistics.median(r["steady_per_s"] for r in runs)
                     rows.append(
@@ -95,6 +98,7 @@ def bench_predict(
                             "steady": steady,
                             "start_s": statistics.median(r["start_s"] for r in runs),
                             "job_runs": [round(r["tiles_per_s"], 1) for r in runs],
+                            "loop_runs": [round(v, 1) for v in loops],
                             "loop": loop,
                             "model": rate,
                             "job_vs_loop": job_rate / loop,
@@ -157,10 +161,13 @@ def _job(model: str, tiles: str, out: str, endpoint: str | None, extra: dict) ->
     }
 
 
-def steady_rate(arrivals: list[tuple[float, int]], skip: float = 0.2) -> float:
+def steady_rate(arrivals: list[tuple[float, int]], skip: float = 0.2, fewest: int = 20) -> float:
     """Rows/s once the pipeline is full: from the arrival that takes the count past ``skip`` of
     all rows to the last. (From the first arrival it would overstate: masks are written in
-    blocks, so the first rows arrive after many tiles went through the model.)"""
+    blocks, so the first rows arrive after many tiles went through the model.) NaN for fewer
+    than ``fewest`` arrivals, where blocks queued during start-up would inflate it too."""
+    if len(arrivals) < fewest:
+        return float("nan")
     total = sum(n for _, n in arrivals)
     seen = 0
     for i, (t, n) in enumerate(arrivals):
@@ -379,7 +386,7 @@ def format_row(row: dict[str, Any]) -> str:
     return (
         f"{row['size']:>4} px {row['storage']:<5} {row['tiles']:>6} tiles: job "
         f"{row['job']:6.1f}/s {row['job_runs']} (first masks after {row['start_s']:.1f} s; "
-        f"at full flow {row['steady']:.1f}/s)  loop {row['loop']:.1f}/s  "
+        f"at full flow {row['steady']:.1f}/s)  loop {row['loop']:.1f}/s {row['loop_runs']}  "
         f"model {row['model']:.1f}/s  "
         f"job/loop {row['job_vs_loop']:.2f}x ({row['steady_vs_loop']:.2f}x)  job/model "
         f"{row['job_vs_model']:.2f}x ({row['steady_vs_model']:.2f}x)"
