@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -66,3 +67,22 @@ def test_bench_predict_measures_job_loop_and_model_side_by_side(ray_local):
     report = "\n".join(lines)
     assert "S3 → S3 / local at 32 px" in report and "driver peak RSS" in report
     assert os.environ.get("AWS_ACCESS_KEY_ID")  # the session's credentials are left in place
+
+
+def test_bench_plan_plans_every_simulated_key_in_a_fresh_process():
+    from segray.devtools.bench.scale import bench_plan
+
+    lines: list[str] = []
+    figures = bench_plan(2000, echo=lines.append)
+    assert figures["keys"] == 2000 and figures["seconds"] > 0
+    assert figures["peak_mib"] >= figures["base_mib"] > 0
+    assert "planning 2,000 keys" in lines[0]
+
+
+def test_rss_sampler_sees_this_process():
+    from segray.devtools.bench.scale import RssSampler, rss_bytes
+
+    with RssSampler(interval=0.01) as sampler:
+        block = np.ones(32 * 2**20, np.uint8)  # 32 MiB more while sampled
+        time.sleep(0.05)
+    assert sampler.driver >= rss_bytes(os.getpid()) - 2**20 and sampler.driver > block.size

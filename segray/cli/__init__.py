@@ -298,6 +298,15 @@ def bench_predict_cmd(
     )
 
 
+@bench.command("plan")
+@click.option("--keys", default=1_000_000, show_default=True, help="Simulated inputs.")
+def bench_plan_cmd(keys: int) -> None:
+    """A job's planning step over a simulated listing: time and driver peak RSS."""
+    from segray.devtools.bench.scale import bench_plan
+
+    bench_plan(keys, echo=click.echo)
+
+
 @bench.command("serve")
 @click.option("--model", default=None, help="Model URI (default: untrained 128 px U-Net).")
 @click.option("--requests", default=200, show_default=True, help="Requests per level.")

@@ -19,14 +19,13 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import Any
 
 import numpy as np
+
+from segray.devtools.bench.scale import RssSampler, anchor_pool
 
 #: The bench model: the classic U-Net of the issue's table (1.94 M parameters), binary, untrained.
 MODEL = {"name": "unet", "num_classes": 2}
@@ -56,7 +55,7 @@ def bench_predict(
 
     rows, rss = [], []
     saved = {k: os.environ.get(k) for k in TEST_CREDENTIALS}
-    with tempfile.TemporaryDirectory() as tmp, _anchor_pool() as pool:
+    with tempfile.TemporaryDirectory() as tmp, anchor_pool() as pool:
         server = MotoServer().start() if s3 else None
         try:
             if server is not None:  # before Ray starts: its workers inherit the environment
@@ -237,11 +236,6 @@ def _save_model(folder: str, size: int) -> None:
     saving.save_model(model, saving.ModelCard(**MODEL, input_shape=shape), folder)
 
 
-def _anchor_pool() -> ProcessPoolExecutor:
-    """One child process for everything that imports Keras (spawned: no forked Ray state)."""
-    return ProcessPoolExecutor(1, mp_context=get_context("spawn"))
-
-
 # --- tiles -------------------------------------------------------------------------------------
 
 
@@ -268,115 +262,6 @@ def write_tiles(out: str, count: int, size: int, endpoint: str | None = None) ->
 
     with ThreadPoolExecutor(8) as threads:
         list(threads.map(one, range(count)))
-
-
-# --- planning at scale -------------------------------------------------------------------------
-
-
-def bench_plan(keys: int = 1_000_000, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """The planning step of a job over a simulated listing of ``keys`` tiles: a Parquet URI list
-    (s3:// keys under a 1,000-folder prefix) planned against an empty output, in a fresh process
-    so its peak RSS is the planner's alone. Returns seconds, peak RSS and bytes per key."""
-    with tempfile.TemporaryDirectory() as tmp:
-        listing = os.path.join(tmp, "listing.parquet")
-        with _anchor_pool() as pool:
-            pool.submit(_write_listing, listing, keys).result()
-        with _anchor_pool() as pool:
-            figures = pool.submit(_plan_probe, listing, os.path.join(tmp, "out")).result()
-    figures["bytes_per_key"] = (figures["peak_mib"] - figures["base_mib"]) * 2**20 / keys
-    echo(
-        f"planning {keys:,} keys: {figures['seconds']:.1f} s, driver peak RSS "
-        f"{figures['peak_mib']:.0f} MiB ({figures['base_mib']:.0f} before; "
-        f"{figures['bytes_per_key']:.0f} bytes per key)"
-    )
-    return figures
-
-
-def _write_listing(path: str, keys: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    uris = [f"s3://bench/tiles/{i // 1000:04d}/tile_{i:08d}.tif" for i in range(keys)]
-    pq.write_table(pa.table({"input_uri": uris}), path)
-
-
-def _plan_probe(listing: str, out: str) -> dict[str, Any]:
-    import resource
-
-    from segray.bulk.config import PredictConfig
-    from segray.bulk.plan import plan
-
-    os.makedirs(out)
-    config = PredictConfig(model="unused", manifest=listing, input="s3://bench/tiles", output=out)
-    base = rss_bytes(os.getpid()) / 2**20
-    start = time.perf_counter()
-    todo, done = plan(config)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    if done or not todo:
-        raise RuntimeError(f"planning refused {len(done)} of the simulated keys")
-    return {"keys": len(todo), "seconds": seconds, "peak_mib": peak, "base_mib": base}
-
-
-# --- memory ------------------------------------------------------------------------------------
-
-
-class RssSampler:
-    """Peak resident memory, sampled every ``interval`` s from ``/proc`` while in the block: this
-    process (the driver), and the largest Ray worker process (``ray::`` titles; ``actors`` for
-    those titled by a Predictor class)."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval = interval
-        self.driver = self.workers = self.actors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def _sample(self) -> None:
-        self.driver = max(self.driver, rss_bytes(os.getpid()))
-        for pid, title in ray_processes():
-            rss = rss_bytes(pid)
-            self.workers = max(self.workers, rss)
-            if "Predictor" in title:
-                self.actors = max(self.actors, rss)
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of ``pid`` in bytes (0 once it has gone)."""
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def ray_processes() -> list[tuple[int, str]]:
-    """(pid, title) of this user's Ray worker processes (``ray::…`` titles)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read(200).split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith("ray::"):
-            found.append((int(entry), title))
-    return found
 
 
 # --- report ------------------------------------------------------------------------------------
