@@ -13,7 +13,7 @@ present in the truth but never predicted. Precision is NaN for a class never pre
 NaN for a class absent from the truth.
 
 Only `logits_to_labels`, `logits_to_probabilities` and `confusion_matrix` import keras, and they do
-so when called.
+so when called on backend tensors: on numpy arrays the first two apply the same rule with numpy.
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ def logits_to_probabilities(logits: Tensor) -> Tensor:
 
     Binary models (``C == 1``) give ``sigmoid(logits)``: P(class 1), same shape ``(..., 1)``.
     Multiclass models (``C >= 3``) give ``softmax(logits)`` over the last axis, shape ``(..., C)``.
-    Works on numpy arrays and on backend tensors (inside a ``tf.function`` too).
+    Works on backend tensors (inside a ``tf.function`` too) with ``keras.ops``, and on numpy
+    arrays with numpy, so that rendering masks never imports Keras (a scene task stays light).
     """
+    if isinstance(logits, np.ndarray):
+        return _numpy_probabilities(logits)
     from keras import ops
 
     logits = ops.convert_to_tensor(logits)
@@ -53,15 +56,28 @@ def logits_to_labels(logits: Tensor, threshold: float = 0.5) -> Tensor:
     logit of exactly 0 is class 1 at the default threshold 0.5. ``threshold`` 0 makes every pixel
     class 1, 1 makes none. Multiclass: ``argmax`` over the last axis (``threshold`` unused).
     """
-    from keras import ops
-
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1]; got {threshold!r}")
+    if isinstance(logits, np.ndarray):  # the same rule in numpy: no Keras import
+        if _channels(logits) == 1:
+            return (logits[..., 0] >= _logit(threshold)).astype(np.int32)
+        return np.argmax(logits, axis=-1).astype(np.int32)
+    from keras import ops
+
     logits = ops.convert_to_tensor(logits)
     if _channels(logits) == 1:
         positive = ops.greater_equal(logits[..., 0], _logit(threshold))
         return ops.cast(positive, "int32")
     return ops.cast(ops.argmax(logits, axis=-1), "int32")
+
+
+def _numpy_probabilities(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32, copy=False)
+    if _channels(x) == 1:  # sigmoid without overflow: exp of a non-positive number only
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def _logit(p: float) -> float:

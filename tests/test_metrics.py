@@ -167,3 +167,40 @@ def test_metrics_module_does_not_import_keras_for_numpy_use():
         "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_numpy_rule_equals_the_keras_rule(channels):
+    """Masks rendered from numpy logits (no Keras) follow the rule keras.ops applies to tensors:
+    the same labels exactly, probabilities to float rounding; extreme logits neither overflow
+    nor give NaN."""
+    from keras import ops
+
+    rng = np.random.default_rng(channels)
+    logits = (rng.normal(0, 4, (2, 16, 16, channels)) * rng.choice([1, 30], (2, 16, 16, 1))).astype(
+        np.float32
+    )
+    logits[0, 0, 0] = 0.0  # a binary logit exactly at the default threshold
+    tensor = ops.convert_to_tensor(logits)
+    for threshold in (0.5, 0.7):
+        np.testing.assert_array_equal(
+            metrics.logits_to_labels(logits, threshold),
+            ops.convert_to_numpy(metrics.logits_to_labels(tensor, threshold)),
+        )
+    mine = metrics.logits_to_probabilities(logits)
+    assert isinstance(mine, np.ndarray) and mine.dtype == np.float32 and np.isfinite(mine).all()
+    keras_probs = ops.convert_to_numpy(metrics.logits_to_probabilities(tensor))
+    np.testing.assert_allclose(mine, keras_probs, atol=1e-6)
+
+
+def test_rendering_masks_does_not_import_keras():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from segray import metrics;"
+        "x = np.random.default_rng(0).normal(size=(1, 8, 8, 3)).astype('float32');"
+        "metrics.logits_to_labels(x); metrics.logits_to_probabilities(x[..., :1]);"
+        "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -53,6 +53,9 @@ class PredictConfig(Settings):
     window: int | None = setting(None, "Scene window in pixels (default: the model's input).", ge=1)
     overlap: int = setting(OVERLAP, "Overlap of windows in pixels.", ge=0)
     blend: Blend = setting(BLEND, "How overlapping windows are joined.")
+    scenes_at_once: int | None = setting(
+        None, "Scenes stitched at once, a task each (default: 2 per Predictor actor).", ge=1
+    )
     mc_samples: int = setting(
         0, "Monte-Carlo dropout passes; writes <name>.uncertainty.<ext> beside each mask.", ge=0
     )

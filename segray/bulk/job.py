@@ -5,9 +5,10 @@ stream through read + decode tasks, a pool of Predictor actors (each loads the m
 encode + write tasks (:mod:`.stages`). Masks land under the output prefix at the input's relative
 path (GeoTIFF with the tile's georeference for TIFF inputs, PNG otherwise), each written whole.
 Every input gets one manifest row (:mod:`.manifest`); bad tiles become ``error`` rows and never
-stop the job. With ``scene=True`` each input is a large GeoTIFF read window by window and
-stitched back into one scene mask by the driver (:mod:`.scenes`). Optionally an uncertainty map
-(Monte-Carlo dropout) and GeoJSON footprints of one class are written beside each mask.
+stop the job. With ``scene=True`` each input is a large GeoTIFF read window by window,
+stitched and written band by band by a task of its own, several scenes at once
+(:mod:`.scenes`). Optionally an uncertainty map (Monte-Carlo dropout) and GeoJSON footprints of
+one class are written beside each mask.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from segray.bulk import stages
 from segray.bulk.config import PredictConfig
 from segray.bulk.manifest import Manifest, PredictResult, finished_rows
 from segray.bulk.plan import list_outputs, outputs, plan
-from segray.bulk.predictor import TilePredictor, WindowPredictor, render_options
+from segray.bulk.predictor import TilePredictor, render_options
 from segray.bulk.rows import STOP
-from segray.bulk.scenes import SceneAssembler
+from segray.bulk.scenes import SceneJob, run_scenes
 from segray.errors import ConfigError
 from segray.io import storage
 from segray.log import progress
@@ -202,41 +203,17 @@ def _run_tiles(
 
 def _run_scenes(
     todo: list[tuple[str, str]], config: PredictConfig, card: ModelCard
-) -> Iterable[dict[str, Any]]:
-    """Windows of every scene through the same Predictor; the driver stitches and writes scenes.
-
-    Ray Data keeps the windows in order here, so the driver holds the row bands of about one
-    scene at a time (see :class:`segray.inference.tiling.SceneStitcher`).
-    """
-    import ray.data
-
-    window = scene_window(config, card)
-    items = [{"input_uri": i, "output_uri": o} for i, o in todo]
-    ctx = ray.data.DataContext.get_current()
-    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        cpus = config.cpus_per_task
-        expand = {"config": config, "window": window}
-        ds = ds.flat_map(stages.expand_scene, fn_kwargs=expand, num_cpus=cpus)
-        read = {"config": config}
-        ds = ds.map_batches(
-            stages.read_windows, batch_size=config.batch_size, fn_kwargs=read, num_cpus=cpus
-        )
-        ds = _predict_stage(ds, config, WindowPredictor)
-        assembler = SceneAssembler(
-            card,
-            (window, config.overlap, config.blend),
-            render_options(config),
-            endpoint=config.endpoint,
-            uncertainty=config.mc_samples > 0,
-            footprints=footprint_options(config, card),
-            legend=mask_legend(config, card),
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            yield from assembler.add_batch(batch)
-    finally:
-        ctx.execution_options.preserve_order = saved
+) -> Generator[dict[str, Any], None, None]:
+    """Scenes stitched and written by tasks of their own, several at once (:mod:`.scenes`)."""
+    job = SceneJob(
+        config,
+        card,
+        scene_window(config, card),
+        render_options(config),
+        mask_legend(config, card),
+        footprint_options(config, card),
+    )
+    return run_scenes(todo, job)
 
 
 def scene_window(config: PredictConfig, card: ModelCard) -> tuple[int, int]:

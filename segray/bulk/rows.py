@@ -17,7 +17,6 @@ from typing import Any, TypedDict
 import numpy as np
 
 from segray.io.imagery import Tile
-from segray.io.rasters import Window
 
 #: The ``transform`` of a tile or scene without a georeference.
 NO_TRANSFORM = [math.nan] * 6
@@ -144,21 +143,6 @@ def failed_tile(reason: str, seconds: float) -> dict[str, Any]:
         "crs": "",
         "transform": NO_TRANSFORM,
     }
-
-
-def window_row(row: InputRow, win: Window, error: str, **scene: Any) -> dict[str, Any]:
-    """A :class:`WindowRow` before its pixels are read; ``scene`` overrides the scene columns."""
-    out = {
-        "input_uri": row["input_uri"],
-        "output_uri": row["output_uri"],
-        "error": error,
-        "window": [win.row, win.col, win.height, win.width],
-        "n_windows": 1,
-        "scene_shape": [0, 0],
-        "crs": "",
-        "transform": NO_TRANSFORM,
-    }
-    return {**out, **scene}
 
 
 def georeference(crs: str, transform: Sequence[float]) -> tuple[str | None, Any]:

@@ -1,150 +1,283 @@
-"""Scenes stitched from their windows' logits and written whole, with what goes beside them."""
+"""Scenes in parallel, off the driver: a Ray task per scene stitches and writes it band by band.
+
+Each scene task opens its scene once, reads its windows in row-major order a batch at a time,
+has the job's Predictor actors (shared by every scene) turn them into logits while it reads the
+next batch, blends them with a :class:`~segray.inference.tiling.SceneStitcher`, and renders and
+writes each band of rows as soon as every window covering it has arrived
+(:class:`~segray.io.rasters.BandWriter`, a local temporary file). At the end the mask becomes a
+COG and is written whole, after the files beside it. Several scenes run at once
+(``scenes_at_once``); the driver only starts tasks and records their manifest rows.
+
+What a scene task holds: the stitcher's float sums of about one window row
+(``(window + stride) x width x classes x 4`` bytes), the window batches in flight, and one
+band of rendered rows: never the scene. Footprints are the one exception: they are vectorised
+from the scene's class ids read back whole (one byte a pixel).
+"""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import json
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from segray import inference
-from segray.bulk.rows import SIDE_COLUMNS, STOP, georeference, unpack
-from segray.bulk.stages import write_outputs
-from segray.errors import OutputFull
-from segray.inference.tiling import SceneStitcher
+from segray.bulk.config import PredictConfig
+from segray.bulk.plan import footprints_uri, uncertainty_uri
+from segray.bulk.predictor import WindowPredictor
+from segray.bulk.rows import STOP, objects, pack, pack_valid, unpack
+from segray.errors import OutputFull, SegrayError, TileError
+from segray.inference.tiling import SceneStitcher, scene_windows
+from segray.io import imagery, storage
 from segray.io.imagery import Tile
-from segray.io.rasters import Window
+from segray.io.rasters import BandWriter, Window, check_scene, open_scene, read_window
+
+if TYPE_CHECKING:
+    from segray.models.saving import ModelCard
+
+#: Window batches of one scene at the Predictors at once: one computed while the next is read.
+BATCHES_AHEAD = 2
 
 
-@dataclass
-class SceneState:
-    """One scene in flight: where it goes, how many windows it waits for, what it holds so far."""
+@dataclass(frozen=True)
+class SceneJob:
+    """What every scene task of a job shares: its settings and how masks are made."""
 
-    input_uri: str
-    output_uri: str
-    n_windows: int
-    shape: tuple[int, int]
-    crs: str
-    transform: list[float]
-    seen: int = 0
-    seconds: float = 0.0
-    error: str = ""
-    stitcher: SceneStitcher | None = None
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    counts: np.ndarray | None = None
+    config: PredictConfig
+    card: ModelCard
+    window: tuple[int, int]
+    render: dict[str, Any]
+    legend: dict[str, Any]
+    footprints: dict[str, Any] | None = None
 
-    def drop(self, error: str) -> None:
-        """Fail the scene and give its memory back at once."""
-        self.error = self.error or error
-        self.stitcher, self.arrays = None, {}
+    @property
+    def uncertainty(self) -> bool:
+        return self.config.mc_samples > 0
 
 
-class SceneAssembler:
-    """On the driver: stitches window logits into scene masks and writes each scene once whole.
+class ScenePredictor:
+    """A Ray actor around :class:`WindowPredictor`: loads the model once, predicts window
+    batches sent by any scene task."""
 
-    Holds, per scene in flight, its :class:`SceneStitcher` bands and its uint8 mask (H x W bytes),
-    and as much again for each of the class-id labels (``footprints`` of a class, when the mask is
-    not the class-id mask already) and the ``uncertainty`` map (the logits' last channel then).
+    def __init__(self, config: PredictConfig) -> None:
+        self._predict = WindowPredictor(config)
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._predict(batch)
+
+    def ready(self) -> bool:
+        return True
+
+
+def run_scenes(todo: list[tuple[str, str]], job: SceneJob) -> Generator[dict[str, Any], None, None]:
+    """Manifest rows of the scenes in ``todo`` (``(input, output)`` URIs), as they finish.
+
+    Starts ``concurrency`` Predictor actors, then keeps ``scenes_at_once`` scene tasks running;
+    closing the generator cancels the tasks still running and ends the actors.
     """
+    import ray
+
+    c = job.config
+    actor = ray.remote(ScenePredictor).options(
+        num_cpus=c.cpus_per_actor,
+        num_gpus=c.gpus_per_actor or None,
+        max_restarts=2,
+        max_task_retries=2,
+    )
+    predictors = [actor.remote(c) for _ in range(c.concurrency)]
+    # the model loaded before any scene task takes a CPU: tasks waiting on actors that cannot be
+    # placed would hold the CPUs those actors need; and a model that cannot load fails the job
+    ray.get([one.ready.remote() for one in predictors])
+    task = ray.remote(stitch_scene).options(num_cpus=c.cpus_per_task, max_retries=1)
+    at_once = c.scenes_at_once or 2 * c.concurrency
+    queue = collections.deque(enumerate(todo))
+    running: dict[Any, str] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < at_once:
+                i, (input_uri, output_uri) = queue.popleft()
+                running[task.remote(input_uri, output_uri, job, predictors, i)] = input_uri
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                input_uri = running.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except Exception as exc:  # the task itself died: this scene's error
+                    yield _failed(input_uri, f"{input_uri}: scene task failed: {exc}", 0.0)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+        for one in predictors:
+            ray.kill(one)
+
+
+def _failed(input_uri: str, error: str, seconds: float, **extra: str) -> dict[str, Any]:
+    return {"input_uri": input_uri, "status": "error", "error": error, "seconds": seconds, **extra}
+
+
+def stitch_scene(
+    input_uri: str, output_uri: str, job: SceneJob, predictors: list, index: int = 0
+) -> dict[str, Any]:
+    """Ray task: predict, stitch and write one scene; returns its manifest row (an error row for
+    whatever fails, with :data:`STOP` when the output can take no more writes)."""
+    start = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="segray-scene-")
+    c, writer = job.config, None
+    try:
+        with imagery.gdal_env(), _opened(input_uri, c) as ds:
+            writer = SceneWriter(folder, job, (ds.height, ds.width), ds.crs, ds.transform)
+            windows = scene_windows(ds.height, ds.width, job.window, c.overlap)
+            stitcher = SceneStitcher(ds.height, ds.width, job.window, c.overlap, c.blend)
+            for window, logits in _predicted(ds, input_uri, windows, job, predictors, index):
+                for top, band in stitcher.add(window, logits):
+                    writer.add_band(top, band)
+            uris = writer.finish(output_uri, input_uri)
+    except OutputFull as exc:  # no later write can succeed: the job stops after this row
+        return _failed(input_uri, str(exc), time.perf_counter() - start, **{STOP: str(exc)})
+    except SegrayError as exc:
+        return _failed(input_uri, str(exc), time.perf_counter() - start)
+    except Exception as exc:  # a reader, model or encoder failure: this scene's, not the job's
+        error = f"{input_uri}: {type(exc).__name__}: {exc}"
+        return _failed(input_uri, error, time.perf_counter() - start)
+    finally:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    counts = writer.counts  # no-data pixels are in no class
+    fractions = counts / counts.sum() if counts.sum() else np.full(counts.size, np.nan)
+    return {
+        "input_uri": input_uri,
+        "status": "ok",
+        "error": "",
+        "seconds": time.perf_counter() - start,
+        "class_fractions": fractions,
+        **uris,
+    }
+
+
+@contextlib.contextmanager
+def _opened(uri: str, config: PredictConfig) -> Iterator[Any]:
+    """The scene opened and its header checked; a scene that cannot be opened says so."""
+    with contextlib.ExitStack() as stack:
+        try:
+            ds = stack.enter_context(open_scene(uri, endpoint=config.endpoint))
+        except Exception as exc:
+            raise TileError(uri, f"cannot open scene: {exc}", "unreadable") from exc
+        check_scene(ds, uri, config.bands)
+        yield ds
+
+
+def _predicted(
+    ds: Any, uri: str, windows: list[Window], job: SceneJob, predictors: list, index: int
+) -> Iterator[tuple[Window, np.ndarray]]:
+    """``(window, logits)`` in row-major order; batches go round the Predictors, starting at
+    this scene's ``index``, :data:`BATCHES_AHEAD` at a time."""
+    import ray
+
+    size = job.config.batch_size
+    batches = [windows[i : i + size] for i in range(0, len(windows), size)]
+    in_flight: collections.deque = collections.deque()
+    for k, batch in enumerate(batches):
+        predictor = predictors[(index + k) % len(predictors)]
+        in_flight.append((batch, predictor.predict.remote(_read_batch(ds, uri, batch, job))))
+        if len(in_flight) >= BATCHES_AHEAD:
+            yield from _logits(*in_flight.popleft(), ray.get)
+    while in_flight:
+        yield from _logits(*in_flight.popleft(), ray.get)
+
+
+def _read_batch(ds: Any, uri: str, windows: list[Window], job: SceneJob) -> dict[str, np.ndarray]:
+    """A batch of window rows (see :class:`segray.bulk.rows.WindowRow`) for a Predictor."""
+    packed, valid = [], []
+    for win in windows:
+        try:
+            pixels, valid_map = read_window(ds, win, job.config.bands)
+        except Exception as exc:  # a broken block fails this scene, not the job
+            where = [win.row, win.col, win.height, win.width]
+            raise TileError(uri, f"cannot read window {where}: {exc}", "unreadable") from exc
+        packed.append(pack(pixels))
+        valid.append(pack_valid(valid_map))
+    n = len(windows)
+    return {
+        "input_uri": objects([uri] * n),
+        "error": objects([""] * n),
+        "seconds": np.zeros(n),
+        "pixels": objects([p[0] for p in packed]),
+        "shape": np.asarray([p[1] for p in packed]),
+        "dtype": objects([p[2] for p in packed]),
+        "valid": objects(valid),
+    }
+
+
+def _logits(windows: list[Window], ref: Any, get: Any) -> Iterator[tuple[Window, np.ndarray]]:
+    out = get(ref)
+    for i, win in enumerate(windows):
+        if out["error"][i]:  # already "<scene>: <reason>"
+            raise SegrayError(str(out["error"][i]))
+        yield win, unpack(out["pixels"][i], out["shape"][i], out["dtype"][i])
+
+
+class SceneWriter:
+    """A scene's mask (and the files beside it) rendered and written band by band to local
+    temporary files, then written whole to the output: side files first, the mask last."""
 
     def __init__(
-        self,
-        card: Any,
-        geometry: tuple[tuple[int, int], int, str],
-        render: dict[str, Any],
-        *,
-        endpoint: str | None = None,
-        uncertainty: bool = False,
-        footprints: dict[str, Any] | None = None,
-        legend: dict[str, Any] | None = None,
+        self, folder: str, job: SceneJob, shape: tuple[int, int], crs: Any, transform: Any
     ) -> None:
-        self.card, self.geometry, self.render, self.endpoint = card, geometry, render, endpoint
-        self.uncertainty, self.footprints, self.legend = uncertainty, footprints, legend
-        self._scenes: dict[str, SceneState] = {}
+        self.job, self.shape = job, shape
+        self.crs = crs.to_string() if crs else None
+        self.transform = None if transform.is_identity else transform
+        self.counts = np.zeros(job.card.num_classes, np.int64)
+        geo = {"crs": self.crs, "transform": self.transform, "nodata": imagery.MASK_NODATA}
+        legend = job.legend
+        palette, tags = legend.get("palette"), legend.get("tags")
+        mask = BandWriter(folder, "mask", shape, **geo, colormap=palette, tags=tags)
+        self.rasters = {"mask": mask}
+        if job.footprints is not None and job.render["output"] != "classes":
+            self.rasters["labels"] = BandWriter(folder, "labels", shape, **geo)
+        if job.uncertainty:
+            tags = inference.UNCERTAINTY_TAGS
+            self.rasters["uncertainty"] = BandWriter(folder, "uncertainty", shape, **geo, tags=tags)
 
-    def add_batch(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        """Take a batch of predicted windows; returns manifest rows of the scenes now finished."""
-        finished = []
-        for i, uri in enumerate(batch["input_uri"]):
-            scene = self._scene(str(uri), batch, i)
-            self._add_window(scene, batch, i)
-            if scene.seen == scene.n_windows:
-                finished.append(self._finish(self._scenes.pop(str(uri))))
-        return finished
-
-    def _scene(self, uri: str, batch: dict[str, np.ndarray], i: int) -> SceneState:
-        if uri not in self._scenes:
-            self._scenes[uri] = SceneState(
-                input_uri=uri,
-                output_uri=str(batch["output_uri"][i]),
-                n_windows=int(batch["n_windows"][i]),
-                shape=tuple(int(v) for v in batch["scene_shape"][i]),  # type: ignore[arg-type]
-                crs=str(batch["crs"][i]),
-                transform=[float(v) for v in batch["transform"][i]],
-            )
-        return self._scenes[uri]
-
-    def _add_window(self, scene: SceneState, batch: dict[str, np.ndarray], i: int) -> None:
-        scene.seen += 1
-        scene.seconds += float(batch["seconds"][i])
-        if scene.error or batch["error"][i]:
-            scene.drop(str(batch["error"][i]))
-            return
-        if scene.stitcher is None:
-            scene.stitcher = SceneStitcher(*scene.shape, *self.geometry)
-            scene.arrays = self._arrays(scene.shape)
-            scene.counts = np.zeros(self.card.num_classes, np.int64)
-        logits = unpack(batch["pixels"][i], batch["shape"][i], batch["dtype"][i])
-        for top, band in scene.stitcher.add(Window(*map(int, batch["window"][i])), logits):
-            self._render_band(scene, top, band)
-
-    def _arrays(self, shape: tuple[int, int]) -> dict[str, np.ndarray]:
-        arrays = {"mask": np.zeros(shape, np.uint8)}
-        if self.footprints is not None:
-            plain = self.render["output"] == "classes"
-            arrays["labels"] = arrays["mask"] if plain else np.zeros(shape, np.uint8)
-        if self.uncertainty:
-            arrays["uncertainty"] = np.zeros(shape, np.uint8)
-        return arrays
-
-    def _render_band(self, scene: SceneState, top: int, band: np.ndarray) -> None:
-        rows, arrays, k = slice(top, top + band.shape[0]), scene.arrays, self.card.num_classes
-        if self.uncertainty:
+    def add_band(self, top: int, band: np.ndarray) -> None:
+        """Render a stitched band of logits (rows, width, K [+1 uncertainty]) and write it."""
+        k = self.job.card.num_classes
+        if self.job.uncertainty:
             band, entropy = band[..., :-1], band[..., -1]
-            arrays["uncertainty"][rows] = inference.render_uncertainty(entropy)
-        mask, labels = inference.render_outputs(band[None], self.card, **self.render)
-        assert scene.counts is not None
-        scene.counts += np.bincount(labels.ravel(), minlength=k)[:k]
-        arrays["mask"][rows] = mask[0]
-        if "labels" in arrays:
-            arrays["labels"][rows] = labels[0]
+            self.rasters["uncertainty"].write(top, inference.render_uncertainty(entropy))
+        mask, labels = inference.render_outputs(band[None], self.job.card, **self.job.render)
+        self.counts += np.bincount(labels.ravel(), minlength=k)[:k]
+        self.rasters["mask"].write(top, mask[0])
+        if "labels" in self.rasters:
+            self.rasters["labels"].write(top, labels[0])
 
-    def _finish(self, scene: SceneState) -> dict[str, Any]:
-        row = {"input_uri": scene.input_uri, "seconds": scene.seconds}
-        if scene.error:
-            return {**row, "status": "error", "error": scene.error}
-        start = time.perf_counter()
-        crs, transform = georeference(scene.crs, scene.transform)
-        like = Tile(np.empty((0, 0, 1)), scene.input_uri, "tiff", crs, transform)
-        arrays = scene.arrays
-        side = {k: arrays[k] for k in SIDE_COLUMNS if k in arrays}
-        try:
-            uris = write_outputs(
-                scene.output_uri,
-                arrays["mask"],
-                like,
-                self.endpoint,
-                self.footprints,
-                self.legend,
-                **side,
+    def finish(self, output_uri: str, input_uri: str) -> dict[str, str]:
+        """Write the outputs; returns their manifest URIs."""
+        endpoint = self.job.config.endpoint
+        uris = {"output_uri": output_uri}
+        if self.job.uncertainty:
+            uris["uncertainty_uri"] = uncertainty_uri(output_uri)
+            storage.write_file(
+                uris["uncertainty_uri"], self.rasters["uncertainty"].cog(), endpoint=endpoint
             )
-        except OutputFull as exc:  # no later write can succeed: the job stops after this row
-            return {**row, "status": "error", "error": str(exc), STOP: str(exc)}
-        except Exception as exc:  # storage or encoder failure: this scene's error, not the job's
-            return {**row, "status": "error", "error": f"cannot write scene mask: {exc}"}
-        row["seconds"] += time.perf_counter() - start
-        assert scene.counts is not None
-        counts = scene.counts  # no-data pixels are in no class
-        fractions = counts / counts.sum() if counts.sum() else np.full(counts.size, np.nan)
-        return {**row, "status": "ok", "class_fractions": fractions, **uris}
+        if self.job.footprints is not None:
+            uris["footprints_uri"] = footprints_uri(output_uri)
+            labels = self.rasters.get("labels", self.rasters["mask"]).read()
+            like = Tile(np.empty((0, 0, 1)), input_uri, "tiff", self.crs, self.transform)
+            doc = inference.footprint_doc(labels, like, **self.job.footprints)
+            del labels
+            storage.write_text(uris["footprints_uri"], json.dumps(doc), endpoint=endpoint)
+        storage.write_file(output_uri, self.rasters["mask"].cog(), endpoint=endpoint)
+        return uris
+
+    def close(self) -> None:
+        """Close the temporary files (idempotent)."""
+        for raster in self.rasters.values():
+            raster.close()

@@ -1,5 +1,5 @@
-"""The Ray Data stages of a bulk job that touch storage: read and decode tiles, cut scenes into
-windows and read them, encode and write masks with the files beside them.
+"""The Ray Data stages of a bulk job that touch storage: read and decode tiles, encode and write
+masks with the files beside them (scenes have their own tasks: :mod:`segray.bulk.scenes`).
 
 Each stage takes a batch of rows (see :mod:`segray.bulk.rows`) and the job's config, and turns
 every failure on one input into that row's ``error``: a bad tile never stops the job.
@@ -21,7 +21,6 @@ from segray.bulk.rows import (
     NO_TRANSFORM,
     SIDE_COLUMNS,
     STOP,
-    InputRow,
     columns,
     failed_tile,
     objects,
@@ -29,13 +28,10 @@ from segray.bulk.rows import (
     pack_valid,
     tile_of,
     unpack,
-    window_row,
 )
-from segray.errors import OutputFull, SegrayError, TileError
-from segray.inference.tiling import scene_windows
+from segray.errors import OutputFull, SegrayError
 from segray.io import imagery, storage
 from segray.io.imagery import Tile
-from segray.io.rasters import Window, check_scene, open_scene, read_window
 
 # --- tiles ------------------------------------------------------------------------------------
 
@@ -215,62 +211,3 @@ def encode_like(
             imagery.as_mask(mask), like.crs, like.transform, nodata=imagery.MASK_NODATA
         )
     return imagery.encode_png(imagery.as_mask(mask))
-
-
-# --- scenes -----------------------------------------------------------------------------------
-
-
-def expand_scene(
-    row: InputRow, config: PredictConfig, window: tuple[int, int]
-) -> list[dict[str, Any]]:
-    """Ray Data ``flat_map``: one row per window of a scene, from its header alone.
-
-    A scene that cannot be opened, or has unusable bands or pixel type, gives one error row.
-    """
-    uri = str(row["input_uri"])
-    try:
-        with open_scene(uri, endpoint=config.endpoint) as ds:
-            check_scene(ds, uri, config.bands)
-            height, width = ds.height, ds.width
-            crs = ds.crs.to_string() if ds.crs else ""
-            transform = NO_TRANSFORM if ds.transform.is_identity else list(ds.transform)[:6]
-    except TileError as exc:
-        return [window_row(row, Window(0, 0, 0, 0), str(exc))]
-    except Exception as exc:  # unreadable header: this scene's error, not the job's
-        return [window_row(row, Window(0, 0, 0, 0), f"{uri}: cannot open scene: {exc}")]
-    windows = scene_windows(height, width, window, config.overlap)
-    scene = {"scene_shape": [height, width], "crs": crs, "transform": transform}
-    return [window_row(row, w, "", n_windows=len(windows), **scene) for w in windows]
-
-
-def read_windows(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str, np.ndarray]:
-    """Ray Data task: windowed reads of a batch of window rows, opening each scene once."""
-    n = len(batch["input_uri"])
-    errors = [str(e) for e in batch["error"]]
-    packed: list[tuple[bytes, list[int], str]] = [(b"", [0, 0, 0], "uint8")] * n
-    valid = [b""] * n
-    seconds = np.zeros(n)
-    for uri in dict.fromkeys(str(u) for u in batch["input_uri"]):
-        rows = [i for i in range(n) if batch["input_uri"][i] == uri and not errors[i]]
-        if not rows:
-            continue
-        start = time.perf_counter()
-        try:
-            with open_scene(uri, endpoint=config.endpoint) as ds:
-                for i in rows:
-                    win = Window(*map(int, batch["window"][i]))
-                    pixels, valid_map = read_window(ds, win, config.bands)
-                    packed[i], valid[i] = pack(pixels), pack_valid(valid_map)
-        except Exception as exc:  # a broken block fails this scene, not the job
-            for i in rows:
-                errors[i] = f"{uri}: cannot read window {list(batch['window'][i])}: {exc}"
-        seconds[rows] = (time.perf_counter() - start) / len(rows)
-    return {
-        **batch,
-        "error": objects(errors),
-        "seconds": seconds,
-        "pixels": objects([p[0] for p in packed]),
-        "shape": np.asarray([p[1] for p in packed]),
-        "dtype": objects([p[2] for p in packed]),
-        "valid": objects(valid),
-    }

@@ -298,6 +298,25 @@ def bench_predict_cmd(
     )
 
 
+@bench.command("scenes")
+@click.option("--size", default=4096, show_default=True, help="Scene side in pixels.")
+@click.option("--scenes", default=8, show_default=True, help="Scenes of the all-at-once job.")
+@click.option("--window", default=512, show_default=True, help="Window side in pixels.")
+@click.option("--repeats", default=1, show_default=True, help="Runs of each job (median).")
+@click.option("--concurrency", default=1, show_default=True, help="Predictor actors.")
+@click.option("--scenes-at-once", default=None, type=int, help="Scene tasks at once.")
+def bench_scenes_cmd(
+    size: int, scenes: int, window: int, repeats: int, concurrency: int, scenes_at_once: int | None
+) -> None:
+    """Scenes stitched in parallel off the driver against one at a time, with peak RSS."""
+    from segray.devtools.bench.scenes import bench_scenes
+
+    job: dict = {"concurrency": concurrency}
+    if scenes_at_once is not None:
+        job["scenes_at_once"] = scenes_at_once
+    bench_scenes(size, scenes, window, repeats=repeats, job=job, echo=click.echo)
+
+
 @bench.command("plan")
 @click.option("--keys", default=1_000_000, show_default=True, help="Simulated inputs.")
 def bench_plan_cmd(keys: int) -> None:

@@ -17,10 +17,11 @@ import fnmatch
 import functools
 import os
 import posixpath
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from segray.errors import OutputFull, StorageError
@@ -165,20 +166,44 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
         except Exception as exc:
             raise _s3_error(uri, exc) from exc
         return
-    folder = os.path.dirname(loc.path) or "."
+    _write_local(uri, loc.path, lambda f: f.write(data))
+
+
+def write_file(uri: str, path: str, *, endpoint: str | None = None) -> None:
+    """Copy the local file at ``path`` to ``uri`` as one whole object, never read whole into
+    memory: temp file + rename locally, boto3's managed (multipart) upload on S3."""
+    loc = parse(uri)
+    if loc.scheme == "s3":
+        try:
+            client = s3_client(endpoint)
+            s3.call(uri, lambda: client.upload_file(path, loc.bucket, loc.path))
+        except Exception as exc:
+            raise _s3_error(uri, exc) from exc
+        return
+
+    def fill(f: Any) -> None:
+        with open(path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+
+    _write_local(uri, loc.path, fill)
+
+
+def _write_local(uri: str, target: str, fill: Callable[[Any], Any]) -> None:
+    """``fill`` a temporary file beside ``target``, then rename it into place."""
+    folder = os.path.dirname(target) or "."
     tmp = ""
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
-            dir=folder, prefix=TEMP_PREFIX, suffix="-" + os.path.basename(loc.path)
+            dir=folder, prefix=TEMP_PREFIX, suffix="-" + os.path.basename(target)
         )
         # mkstemp makes the file 0600 whatever the umask: give it the mode a plain open() would
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, loc.path)
+        os.replace(tmp, target)
     except BaseException as exc:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)

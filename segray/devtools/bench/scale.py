@@ -75,11 +75,13 @@ def _plan_probe(listing: str, out: str) -> dict[str, Any]:
 class RssSampler:
     """Peak resident memory, sampled every ``interval`` s from ``/proc`` while in the block: this
     process (the driver), and the largest Ray worker process (``ray::`` titles; ``actors`` for
-    those titled by a Predictor class)."""
+    those titled by a Predictor class; ``by_title`` the largest per title, such as
+    ``ray::stitch_scene`` while a worker runs that task)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
         self.driver = self.workers = self.actors = 0
+        self.by_title: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -101,6 +103,8 @@ class RssSampler:
         for pid, title in ray_processes():
             rss = rss_bytes(pid)
             self.workers = max(self.workers, rss)
+            name = title.split(".")[0]  # an actor and its methods as one
+            self.by_title[name] = max(self.by_title.get(name, 0), rss)
             if "Predictor" in title:
                 self.actors = max(self.actors, rss)
 
@@ -115,16 +119,32 @@ def rss_bytes(pid: int) -> int:
 
 
 def ray_processes() -> list[tuple[int, str]]:
-    """(pid, title) of this user's Ray worker processes (``ray::…`` titles)."""
-    found = []
+    """(pid, title) of the Ray worker processes (``ray::…`` titles) this process started: its
+    descendants, so that another Ray session on the machine is not counted; all of them when
+    it has started none (a driver joined to a running cluster)."""
+    found, parents = [], {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 title = f.read(200).split(b"\0")[0].decode(errors="replace")
-        except OSError:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
         if title.startswith("ray::"):
             found.append((int(entry), title))
-    return found
+    me = os.getpid()
+
+    def mine(pid: int) -> bool:
+        seen = set()
+        while pid > 1 and pid not in seen:
+            if pid == me:
+                return True
+            seen.add(pid)
+            pid = parents.get(pid, 0)
+        return False
+
+    own = [(pid, title) for pid, title in found if mine(pid)]
+    return own or found
