@@ -66,6 +66,24 @@ def test_write_file_copies_a_file_whole(tmp_path, where, request):
         assert os.listdir(tmp_path / "out") == ["big.bin"]
 
 
+def test_stale_scene_folders_are_removed_and_live_ones_kept(tmp_path):
+    """A killed scene task's folder goes; one whose files were written lately stays, as does
+    anything else in the temporary directory."""
+    from segray.bulk.scenes import TEMP_PREFIX, remove_stale_folders
+
+    old, live = tmp_path / f"{TEMP_PREFIX}old", tmp_path / f"{TEMP_PREFIX}live"
+    for folder in (old, live):
+        folder.mkdir()
+        (folder / "mask.tif").write_bytes(b"x")
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    hour_ago = time.time() - 3600
+    for path in (old, old / "mask.tif", live, other):
+        os.utime(path, (hour_ago, hour_ago))
+    assert remove_stale_folders(str(tmp_path), time.time() - 60) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{TEMP_PREFIX}live", "unrelated"]
+
+
 # --- scene tasks ---------------------------------------------------------------------------------
 
 SCENE, WINDOW = 384, 128

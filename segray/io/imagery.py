@@ -364,12 +364,12 @@ def encode_geotiff(
         return bytes(mem.read())
 
 
-def gdal_env() -> Any:
+def gdal_env(**options: Any) -> Any:
     """One GDAL environment for a run of reads or encodes in this thread: without it, rasterio
-    sets one up and tears it down around every call."""
+    sets one up and tears it down around every call. ``options`` are GDAL settings."""
     import rasterio
 
-    return rasterio.Env()
+    return rasterio.Env(**options)
 
 
 def encode_mask(
