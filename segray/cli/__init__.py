@@ -69,10 +69,11 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--out", required=True, help="Output folder or s3:// prefix.")
 @click.option(
     "--layout",
-    type=click.Choice(synth_data.LAYOUTS),
+    type=click.Choice((*synth_data.LAYOUTS, "scenes")),
     default="paired",
     show_default=True,
-    help="paired PNG folders, GeoTIFF tiles on a grid, or large GeoTIFF scenes.",
+    help="paired PNG folders, GeoTIFF tiles on a grid, large GeoTIFF scenes, or scenes with "
+    "their buildings as one WGS84 GeoJSON (the scenes training layout).",
 )
 @click.option("--count", default=16, show_default=True, help="Number of tiles (or scenes).")
 @click.option("--size", default=64, show_default=True, help="Tile size in pixels.")
@@ -110,6 +111,15 @@ def synth(
     from segray.io import storage
 
     storage.make_bucket(out, endpoint=endpoint)
+    if layout == "scenes":
+        from segray.devtools.labelled_scenes import write_labelled_scenes
+
+        summary = write_labelled_scenes(
+            out, count=count, scene_size=scene_size, seed=seed, bands=int(bands),
+            dtype=dtype, endpoint=endpoint,
+        )  # fmt: skip
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
     summary = synth_data.write_collection(
         out,
         layout=layout,
@@ -315,6 +325,18 @@ def bench_scenes_cmd(
     if scenes_at_once is not None:
         job["scenes_at_once"] = scenes_at_once
     bench_scenes(size, scenes, window, repeats=repeats, job=job, echo=click.echo)
+
+
+@bench.command("chips")
+@click.option("--scenes", default="1,4", show_default=True, help="Scene counts to compare.")
+@click.option("--size", default=4096, show_default=True, help="Scene side in pixels.")
+@click.option("--store-mib", default=96, show_default=True, help="Object store of each run.")
+def bench_chips_cmd(scenes: str, size: int, store_mib: int) -> None:
+    """Training from scenes: object store peak and peak RSS against the scene count."""
+    from segray.devtools.bench.chips import bench_chips
+
+    counts = tuple(int(v) for v in scenes.split(","))
+    bench_chips(counts, size, store_mib=store_mib, echo=click.echo)
 
 
 @bench.command("plan")

@@ -33,7 +33,8 @@ from segray.settings import Settings, setting
 if TYPE_CHECKING:
     pass
 
-Layout = Literal["paired", "nuclei", "palette", "polygons"]
+Layout = Literal["paired", "nuclei", "palette", "polygons", "scenes"]
+ValSplit = Literal["blocks", "scenes"]
 IMAGE_SUFFIXES = imagery.TILE_SUFFIXES
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 
@@ -62,6 +63,10 @@ class DatasetSpec(Settings):
     limit: int | None = setting(None, "Use only the first N samples.", ge=1)
     nodata: float | None = setting(None, "Pixel value that is no data where a file sets none.")
     ignore_index: int = setting(255, "Label id that counts for nothing.", ge=0, le=255)
+    labels: str | None = setting(None, "One vector file labelling every scene (layout scenes).")
+    class_field: str | None = setting(None, "Vector attribute holding class ids (default: 1).")
+    val_split: ValSplit = setting("blocks", "Hold out blocks of every scene, or whole scenes.")
+    block_size: int | None = setting(None, "Held-out block size in pixels (default 4 chips).")
 
     @field_validator("size", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import model_validator
 
-from segray.io.labels import Layout
+from segray.io.labels import Layout, ValSplit
 from segray.settings import Settings, setting
 from segray.train.augment import AugmentConfig
 
@@ -71,6 +71,14 @@ class TrainConfig(Settings):
     monitor: Monitor = setting("val_miou", "Metric that picks the best epoch.")
     patience: int | None = setting(None, "Stop after this many epochs without improvement.", ge=1)
     val_fraction: float = setting(0.2, "Share of tiles held out for validation.", ge=0, lt=1)
+    labels: str | None = setting(None, "One vector file labelling every scene (layout scenes).")
+    class_field: str | None = setting(None, "Vector attribute holding class ids (default: 1).")
+    chips_per_epoch: int = setting(512, "Training chips per epoch (layout scenes).", ge=1)
+    positive_fraction: float = setting(
+        0.0, "Share of chips drawn around labelled features (layout scenes).", ge=0, le=1
+    )
+    val_split: ValSplit = setting("blocks", "Hold out blocks of every scene, or whole scenes.")
+    block_size: int | None = setting(None, "Held-out block size in pixels (default 4 chips).", ge=1)
     seed: int = setting(0, "Seed of the split, initial weights and augmentation.")
     endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
     resume: bool = setting(False, "Continue this run from its last checkpoint.")

@@ -43,6 +43,7 @@ class LoopPlan:
     train_count: int
     val_count: int
     board: Any = None
+    feed: Any = None  # a segray.train.feed.ChipFeed: chips of scenes, read by each worker
 
 
 @dataclass
@@ -178,8 +179,22 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         limit=config.limit,
         nodata=config.nodata,
         ignore_index=config.ignore_index,
+        labels=config.labels,
+        class_field=config.class_field,
+        val_split=config.val_split,
+        block_size=config.block_size,
     )
-    train_ds, val_ds, info = load_splits(spec)
+    feed = None
+    if config.layout == "scenes":
+        from segray.train.feed import scene_feed
+
+        global_batch = config.per_worker_batch() * config.workers
+        feed, info = scene_feed(
+            spec, config.chips_per_epoch, global_batch, config.positive_fraction
+        )
+        train_ds = val_ds = None
+    else:
+        train_ds, val_ds, info = load_splits(spec)
     channels = info.image_shape[2]
     card = _model_card(config, channels, info)
     model = models.build_model(
@@ -190,13 +205,14 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         weights=config.weights,
         **card.options,
     )
-    n_val = 0 if val_ds is None else val_ds.count()
+    n_val = feed.val_count if feed else 0 if val_ds is None else val_ds.count()
     plan = LoopPlan(
         config=config,
         card=card,
         params=int(model.count_params()),
-        train_count=info.count - n_val,
+        train_count=feed.per_epoch if feed else info.count - n_val,
         val_count=n_val,
+        feed=feed,
     )
     return train_ds, val_ds, plan
 
@@ -236,7 +252,9 @@ def train(config: TrainConfig) -> TrainResult:
     train_ds, val_ds, plan = prepare(config)
     save_config(config)
     global_batch = config.per_worker_batch() * config.workers
-    datasets = {"train": pad_to_multiple(train_ds, global_batch, config.seed)}
+    datasets = {}  # chips of scenes: each worker streams its own (plan.feed)
+    if train_ds is not None:
+        datasets["train"] = pad_to_multiple(train_ds, global_batch, config.seed)
     if val_ds is not None:
         datasets["val"] = pad_to_multiple(val_ds, global_batch, config.seed)
     resources = {"CPU": config.cpus_per_worker}
@@ -250,7 +268,7 @@ def train(config: TrainConfig) -> TrainResult:
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
         ),
         run_config=_run_config(config),
-        datasets=datasets,
+        datasets=datasets or None,
     )
     log.info(
         "training %s (%s params) on %d worker(s): %d train / %d val tiles, global batch %d",

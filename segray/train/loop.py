@@ -189,8 +189,9 @@ def train_loop(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_worker = cfg.per_worker_batch()
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if plan.val_count else None
+    feed = plan.feed  # chips of scenes: this worker's own stream, built anew each epoch
+    train_shard = None if feed else ray.train.get_dataset_shard("train")
+    val_shard = None if feed or not plan.val_count else ray.train.get_dataset_shard("val")
     steps_per_epoch = max(1, -(-plan.train_count // (per_worker * world)))
     keras.utils.set_random_seed(cfg.seed)  # the same initial weights and dropout on every run
     if cfg.use_gpu:
@@ -210,6 +211,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         _maybe_fail(cfg, epoch, rank)
         where = (board, epoch, steps_per_epoch)
+        if feed is not None:
+            train_shard, val_shard = feed.train(epoch, rank, world), feed.val(rank, world)
         row, ids = _train_epoch(steps, train_shard, cfg, card, per_worker, rank, where)
         row.update(_validate(steps, val_shard, per_worker, card) if val_shard else {})
         row["epoch"] = epoch
