@@ -122,9 +122,10 @@ class StorePeak:
 
 def store_bytes() -> int:
     """Bytes the object store holds now (plasma, spilled objects not counted)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    text = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
     found = re.search(r"Plasma memory usage (\d+) MiB", text)
     return int(found.group(1)) * MiB if found else 0
 
