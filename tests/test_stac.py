@@ -248,6 +248,15 @@ def test_bad_settings_and_a_missing_stac_file_say_what_is_wrong(tmp_path):
         stac.read_items(str(tmp_path / "geo.json"))
 
 
+def test_a_stac_file_without_items_is_an_error_naming_it(model, tmp_path):
+    from segray.bulk.job import predict
+
+    (tmp_path / "empty.json").write_text(item_collection([]))
+    config = PredictConfig(model=model, stac=str(tmp_path / "empty.json"), output=str(tmp_path))
+    with pytest.raises(ConfigError, match=f"no STAC item found in {tmp_path}/empty.json"):
+        predict(config)
+
+
 def test_a_mask_without_georeference_gets_an_item_with_null_geometry(tmp_path):
     """A PNG tile's mask: geometry null and no bbox (STAC allows it), the input file as its
     source; the collection over such items spans the world; both pass the core schemas."""
@@ -261,6 +270,9 @@ def test_a_mask_without_georeference_gets_an_item_with_null_geometry(tmp_path):
     )  # fmt: skip
     validate_dict(item, extensions=[])
     assert item["geometry"] is None and "bbox" not in item and item["id"] == "sub_x"
+    source = {link["rel"]: link for link in item["links"]}["source"]
+    assert source == {"rel": "source", "href": "/in/sub/x.png", "title": "input image",
+                      "type": "image/png"}  # fmt: skip
     assert item["assets"]["labels"] == {
         "href": "./x.png",
         "type": "image/png",

@@ -55,8 +55,10 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
         if value is not None and not 0 <= value < card.num_classes:
             raise ConfigError(f"{name} must lie in 0..{card.num_classes - 1}; got {value}")
     todo, done, sources = plan_sources(config)
+    if not (todo or done) and config.stac:
+        raise ConfigError(f"no STAC item found in {config.stac}: check the URI")
     if not (todo or done):
-        where = config.stac or config.manifest or config.input
+        where = config.manifest or config.input
         raise ConfigError(
             f"no input found in {where} (suffixes {config.suffixes or 'default'}, pattern "
             f"{config.pattern!r}): check the URI, --pattern and --suffixes"

@@ -238,7 +238,7 @@ def mask_item(
         "raster:bands": [{"nodata": 255, "data_type": "uint8"}],
     }
     title = f"STAC item {source_id}" if source_id else "input image"
-    source_type = "application/geo+json" if source_id else (COG_TYPE if tif else None)
+    source_type = "application/geo+json" if source_id else _image_type(source)
     source_link = {"rel": "source", "href": source, "title": title}
     if source_type:
         source_link["type"] = source_type
@@ -269,6 +269,13 @@ def mask_item(
     if geo:
         item["bbox"] = geo[0]
     return item
+
+
+def _image_type(href: str) -> str | None:
+    """The media type of an input image by its name (None: unknown)."""
+    ext = os.path.splitext(href)[1].lower()
+    types = {".tif": "image/tiff; application=geotiff", ".png": PNG_TYPE, ".jpg": "image/jpeg"}
+    return {**types, ".tiff": types[".tif"], ".jpeg": "image/jpeg"}.get(ext)
 
 
 def collection(
