@@ -102,13 +102,14 @@ def config(model_uri, tiles, out, endpoint, **kw) -> PredictConfig:
 
 
 def objects(prefix: str, endpoint: str) -> dict[str, tuple[str, object]]:
-    """Mask objects under ``prefix`` (manifests left out): key -> (ETag, LastModified)."""
+    """Mask objects under ``prefix`` (manifests and STAC documents left out): key -> (ETag,
+    LastModified)."""
     loc = storage.parse(prefix)
     pages = storage.s3_client(endpoint).get_paginator("list_objects_v2")
     found = {}
     for page in pages.paginate(Bucket=loc.bucket, Prefix=loc.path + "/"):
         for obj in page.get("Contents", []):
-            if "/_manifest/" not in obj["Key"]:
+            if "/_manifest/" not in obj["Key"] and not obj["Key"].endswith(".json"):
                 found[obj["Key"]] = (obj["ETag"], obj["LastModified"])
     return found
 
@@ -409,6 +410,11 @@ def test_plan_from_a_uri_list_skips_existing_masks_and_refuses_clashes(tmp_path)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a.tif").write_bytes(b"done")
     listing = tmp_path / "list.txt"
+    names = ["a.tif"]
+    listing.write_text("".join(f"{tmp_path}/in/{n}\n" for n in names))
+    cfg = PredictConfig(model="m", manifest=str(listing), output=str(tmp_path / "out"))
+    assert plan(cfg)[0] == [(f"{tmp_path}/in/a.tif", f"{tmp_path}/out/a.tif")]  # no STAC item
+    (tmp_path / "out" / "a.json").write_text("{}")
     names = ["a.tif", "b.png", "sub/c.jpg", "sub/c.png"]
     listing.write_text("# tiles\n" + "".join(f"{tmp_path}/in/{n}\n" for n in names))
     cfg = PredictConfig(model="m", manifest=str(listing), output=str(tmp_path / "out"))

@@ -158,4 +158,6 @@ def test_scenes_run_at_once_in_tasks_and_a_broken_one_leaves_nothing(
             row["class_fractions"], np.bincount(mask.ravel(), minlength=2) / mask.size
         )
     written = sorted(p.name for p in out.iterdir() if not p.name.startswith("_"))
-    assert written == ["scene_000.tif", "scene_001.tif", "scene_002.tif"]
+    masks = ["scene_000.tif", "scene_001.tif", "scene_002.tif"]
+    items = [name.replace(".tif", ".json") for name in masks]  # their STAC items
+    assert written == sorted([*masks, *items, "collection.json"])

@@ -16,9 +16,11 @@ class PredictConfig(Settings):
 
     Inputs are ``input`` (a folder, s3:// prefix or one file) filtered by ``suffixes`` and
     ``pattern``, or the URIs listed by ``manifest`` (a Parquet file with an ``input_uri`` or
-    ``uri`` column, or text with one URI a line), whose relative paths then start at ``input``.
+    ``uri`` column, or text with one URI a line), whose relative paths then start at ``input``,
+    or the ``asset`` of every item of a STAC file (``stac``; masks then named by item id).
     Masks go to ``output/<relative path>`` (``.tif`` for TIFF inputs, else ``.png``), the
-    manifest of each run to ``output/_manifest/run-<time>-<id>/``.
+    manifest of each run to ``output/_manifest/run-<time>-<id>/``; with ``stac_items`` a STAC
+    item beside each mask (``x.json``) and ``output/collection.json`` over them.
     """
 
     model: str = setting(help="Run folder, model folder or .keras file (local or s3://).")
@@ -26,6 +28,12 @@ class PredictConfig(Settings):
     output: str = setting(help="Folder or s3:// prefix for the masks.")
     endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
     manifest: str | None = setting(None, "Parquet or text list of input URIs.")
+    stac: str | None = setting(
+        None, "STAC ItemCollection, catalog or collection whose items' assets are the inputs."
+    )
+    asset: str | None = setting(
+        None, "Asset key of the STAC items (default: each item's one raster asset)."
+    )
     pattern: str | None = setting(None, "Glob on the relative path or file name.")
     suffixes: tuple[str, ...] | None = setting(None, "Input suffixes, e.g. .tif,.png.")
     batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
@@ -70,6 +78,9 @@ class PredictConfig(Settings):
     manifest_flush_s: float = setting(
         30.0, "Seconds after which collected manifest rows are written as a part.", gt=0
     )
+    stac_items: bool = setting(
+        True, "Write <name>.json (a STAC item) beside each mask, collection.json at the root."
+    )
     ray_address: str | None = setting(None, "Ray cluster (default: RAY_ADDRESS, else local).")
 
     @field_validator("suffixes")
@@ -92,8 +103,15 @@ class PredictConfig(Settings):
 
     @model_validator(mode="after")
     def _fits(self) -> PredictConfig:
-        if not (self.input or self.manifest):
-            raise ValueError("give input (a folder or s3:// prefix) or manifest (a list of URIs)")
+        if self.stac and (self.input or self.manifest):
+            raise ValueError("stac replaces input and manifest: give the STAC file, or those")
+        if self.asset is not None and not self.stac:
+            raise ValueError("asset names the asset of STAC items: give stac too")
+        if not (self.input or self.manifest or self.stac):
+            raise ValueError(
+                "give input (a folder or s3:// prefix), manifest (a list of URIs) or stac "
+                "(a STAC ItemCollection, catalog or collection)"
+            )
         if self.window is not None and self.overlap >= self.window:
             raise ValueError(
                 f"overlap must lie in 0..window-1 ({self.window - 1}); got {self.overlap}"

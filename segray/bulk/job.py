@@ -8,25 +8,28 @@ Every input gets one manifest row (:mod:`.manifest`); bad tiles become ``error``
 stop the job. With ``scene=True`` each input is a large GeoTIFF read window by window,
 stitched and written band by band by a task of its own, several scenes at once
 (:mod:`.scenes`). Optionally an uncertainty map (Monte-Carlo dropout) and GeoJSON footprints of
-one class are written beside each mask.
+one class are written beside each mask. Inputs may come from a STAC file (:mod:`segray.io.stac`);
+by default a STAC item goes beside each mask and a collection over them to the output root
+(:mod:`.catalog`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from segray.bulk import stages
+from segray.bulk import catalog, stages
 from segray.bulk.config import PredictConfig
 from segray.bulk.manifest import Manifest, PredictResult, finished_rows
-from segray.bulk.plan import list_outputs, outputs, plan
+from segray.bulk.plan import list_outputs, outputs, plan_sources
 from segray.bulk.predictor import TilePredictor, render_options
 from segray.bulk.rows import STOP
 from segray.bulk.scenes import SceneJob, run_scenes
-from segray.errors import ConfigError
+from segray.errors import ConfigError, SegrayError
 from segray.io import storage
 from segray.log import progress
 
@@ -51,7 +54,9 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
         value = getattr(config, name)
         if value is not None and not 0 <= value < card.num_classes:
             raise ConfigError(f"{name} must lie in 0..{card.num_classes - 1}; got {value}")
-    todo, done = plan(config)
+    todo, done, sources = plan_sources(config)
+    if not (todo or done) and config.stac:
+        raise ConfigError(f"no STAC item found in {config.stac}: check the URI")
     if not (todo or done):
         where = config.manifest or config.input
         raise ConfigError(
@@ -70,6 +75,7 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
         flush_s=config.manifest_flush_s,
     )
     _record_settled(manifest, done, config)
+    masks = [out for _, out, reason in done if not reason]  # skipped: made by an earlier run
     stopped = ""
     if todo:
         _init_ray(config)
@@ -77,10 +83,12 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
         log.info("predicting %d %s(s), %d settled already", len(todo), unit, len(done))
         with progress(len(todo), f"{unit}s", unit) as bar:
             if config.scene:
-                scenes = _run_scenes(todo, config, card)
+                scenes = _run_scenes(todo, config, card, sources)
                 for row in scenes:
                     stopped = row.pop(STOP, "")
                     manifest.add(**row)
+                    if row["status"] == "ok":
+                        masks.append(row["output_uri"])
                     bar.update(1)
                     if on_rows is not None:
                         on_rows(1)
@@ -88,9 +96,14 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
                         scenes.close()
                         break
             else:
-                batches = _run_tiles(todo, config, card)
+                batches = _run_tiles(todo, config, card, sources)
                 for batch in batches:
                     manifest.add_batch(batch)
+                    masks += [
+                        str(out)
+                        for out, status in zip(batch["output_uri"], batch["status"], strict=True)
+                        if status == "ok"
+                    ]
                     bar.update(len(batch["input_uri"]))
                     if on_rows is not None:
                         on_rows(len(batch["input_uri"]))
@@ -101,6 +114,8 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
     if stopped:
         log.error("stopping: %s", stopped)
         _record_unreported(manifest, todo, config)
+    elif config.stac_items:  # after a stop the rerun writes it
+        _write_collection(config, card, masks)
     result = manifest.close(time.monotonic() - start, config.max_error_rate, stopped)
     log.info(result.summary())
     return result
@@ -109,6 +124,18 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
 #: Temporary files older than this when a job starts are a killed writer's (a live write takes
 #: seconds): removed.
 STALE_TEMP_S = 60.0
+
+
+def _write_collection(config: PredictConfig, card: ModelCard, masks: list[str]) -> None:
+    """The output's STAC collection over the masks of this job; a failure to write it is logged,
+    the masks and their items are there (a rerun writes it again)."""
+    try:
+        uri = catalog.write_collection(config, card, masks, threads=config.io_threads)
+    except SegrayError as exc:
+        log.error("STAC collection not written: %s", exc)
+        return
+    if uri:
+        log.info("STAC collection of %d mask(s): %s", len(set(masks)), uri)
 
 
 def _record_unreported(manifest: Manifest, todo: list, config: PredictConfig) -> None:
@@ -181,39 +208,53 @@ def footprint_options(config: PredictConfig, card: ModelCard) -> dict[str, Any] 
 
 
 def _run_tiles(
-    todo: list[tuple[str, str]], config: PredictConfig, card: ModelCard
+    todo: list[tuple[str, str]],
+    config: PredictConfig,
+    card: ModelCard,
+    sources: dict[str, dict[str, str]] | None = None,
 ) -> Iterable[dict]:
     import ray.data
 
-    items = [{"input_uri": i, "output_uri": o} for i, o in todo]
+    sources = sources or {}
+    items = [
+        {"input_uri": i, "output_uri": o, "source": json.dumps(sources[o]) if o in sources else ""}
+        for i, o in todo
+    ]
     blocks = max(1, math.ceil(len(items) / config.tiles_per_task))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     cpus = config.cpus_per_task
     read = {"config": config}
     ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
     ds = _predict_stage(ds, config, TilePredictor)
+    legend = mask_legend(config, card)
     write = {
         "config": config,
         "footprints": footprint_options(config, card),
-        "legend": mask_legend(config, card),
+        "legend": legend,
+        "stac_item": catalog.item_options(config, card, legend),
     }
     ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def _run_scenes(
-    todo: list[tuple[str, str]], config: PredictConfig, card: ModelCard
+    todo: list[tuple[str, str]],
+    config: PredictConfig,
+    card: ModelCard,
+    sources: dict[str, dict[str, str]] | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Scenes stitched and written by tasks of their own, several at once (:mod:`.scenes`)."""
+    legend = mask_legend(config, card)
     job = SceneJob(
         config,
         card,
         scene_window(config, card),
         render_options(config),
-        mask_legend(config, card),
+        legend,
         footprint_options(config, card),
+        catalog.item_options(config, card, legend),
     )
-    return run_scenes(todo, job)
+    return run_scenes(todo, job, sources)
 
 
 def scene_window(config: PredictConfig, card: ModelCard) -> tuple[int, int]:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 MANIFEST_DIR = "_manifest"
 STATUSES = ("ok", "skipped", "error")
 #: Manifest columns of the files made beside a mask.
-_SIDE_FILES = ("uncertainty_uri", "footprints_uri")
+_SIDE_FILES = ("uncertainty_uri", "footprints_uri", "item_uri")
 #: Errors quoted in the printed summary; the manifest has all of them.
 SUMMARY_ERRORS = 5
 
@@ -63,6 +63,7 @@ def schema() -> pa.Schema:
             ("output_uri", pa.string()),
             ("uncertainty_uri", pa.string()),
             ("footprints_uri", pa.string()),
+            ("item_uri", pa.string()),
             ("class_fractions", pa.list_(pa.float64())),
             ("model_uri", pa.string()),
             ("model_version", pa.string()),
@@ -160,6 +161,7 @@ class Manifest:
         seconds: float = 0.0,
         uncertainty_uri: str | None = None,
         footprints_uri: str | None = None,
+        item_uri: str | None = None,
     ) -> None:
         """Record one input's outcome (URIs empty or None: no such file)."""
         if status not in STATUSES:
@@ -174,6 +176,7 @@ class Manifest:
             "output_uri": output_uri or None,
             "uncertainty_uri": uncertainty_uri or None,
             "footprints_uri": footprints_uri or None,
+            "item_uri": item_uri or None,
             "class_fractions": fractions,
             "model_uri": self.model[0],
             "model_version": self.model[1],
@@ -191,7 +194,8 @@ class Manifest:
 
     def add_batch(self, batch: dict[str, Any]) -> None:
         """Record a batch of rows (columns ``input_uri``, ``status``, ``error``, ``output_uri``,
-        ``class_fractions``, ``seconds``, and optionally ``uncertainty_uri``, ``footprints_uri``),
+        ``class_fractions``, ``seconds``, and optionally ``uncertainty_uri``, ``footprints_uri``,
+        ``item_uri``),
         as the prediction stages return them."""
         for i, uri in enumerate(batch["input_uri"]):
             extra = {k: str(batch[k][i] or "") for k in _SIDE_FILES if k in batch}

@@ -4,11 +4,11 @@ URIs), minus those whose outputs exist; the mask's URI and the files made beside
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from segray.errors import ConfigError, StorageError
-from segray.io import storage
+from segray.errors import ConfigError, SegrayError, StorageError
+from segray.io import stac, storage
 from segray.io.imagery import TILE_SUFFIXES
 
 if TYPE_CHECKING:
@@ -23,17 +23,21 @@ def plan(config: PredictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
     ``(input, output, reason)`` (reason empty: every output exists and is skipped; else an error).
 
     ``output`` is the mask's URI; :func:`outputs` gives the files made beside it."""
-    base, uris = list_inputs(config)
+    todo, done, _ = plan_sources(config)
+    return todo, done
+
+
+def plan_sources(
+    config: PredictConfig,
+) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]], dict[str, dict[str, str]]]:
+    """:func:`plan`, and the STAC item each mask is made from: ``{mask URI: {"href", "id",
+    "datetime"}}`` (empty without ``stac``)."""
     existing = set() if config.overwrite else set(list_outputs(config))
     todo, done, claimed = [], [], {}
-    links = set(storage.local_links(base)) if not config.manifest else set()
-    for link in sorted(links):
-        reason = f"{link}: a symbolic link; links in a local input are not followed"
-        done.append((link, "", reason))
-    for uri in uris:
-        if uri in links:
-            continue
-        out, refused = output_for(config, base, uri)
+    if config.stac_items:
+        claimed[storage.join(config.output, stac.COLLECTION_FILE)] = "the output's STAC collection"
+    sources: dict[str, dict[str, str]] = {}
+    for uri, out, refused, source in stac_candidates(config) if config.stac else candidates(config):
         if refused:
             done.append((uri, "", refused))
             continue
@@ -42,13 +46,52 @@ def plan(config: PredictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
         if clash is not None:
             reason = f"{uri}: its output {clash} is already made from {claimed[clash]}"
             done.append((uri, out, reason))
-        elif all(f in existing for f in files):
+            continue
+        if all(f in existing for f in files):
             done.append((uri, out, ""))
         else:
             todo.append((uri, out))
         for f in files:
             claimed.setdefault(f, uri)
-    return todo, done
+        if source:
+            sources[out] = source
+    return todo, done, sources
+
+
+Candidate = tuple[str, str, str, dict[str, str] | None]
+
+
+def candidates(config: PredictConfig) -> Iterator[Candidate]:
+    """``(input, mask URI, refusal, None)`` of each listed input (refusal empty: fine)."""
+    base, uris = list_inputs(config)
+    links = set(storage.local_links(base)) if not config.manifest else set()
+    for link in sorted(links):
+        yield link, "", f"{link}: a symbolic link; links in a local input are not followed", None
+    for uri in uris:
+        if uri not in links:
+            yield uri, *output_for(config, base, uri), None
+
+
+def stac_candidates(config: PredictConfig) -> Iterator[Candidate]:
+    """``(asset href, mask URI, refusal, source)`` of each item of the ``stac`` file: the mask
+    is named by the item's id (:func:`segray.io.stac.safe_name`); an item without the asset, or
+    whose id still names no file under the output, is refused on its own row."""
+    items = stac.read_items(config.stac or "", endpoint=config.endpoint)
+    for item in sorted(items, key=lambda i: (i.id, i.href)):
+        source = {"href": item.href, "id": item.id, "datetime": item.datetime or ""}
+        try:
+            uri = storage.parse(item.asset(config.asset)).uri
+        except SegrayError as exc:  # no such asset, or a scheme segray cannot read
+            reason = str(exc)
+            if not reason.startswith("STAC item"):
+                reason = f"STAC item {item.id!r} ({item.href}): {reason}"
+            yield f"{item.href}#{item.id}", "", reason, None
+            continue
+        ext = os.path.splitext(uri)[1].lower()
+        name = stac.safe_name(item.id)
+        name += ".tif" if config.scene or ext in SCENE_SUFFIXES else ".png"
+        out, refused = placed(config, uri, name)
+        yield uri, out, refused and f"STAC item {item.id!r}: {refused}", source
 
 
 def outputs(mask: str, config: PredictConfig) -> dict[str, str | None]:
@@ -59,6 +102,7 @@ def outputs(mask: str, config: PredictConfig) -> dict[str, str | None]:
         "output_uri": mask,
         "uncertainty_uri": uncertainty_uri(mask) if config.mc_samples else None,
         "footprints_uri": footprints_uri(mask) if config.footprints is not None else None,
+        "item_uri": item_uri(mask) if config.stac_items else None,
     }
 
 
@@ -71,6 +115,11 @@ def uncertainty_uri(mask: str) -> str:
 def footprints_uri(mask: str) -> str:
     """The footprints beside a mask: ``x.tif`` → ``x.geojson``."""
     return os.path.splitext(mask)[0] + ".geojson"
+
+
+def item_uri(mask: str) -> str:
+    """The STAC item beside a mask: ``x.tif`` → ``x.json``."""
+    return os.path.splitext(mask)[0] + ".json"
 
 
 def list_inputs(config: PredictConfig) -> tuple[str, list[str]]:
@@ -137,13 +186,23 @@ def output_for(config: PredictConfig, base: str, uri: str) -> tuple[str, str]:
         relative = storage.relative_to(base, uri) or uri.rsplit("/", 1)[-1]
     except StorageError:
         return "", f"{uri}: not under the input {base}, so its mask has no place under the output"
+    return placed(config, uri, mask_uri(config.output, relative, config.scene), relative)
+
+
+def placed(
+    config: PredictConfig, uri: str, mask: str, relative: str | None = None
+) -> tuple[str, str]:
+    """``(mask URI, "")``, or ``("", reason)`` when ``relative`` (default: the mask's path
+    below the output) is absolute or has ``..``/``.``/empty parts, or the mask would not lie
+    under the output."""
+    if relative is None:
+        relative, mask = mask, storage.join(config.output, mask)
     parts = relative.split("/")
     if relative.startswith("/") or any(p in ("..", ".", "") for p in parts):
         return "", f"{uri}: its relative path {relative!r} would leave the output; refused"
-    out = mask_uri(config.output, relative, config.scene)
-    if not storage.lies_under(config.output, out):
-        return "", f"{uri}: its mask {out} would lie outside the output {config.output}; refused"
-    return out, ""
+    if not storage.lies_under(config.output, mask):
+        return "", f"{uri}: its mask {mask} would lie outside the output {config.output}; refused"
+    return mask, ""
 
 
 def mask_uri(output: str, relative: str, scene: bool = False) -> str:

@@ -27,6 +27,7 @@ class InputRow(TypedDict):
 
     input_uri: str
     output_uri: str
+    source: str  # JSON of the STAC item the input comes from ({"href", "id", "datetime"}), or ""
 
 
 class PixelColumns(TypedDict):
@@ -76,6 +77,7 @@ class ResultRow(TypedDict, total=False):
     output_uri: str
     uncertainty_uri: str
     footprints_uri: str
+    item_uri: str
     class_fractions: list[float]
     seconds: float
     stop: str
@@ -89,7 +91,7 @@ SIDE_COLUMNS = ("uncertainty", "labels")
 OBJECT_COLUMNS = frozenset(
     {"input_uri", "output_uri", "error", "pixels", "dtype", "valid", "format", "crs", "status"}
     | set(SIDE_COLUMNS)
-    | {"uncertainty_uri", "footprints_uri", STOP}
+    | {"uncertainty_uri", "footprints_uri", "item_uri", "source", STOP}
 )
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray import inference
+from segray.bulk import catalog
 from segray.bulk.config import PredictConfig
 from segray.bulk.plan import footprints_uri, uncertainty_uri
 from segray.bulk.predictor import WindowPredictor
@@ -65,6 +66,8 @@ class SceneJob:
     render: dict[str, Any]
     legend: dict[str, Any]
     footprints: dict[str, Any] | None = None
+    #: What the STAC item beside each mask needs (:func:`segray.bulk.catalog.item_options`).
+    item: dict[str, Any] | None = None
 
     @property
     def uncertainty(self) -> bool:
@@ -85,8 +88,11 @@ class ScenePredictor:
         return True
 
 
-def run_scenes(todo: list[tuple[str, str]], job: SceneJob) -> Generator[dict[str, Any], None, None]:
-    """Manifest rows of the scenes in ``todo`` (``(input, output)`` URIs), as they finish.
+def run_scenes(
+    todo: list[tuple[str, str]], job: SceneJob, sources: dict[str, dict[str, str]] | None = None
+) -> Generator[dict[str, Any], None, None]:
+    """Manifest rows of the scenes in ``todo`` (``(input, output)`` URIs), as they finish;
+    ``sources``: the STAC item of each output (:func:`segray.bulk.plan.plan_sources`).
 
     Starts ``concurrency`` Predictor actors, then keeps ``scenes_at_once`` scene tasks running;
     closing the generator cancels the tasks still running and ends the actors.
@@ -112,7 +118,9 @@ def run_scenes(todo: list[tuple[str, str]], job: SceneJob) -> Generator[dict[str
         while queue or running:
             while queue and len(running) < at_once:
                 i, (input_uri, output_uri) = queue.popleft()
-                running[task.remote(input_uri, output_uri, job, predictors, i)] = input_uri
+                source = (sources or {}).get(output_uri)
+                ref = task.remote(input_uri, output_uri, job, predictors, i, source)
+                running[ref] = input_uri
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 input_uri = running.pop(ref)
@@ -132,7 +140,12 @@ def _failed(input_uri: str, error: str, seconds: float, **extra: str) -> dict[st
 
 
 def stitch_scene(
-    input_uri: str, output_uri: str, job: SceneJob, predictors: list, index: int = 0
+    input_uri: str,
+    output_uri: str,
+    job: SceneJob,
+    predictors: list,
+    index: int = 0,
+    source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Ray task: predict, stitch and write one scene; returns its manifest row (an error row for
     whatever fails, with :data:`STOP` when the output can take no more writes)."""
@@ -148,7 +161,7 @@ def stitch_scene(
             for window, logits in _predicted(ds, input_uri, windows, job, predictors, index):
                 for top, band in stitcher.add(window, logits):
                     writer.add_band(top, band)
-            uris = writer.finish(output_uri, input_uri)
+            uris = writer.finish(output_uri, input_uri, source)
     except OutputFull as exc:  # no later write can succeed: the job stops after this row
         return _failed(input_uri, str(exc), time.perf_counter() - start, **{STOP: str(exc)})
     except SegrayError as exc:
@@ -286,8 +299,11 @@ class SceneWriter:
         if "labels" in self.rasters:
             self.rasters["labels"].write(top, labels[0])
 
-    def finish(self, output_uri: str, input_uri: str) -> dict[str, str]:
-        """Write the outputs; returns their manifest URIs."""
+    def finish(
+        self, output_uri: str, input_uri: str, source: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """Write the outputs, the mask last; returns their manifest URIs. ``source``: the STAC
+        item the scene comes from, for the mask's own item."""
         endpoint = self.job.config.endpoint
         uris = {"output_uri": output_uri}
         if self.job.uncertainty:
@@ -302,6 +318,10 @@ class SceneWriter:
             doc = inference.footprint_doc(labels, like, **self.job.footprints)
             del labels
             storage.write_text(uris["footprints_uri"], json.dumps(doc), endpoint=endpoint)
+        if self.job.item is not None:
+            item = (self.crs, self.transform, self.shape, input_uri, source, self.job.item)
+            uris["item_uri"], doc = catalog.item_file(output_uri, *item)
+            storage.write_bytes(uris["item_uri"], doc, endpoint=endpoint)
         storage.write_file(output_uri, self.rasters["mask"].cog(), endpoint=endpoint)
         return uris
 

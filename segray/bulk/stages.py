@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from segray import inference
+from segray.bulk import catalog
 from segray.bulk.config import PredictConfig
 from segray.bulk.plan import footprints_uri, uncertainty_uri
 from segray.bulk.rows import (
@@ -97,10 +98,11 @@ def write_masks(
     config: PredictConfig,
     footprints: dict[str, Any] | None = None,
     legend: dict[str, Any] | None = None,
+    stac_item: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: encode each mask like its tile and write it whole, with the files beside it
-    (an ``uncertainty`` column, GeoJSON ``footprints`` of the ``labels`` column); returns manifest
-    rows."""
+    (an ``uncertainty`` column, GeoJSON ``footprints`` of the ``labels`` column, the STAC item
+    with ``stac_item``: :func:`segray.bulk.catalog.item_options`); returns manifest rows."""
     endpoint = config.endpoint
 
     def encode(i: int) -> tuple[list[tuple[str, bytes]], dict[str, str]] | str:
@@ -111,7 +113,12 @@ def write_masks(
             shape = batch["shape"][i][:2]
             side = {k: unpack(batch[k][i], shape, "uint8") for k in SIDE_COLUMNS if k in batch}
             mask = unpack(batch["pixels"][i], shape, batch["dtype"][i])
-            return encode_outputs(uri, mask, tile_of(batch, i), footprints, legend, **side)
+            item = None
+            if stac_item is not None:
+                source = str(batch["source"][i]) if "source" in batch else ""
+                item = (str(batch["input_uri"][i]), json.loads(source or "null"), stac_item)
+            like = tile_of(batch, i)
+            return encode_outputs(uri, mask, like, footprints, legend, item=item, **side)
         except Exception as exc:  # an encoder failure: this tile's error, not the job's
             return f"{uri}: cannot write mask: {exc}"
 
@@ -143,7 +150,7 @@ def write_masks(
         "error": objects([r[1] for r in rows]),
         **{
             k: objects([r[3].get(k, "") for r in rows])
-            for k in ("output_uri", "uncertainty_uri", "footprints_uri", STOP)
+            for k in ("output_uri", "uncertainty_uri", "footprints_uri", "item_uri", STOP)
         },
         "class_fractions": batch["class_fractions"],
         "seconds": np.asarray(batch["seconds"], np.float64) + [r[2] for r in rows],
@@ -180,10 +187,12 @@ def encode_outputs(
     *,
     uncertainty: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    item: tuple[str, dict[str, str] | None, dict[str, Any]] | None = None,
 ) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     """``([(uri, bytes), …], manifest URIs)``: a mask for ``uri``, encoded like its tile, and the
-    files beside it: the ``uncertainty`` map, and the ``footprints`` class's polygons from the
-    class-id ``labels``. The mask comes last, to be written last."""
+    files beside it: the ``uncertainty`` map, the ``footprints`` class's polygons from the
+    class-id ``labels``, and with ``item`` (input URI, STAC source or None, item options) the
+    mask's STAC item. The mask comes last, to be written last."""
     files, uris = [], {}
     if uncertainty is not None:
         uris["uncertainty_uri"] = uncertainty_uri(uri)
@@ -194,6 +203,11 @@ def encode_outputs(
         uris["footprints_uri"] = footprints_uri(uri)
         doc = inference.footprint_doc(labels, like, **footprints)
         files.append((uris["footprints_uri"], json.dumps(doc).encode()))
+    if item is not None:
+        shape = (int(mask.shape[0]), int(mask.shape[1]))
+        name, doc = catalog.item_file(uri, like.crs, like.transform, shape, *item)
+        uris["item_uri"] = name
+        files.append((name, doc))
     files.append((uri, encode_like(mask, like, uri, legend)))
     return files, {"output_uri": uri, **uris}
 
