@@ -3,6 +3,7 @@ windowed reads, held-out blocks, and chips streamed to the workers epoch by epoc
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -12,14 +13,15 @@ import rasterio
 
 from segray import inference, metrics
 from segray.devtools.labelled_scenes import write_labelled_scenes
-from segray.errors import DatasetError, TileError
-from segray.io import chips, imagery
+from segray.errors import ConfigError, DatasetError, TileError
+from segray.evaluate.evaluate import EvalConfig, evaluate
+from segray.io import chips, imagery, sampling, storage
 from segray.io.labels import DatasetSpec
 from segray.models import saving
 from segray.train.augment import AugmentConfig
 from segray.train.config import TrainConfig
 from segray.train.driver import train
-from segray.train.feed import ChipFeed
+from segray.train.feed import ChipFeed, Shared
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +41,16 @@ def truth(root: str, index: int = 0) -> np.ndarray:
         return ds.read(1)
 
 
-def draws(split: chips.ChipSplit, n: int, positive: float = 0.0, seed: int = 0) -> list:
+def draws(split: sampling.ChipSplit, n: int, positive: float = 0.0, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
-    return [chips.draw(split, rng, positive) for _ in range(n)]
+    return [sampling.draw(split, rng, positive) for _ in range(n)]
 
 
 def test_wgs84_geojson_over_a_utm_scene_rasterises_to_the_truth(one_scene):
     spec = spec_of(one_scene, labels=f"{one_scene}/labels.geojson")
     scenes = chips.find_scenes(spec)
     assert scenes[0].crs == "EPSG:32633" and len(scenes[0].vector) > 50
-    split = chips.split(scenes, spec)
+    split = sampling.split(scenes, spec)
     expected = truth(one_scene)
     for chip in draws(split, 40, positive=0.5):
         got = chips.read_chip(scenes[0], chip, 64, spec)
@@ -81,7 +83,7 @@ def test_per_scene_labels_in_other_crs_and_formats(one_scene, tmp_path):
     )  # fmt: skip
     spec = spec_of(str(root), class_field="kind")
     scenes = chips.find_scenes(spec)
-    split = chips.split(scenes, spec)
+    split = sampling.split(scenes, spec)
     expected = truth(one_scene)
     for chip in draws(split, 20, positive=1.0):
         got = chips.read_chip(scenes[0], chip, 64, spec)["mask"]
@@ -107,7 +109,7 @@ def test_label_raster_on_another_grid_is_read_window_by_window(one_scene, tmp_pa
     (root / "labels" / "scene_000.tif").write_bytes(encoded)
     spec = spec_of(str(root))
     scenes = chips.find_scenes(spec)
-    for chip in draws(chips.split(scenes, spec), 20):
+    for chip in draws(sampling.split(scenes, spec), 20):
         got = chips.read_chip(scenes[0], chip, 64, spec)["mask"]
         want = np.full((64, 64), 255, np.uint8)
         rows = np.arange(chip.row, chip.row + 64)
@@ -145,7 +147,7 @@ def test_labels_that_miss_the_scene_are_named(one_scene, tmp_path):
 def test_class_ids_beyond_classes_are_refused_naming_the_file(one_scene):
     spec = spec_of(one_scene, labels=f"{one_scene}/labels.geojson", num_classes=2)
     scenes = chips.find_scenes(spec)
-    split = chips.split(scenes, spec)
+    split = sampling.split(scenes, spec)
     chip = draws(split, 1, positive=1.0)[0]
     narrow = spec_of(one_scene, labels=f"{one_scene}/labels.geojson", num_classes=1)
     with pytest.raises(TileError, match="labels.geojson.*class id 1"):
@@ -154,7 +156,7 @@ def test_class_ids_beyond_classes_are_refused_naming_the_file(one_scene):
 
 def test_training_chips_keep_clear_of_held_out_blocks(one_scene):
     spec = spec_of(one_scene, labels=f"{one_scene}/labels.geojson", block_size=128)
-    split = chips.split(chips.find_scenes(spec), spec)
+    split = sampling.split(chips.find_scenes(spec), spec)
     blocks = split.held_out[0]
     assert len(blocks) == round(36 * 0.2)  # a 768 px scene holds 6 x 6 blocks of 128 px
     val = {(c.col, c.row) for c in split.val_chips}
@@ -169,8 +171,8 @@ def test_training_chips_keep_clear_of_held_out_blocks(one_scene):
 
 def test_chips_are_drawn_anew_each_epoch_and_again_on_a_rerun(one_scene):
     spec = spec_of(one_scene, labels=f"{one_scene}/labels.geojson")
-    split = chips.split(chips.find_scenes(spec), spec)
-    feed = ChipFeed(split, spec, per_epoch=16, global_batch=8)
+    split = sampling.split(chips.find_scenes(spec), spec)
+    feed = ChipFeed(Shared(split), spec, per_epoch=16, global_batch=8)
     first = [feed.load_train(r)["id"] for r in feed.train_rows(1, 0, 2)]
     again = [feed.load_train(r)["id"] for r in feed.train_rows(1, 0, 2)]
     other = [feed.load_train(r)["id"] for r in feed.train_rows(1, 1, 2)]
@@ -186,7 +188,7 @@ def test_val_split_by_scenes_holds_out_whole_scenes(tmp_path):
     root = str(tmp_path / "three")
     write_labelled_scenes(root, count=3, scene_size=256, seed=2)
     spec = spec_of(root, labels=f"{root}/labels.geojson", val_split="scenes", val_fraction=0.3)
-    split = chips.split(chips.find_scenes(spec), spec)
+    split = sampling.split(chips.find_scenes(spec), spec)
     assert len(split.held_out) == 1 and len(split.train_scenes) == 2
     (held,) = split.held_out
     assert held not in split.train_scenes
@@ -220,7 +222,7 @@ def test_a_model_learns_from_one_scene_and_wgs84_polygons(tmp_path, ray_local):
     model, card = saving.load_model(out)
     assert card.stats is not None and len(card.stats.mean) == 3
     spec = spec_of(root, labels=f"{root}/labels.geojson", seed=cfg.seed)
-    split = chips.split(chips.find_scenes(spec), spec)
+    split = sampling.split(chips.find_scenes(spec), spec)
     cm = metrics.ConfusionMatrix(2)
     expected = truth(root)
     for chip in split.val_chips:
@@ -230,3 +232,98 @@ def test_a_model_learns_from_one_scene_and_wgs84_polygons(tmp_path, ray_local):
         window = expected[chip.row : chip.row + 64, chip.col : chip.col + 64]
         cm.update(window[None], pred)
     assert cm.iou[1] >= 0.5, cm.table()
+    # segray eval --held-out rebuilds the run's split from its config.yaml: the same chips, IoU
+    report = evaluate(
+        EvalConfig(model=out, data=root, layout="scenes", labels=f"{root}/labels.geojson",
+                   held_out=True, worst=1)
+    )  # fmt: skip
+    assert report["tiles"] == len(split.val_chips)
+    np.testing.assert_array_equal(report["confusion_matrix"], cm.matrix)
+    whole = evaluate(
+        EvalConfig(model=out, data=root, layout="scenes", labels=f"{root}/labels.geojson",
+                   out=str(tmp_path / "whole"), worst=0)
+    )  # fmt: skip
+    assert whole["tiles"] == 16 * 16  # a 1,024 px scene in 64 px chips
+
+
+def item_collection(root: str, count: int, labels: bool = True) -> str:
+    """A STAC ItemCollection over the scenes of ``root``, relative hrefs, labels as assets."""
+    features = []
+    for i in range(count):
+        assets = {
+            "image": {"href": f"./images/scene_{i:03d}.tif", "roles": ["data"],
+                      "type": "image/tiff; application=geotiff"},
+            "thumbnail": {"href": "./thumb.png", "type": "image/png", "roles": ["thumbnail"]},
+        }  # fmt: skip
+        if labels:
+            assets["buildings"] = {
+                "href": "./labels.geojson", "type": "application/geo+json", "roles": ["labels"]
+            }  # fmt: skip
+        features.append(
+            {"type": "Feature", "stac_version": "1.1.0", "id": f"scene-{i}", "geometry": None,
+             "properties": {"datetime": "2026-01-01T00:00:00Z"}, "links": [], "assets": assets}
+        )  # fmt: skip
+    uri = f"{root}/items.json"
+    storage.write_text(uri, json.dumps({"type": "FeatureCollection", "features": features}))
+    return uri
+
+
+def test_stac_items_are_scenes_with_their_labels_assets(tmp_path):
+    root = str(tmp_path / "stac")
+    write_labelled_scenes(root, count=2, scene_size=256, seed=4)
+    spec = spec_of(root, stac=item_collection(root, 2))
+    scenes = chips.find_scenes(spec)
+    assert [s.id for s in scenes] == ["scene-0", "scene-1"]
+    assert all(s.labels == f"{root}/labels.geojson" and len(s.vector) for s in scenes)
+    split = sampling.split(scenes, spec)
+    for chip in draws(split, 10, positive=1.0):
+        got = chips.read_chip(scenes[chip.scene], chip, 64, spec)["mask"]
+        window = truth(root, chip.scene)[chip.row : chip.row + 64, chip.col : chip.col + 64]
+        np.testing.assert_array_equal(got, window)
+    bare = spec_of(root, stac=item_collection(root, 2, labels=False))
+    with pytest.raises(DatasetError, match="(?s)2 bad scene.*item 'scene-0'.*no labels asset"):
+        chips.find_scenes(bare)
+    shared = bare.replace(labels=f"{root}/labels.geojson")
+    assert len(chips.find_scenes(shared)) == 2
+    with pytest.raises(DatasetError, match="(?s)no asset 'visual'.*its assets: image, thumbnail"):
+        chips.find_scenes(shared.replace(asset="visual"))
+    with pytest.raises(ConfigError, match="--stac lists scenes"):
+        TrainConfig(stac=f"{root}/items.json", out=str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_train_from_a_stac_item_collection(tmp_path, ray_local):
+    root = str(tmp_path / "stac")
+    write_labelled_scenes(root, count=2, scene_size=256, seed=4)
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(
+        stac=item_collection(root, 2),
+        layout="scenes",
+        val_split="scenes",
+        val_fraction=0.5,
+        out=out,
+        model_options={"base_filters": 4, "depth": 2},
+        size=64,
+        epochs=2,
+        chips_per_epoch=16,
+        batch_size=4,
+        workers=2,
+        max_failures=0,
+        augment=AugmentConfig.off(),
+    )
+    result = train(cfg)
+    assert result.epochs_run == 2 and "val_miou" in result.history[-1]
+    _, card = saving.load_model(out)
+    assert card.input_shape[-1] == 3
+
+
+@pytest.mark.slow
+def test_an_epoch_several_times_the_object_store_streams_within_its_budget():
+    """A child process starts Ray with an 80 MiB object store and trains one epoch of 2,048 chips
+    (4 bands of uint16, 128 px: 320 MiB loaded) from a 2,048 px scene, while a thread samples the
+    store's bytes in use from the raylet every 0.2 s (``memory_summary``)."""
+    from segray.devtools.bench.chips import bench_chips
+
+    (row,) = bench_chips((1,), 2048, chips=2048, store_mib=80, echo=lambda line: None)
+    assert row["streamed_mib"] > 3 * row["store_mib"]
+    assert 0 < row["store_peak_mib"] <= row["in_flight_mib"] + 8, row

@@ -331,12 +331,13 @@ def bench_scenes_cmd(
 @click.option("--scenes", default="1,4", show_default=True, help="Scene counts to compare.")
 @click.option("--size", default=4096, show_default=True, help="Scene side in pixels.")
 @click.option("--store-mib", default=96, show_default=True, help="Object store of each run.")
-def bench_chips_cmd(scenes: str, size: int, store_mib: int) -> None:
+@click.option("--chips", default=256, show_default=True, help="Chips of the one epoch.")
+def bench_chips_cmd(scenes: str, size: int, store_mib: int, chips: int) -> None:
     """Training from scenes: object store peak and peak RSS against the scene count."""
     from segray.devtools.bench.chips import bench_chips
 
     counts = tuple(int(v) for v in scenes.split(","))
-    bench_chips(counts, size, store_mib=store_mib, echo=click.echo)
+    bench_chips(counts, size, chips=chips, store_mib=store_mib, echo=click.echo)
 
 
 @bench.command("plan")

@@ -25,9 +25,16 @@ class EvalConfig(Settings):
     """What to evaluate, on what, and where the report goes."""
 
     model: str = setting(help="Run folder or model.keras (local or s3://).")
-    data: str = setting(help="Labelled collection (any --layout).")
+    data: str = setting("", "Labelled collection (any --layout; or --stac).")
     out: str | None = setting(None, "Report folder (default: <model>/eval).")
     layout: Layout = setting("paired", "How images and labels are laid out.")
+    labels: str | None = setting(None, "One vector file labelling every scene (layout scenes).")
+    class_field: str | None = setting(None, "Vector attribute holding class ids (default: 1).")
+    stac: str | None = setting(None, "STAC file of scenes (layout scenes).")
+    asset: str | None = setting(None, "The STAC items' image asset.")
+    held_out: bool = setting(
+        False, "Layout scenes: only the chips the training run held out (from its config.yaml)."
+    )
     worst: int = setting(4, "Overlays of the k worst tiles.", ge=0)
     batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
     palette: str | None = setting(None, "Palette JSON for --layout palette.")
@@ -66,13 +73,17 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         nodata=card.nodata,
         ignore_index=255 if card.ignore_index is None else card.ignore_index,
     )
-    samples = labels.find_samples(spec)
+    if config.layout == "scenes":
+        items, load = _scene_chips(config, spec, card)
+    else:
+        items = labels.find_samples(spec)
+        load = lambda sample: labels.load_sample(sample, spec)  # noqa: E731
     total = metrics.ConfusionMatrix(card.num_classes, class_names=card.names())
     scored: list[tuple[float, str, dict[str, Any]]] = []
-    with progress(len(samples), "evaluating", "tile") as bar:
-        for start in range(0, len(samples), config.batch_size):
-            batch = samples[start : start + config.batch_size]
-            rows = [labels.load_sample(s, spec) for s in batch]
+    with progress(len(items), "evaluating", "tile") as bar:
+        for start in range(0, len(items), config.batch_size):
+            batch = items[start : start + config.batch_size]
+            rows = [load(item) for item in batch]
             for row, pred in zip(rows, predict_rows(model, card, rows), strict=True):
                 cm = metrics.ConfusionMatrix(card.num_classes).update(row["mask"], pred)
                 total.merge(cm)
@@ -80,6 +91,44 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             bar.update(len(batch))
     scored.sort(key=lambda t: t[0])
     return _write_report(config, card, total, scored)
+
+
+def _scene_chips(config: EvalConfig, spec: Any, card: Any) -> tuple[list, Any]:
+    """The chips of the scenes to score and how to read one: a grid over every scene, or with
+    ``held_out`` the validation grid of the training run (its split rebuilt from config.yaml)."""
+    from segray.io import chips, sampling
+
+    size = int(card.input_shape[0])
+    spec = spec.replace(
+        root=config.data or config.stac or "", size=size, labels=config.labels,
+        class_field=config.class_field, stac=config.stac, asset=config.asset,
+    )  # fmt: skip
+    if config.held_out:
+        run = _run_settings(config)
+        keys = ("val_fraction", "seed", "val_split", "block_size")
+        spec = spec.replace(**{k: run[k] for k in keys if k in run})
+    scenes = chips.find_scenes(spec)
+    grid = sampling.split(scenes, spec).val_chips if config.held_out else None
+    if grid is None:
+        grid = sampling.scene_grid(scenes, size)
+    return grid, lambda chip: chips.read_chip(scenes[chip.scene], chip, size, spec)
+
+
+def _run_settings(config: EvalConfig) -> dict[str, Any]:
+    """The training run's settings: ``config.yaml`` of the run folder the model is in."""
+    import yaml
+
+    from segray.errors import ConfigError
+
+    folder = config.model.rsplit("/", 1)[0] if config.model.endswith(".keras") else config.model
+    uri = storage.join(folder, "config.yaml")
+    try:
+        doc = yaml.safe_load(storage.read_text(uri, endpoint=config.endpoint))
+    except (storage.StorageError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--held-out needs the run's settings: cannot read {uri}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{uri}: expected the run's settings")
+    return doc
 
 
 def predict_rows(model: Any, card: Any, rows: list[dict[str, Any]]) -> list[np.ndarray]:

@@ -3,16 +3,15 @@
 ``root/images/`` holds scenes of any size (GeoTIFF or COG, local or s3://). Each scene's labels are
 ``root/labels/<scene stem>`` + one of ``.tif .tiff`` (a class-id raster on any grid, reprojected
 nearest-neighbour to the scene's grid window by window) or ``.geojson .json .fgb .gpkg`` (polygons
-in any CRS); or ``DatasetSpec.labels`` names one vector file for every scene. Only the features
-meeting a chip are rasterised (:class:`segray.io.vectors.SceneLabels`).
-
-Validation is held out by whole scenes (``val_split="scenes"``) or by square blocks of every scene
-(``"blocks"``); training chips are drawn at random, anew each epoch from ``(seed, epoch, k)``, and
-never meet a held-out block or scene, so no validation pixel is ever trained on.
+in any CRS); or ``DatasetSpec.labels`` names one vector file for every scene. With
+``DatasetSpec.stac`` the scenes are a STAC file's items (asset ``asset``) and their labels the
+items' ``labels`` assets. Only the features meeting a chip are rasterised
+(:class:`segray.io.vectors.SceneLabels`). Which chips are read is :mod:`segray.io.sampling`'s.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray.errors import DatasetError, TileError
-from segray.io import rasters, storage, vectors
+from segray.io import imagery, rasters, storage, vectors
+from segray.io.sampling import Chip
 
 if TYPE_CHECKING:
     from segray.io.labels import DatasetSpec
@@ -50,41 +50,6 @@ class ChipScene:
     vector: vectors.SceneLabels | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True)
-class Chip:
-    """A window of scene ``scene`` (index), ``size`` square, at (col, row)."""
-
-    scene: int
-    col: int
-    row: int
-    weight: float = 1.0
-
-
-@dataclass
-class ChipSplit:
-    """The scenes, the held-out rectangles per scene (col, row, width, height), the validation
-    chips (a fixed grid over them) and the scenes training draws from."""
-
-    scenes: list[ChipScene]
-    size: int
-    held_out: dict[int, list[tuple[int, int, int, int]]]
-    val_chips: list[Chip]
-    train_scenes: list[int]
-
-    def allowed(self, chip: Chip) -> bool:
-        """Whether a training chip keeps clear of every held-out rectangle of its scene."""
-        s = self.size
-        for col, row, w, h in self.held_out.get(chip.scene, ()):
-            if (
-                chip.col < col + w
-                and col < chip.col + s
-                and chip.row < row + h
-                and row < chip.row + s
-            ):
-                return False
-        return True
-
-
 def _stem(uri: str) -> str:
     return uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
@@ -93,31 +58,16 @@ def find_scenes(spec: DatasetSpec) -> list[ChipScene]:
     """List the scenes and their labels and read their headers (no pixel); every problem of every
     scene is collected and raised at once as a :class:`DatasetError` naming the files."""
     ep = spec.endpoint
-    images_dir = storage.join(spec.root, "images")
-    images = storage.list_files(images_dir, suffixes=SCENE_SUFFIXES, endpoint=ep)
-    if not images:
-        raise DatasetError(
-            f"no scenes under {images_dir} (expected .tif/.tiff for layout 'scenes')"
-        )
-    images = images[: spec.limit] if spec.limit else images
-    label_files: dict[str, str] = {}
-    if not spec.labels:
-        label_dir = storage.join(spec.root, "labels")
-        for uri in storage.list_files(label_dir, suffixes=LABEL_SUFFIXES, endpoint=ep):
-            if _stem(uri) in label_files:
-                raise DatasetError(
-                    f"two label files for scene {_stem(uri)!r}: {uri}, {label_files[_stem(uri)]}"
-                )
-            label_files[_stem(uri)] = uri
+    listed, errors = _from_stac(spec) if spec.stac else _from_folders(spec)
     shared = (
         vectors.read_features(spec.labels, class_field=spec.class_field, endpoint=ep)
         if spec.labels
         else None
     )
-    scenes, errors, empty = [], [], []
-    for uri in images:
+    scenes, empty = [], []
+    for name, uri, label_uri in listed[: spec.limit] if spec.limit else listed:
         try:
-            scene = _scene(uri, spec, label_files.get(_stem(uri)), shared)
+            scene = _scene(name, uri, spec, label_uri, shared)
         except (DatasetError, TileError, storage.StorageError) as exc:
             errors.append(str(exc))
             continue
@@ -132,7 +82,8 @@ def find_scenes(spec: DatasetSpec) -> list[ChipScene]:
     if errors:
         shown = "\n  ".join(errors[:10])
         more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise DatasetError(f"{len(errors)} bad scene(s) under {spec.root}:\n  {shown}{more}")
+        where = spec.stac or spec.root
+        raise DatasetError(f"{len(errors)} bad scene(s) in {where}:\n  {shown}{more}")
     if shared is not None and len(empty) == len(scenes):
         raise DatasetError(f"{spec.labels}: its labels cover none of the {len(scenes)} scene(s)")
     if empty:
@@ -142,12 +93,55 @@ def find_scenes(spec: DatasetSpec) -> list[ChipScene]:
     return scenes
 
 
+Listed = list[tuple[str, str, str | None]]  # (scene id, image URI, labels URI or None)
+
+
+def _from_folders(spec: DatasetSpec) -> tuple[Listed, list[str]]:
+    """The scenes of ``images/`` with their files of ``labels/`` (none with ``spec.labels``)."""
+    ep = spec.endpoint
+    images_dir = storage.join(spec.root, "images")
+    images = storage.list_files(images_dir, suffixes=SCENE_SUFFIXES, endpoint=ep)
+    if not images:
+        raise DatasetError(f"no scenes under {images_dir} (.tif or .tiff for layout 'scenes')")
+    found: dict[str, str] = {}
+    if not spec.labels:
+        label_dir = storage.join(spec.root, "labels")
+        for uri in storage.list_files(label_dir, suffixes=LABEL_SUFFIXES, endpoint=ep):
+            if _stem(uri) in found:
+                raise DatasetError(
+                    f"two label files for scene {_stem(uri)!r}: {uri}, {found[_stem(uri)]}"
+                )
+            found[_stem(uri)] = uri
+    return [(_stem(uri), uri, found.get(_stem(uri))) for uri in images], []
+
+
+def _from_stac(spec: DatasetSpec) -> tuple[Listed, list[str]]:
+    """The scenes of the STAC items (asset ``spec.asset``) with their labels assets."""
+    from segray.io import stac
+
+    listed, errors = [], []
+    for item in stac.read_items(spec.stac or "", endpoint=spec.endpoint):
+        try:
+            labels = None if spec.labels else item.label_asset()
+            if labels is None and not spec.labels:
+                raise DatasetError(
+                    f"STAC item {item.id!r} ({item.href}) has no labels asset (role 'labels'); "
+                    "give --labels"
+                )
+            listed.append((stac.safe_name(item.id), item.asset(spec.asset), labels))
+        except DatasetError as exc:
+            errors.append(str(exc))
+    if not listed and not errors:
+        raise DatasetError(f"{spec.stac}: no STAC item to train on")
+    return listed, errors
+
+
 def _crs_note(scene: ChipScene) -> str:
     return f"scene CRS {scene.crs or 'none'}; a GeoJSON without a crs member is WGS84"
 
 
 def _scene(
-    uri: str, spec: DatasetSpec, label_uri: str | None, shared: vectors.Features | None
+    name: str, uri: str, spec: DatasetSpec, label_uri: str | None, shared: vectors.Features | None
 ) -> ChipScene:
     with rasters.open_scene(uri, endpoint=spec.endpoint) as ds:
         rasters.check_scene(ds, uri, spec.bands)
@@ -157,14 +151,14 @@ def _scene(
     size = spec.size[0] if spec.size else 0
     if min(width, height) < size:
         raise DatasetError(f"{uri}: scene is {width}x{height}, smaller than chips of {size} px")
-    base = ChipScene(_stem(uri), uri, width, height, crs, transform)
+    base = ChipScene(name, uri, width, height, crs, transform)
     affine = _affine(transform)
     if shared is not None:
         return _with(base, vector=vectors.for_scene(shared, crs, affine, width, height))
     if label_uri is None:
         raise DatasetError(
-            f"{uri}: no labels for this scene (expected labels/{base.id}.tif, .geojson, "
-            ".fgb or .gpkg, or --labels)"
+            f"{uri}: no labels for this scene (expected labels/{name}.tif, .geojson, .fgb or "
+            ".gpkg, a STAC labels asset, or --labels)"
         )
     if label_uri.endswith(vectors.VECTOR_SUFFIXES):
         features = vectors.read_features(
@@ -211,101 +205,35 @@ def _check_label_raster(uri: str, scene: ChipScene, spec: DatasetSpec) -> None:
             )
 
 
-def split(scenes: list[ChipScene], spec: DatasetSpec) -> ChipSplit:
-    """Hold out whole scenes or blocks of every scene (seeded) and lay the validation grid."""
-    size = spec.size[0] if spec.size else 0
-    rng = np.random.default_rng(spec.seed)
-    held: dict[int, list[tuple[int, int, int, int]]] = {}
-    if spec.val_fraction <= 0:
-        return ChipSplit(scenes, size, {}, [], list(range(len(scenes))))
-    if spec.val_split == "scenes":
-        if len(scenes) < 2:
-            raise DatasetError(
-                "--val-split scenes needs two scenes or more; use --val-split blocks"
-            )
-        n = min(max(1, round(len(scenes) * spec.val_fraction)), len(scenes) - 1)
-        for i in sorted(rng.permutation(len(scenes))[:n].tolist()):
-            held[i] = [(0, 0, scenes[i].width, scenes[i].height)]
-        train = [i for i in range(len(scenes)) if i not in held]
-    else:
-        block = spec.block_size or 4 * size
-        block = max(size, block - block % size)
-        cells = [
-            (i, col, row, min(block, s.width - col), min(block, s.height - row))
-            for i, s in enumerate(scenes)
-            for row in range(0, s.height - size + 1, block)
-            for col in range(0, s.width - size + 1, block)
-        ]
-        if len(cells) < 2:
-            raise DatasetError(
-                f"scenes hold {len(cells)} block(s) of {block} px; lower --block-size"
-            )
-        n = min(max(1, round(len(cells) * spec.val_fraction)), len(cells) - 1)
-        for j in sorted(rng.permutation(len(cells))[:n].tolist()):
-            i, *rect = cells[j]
-            held.setdefault(i, []).append(tuple(rect))
-        train = list(range(len(scenes)))
-    val = [
-        Chip(i, c, r)
-        for i, rects in sorted(held.items())
-        for col, row, w, h in rects
-        for r in _grid(row, h, size)
-        for c in _grid(col, w, size)
-    ]
-    return ChipSplit(scenes, size, held, val, train)
-
-
-def _grid(start: int, length: int, size: int) -> list[int]:
-    """Chip origins covering [start, start + length) without leaving it (the last one flush)."""
-    if length < size:
-        return []
-    origins = list(range(start, start + length - size + 1, size))
-    if origins[-1] + size < start + length:
-        origins.append(start + length - size)
-    return origins
-
-
-def draw(plan: ChipSplit, rng: np.random.Generator, positive_fraction: float) -> Chip:
-    """One training chip: a scene by its area, a window clear of held-out blocks; with
-    ``positive_fraction`` odds, a window around a point of a random labelled feature."""
-    scenes, size = plan.scenes, plan.size
-    areas = np.array([scenes[i].width * scenes[i].height for i in plan.train_scenes], float)
-    chip = Chip(0, 0, 0)
-    for _ in range(200):
-        i = plan.train_scenes[int(rng.choice(len(areas), p=areas / areas.sum()))]
-        scene = scenes[i]
-        col, row = _origin(scene, size, rng, positive_fraction)
-        chip = Chip(i, col, row)
-        if plan.allowed(chip):
-            return chip
-    raise DatasetError("no training chip keeps clear of the held-out blocks; lower --val-fraction")
-
-
-def _origin(
-    scene: ChipScene, size: int, rng: np.random.Generator, positive: float
-) -> tuple[int, int]:
-    hi_col, hi_row = scene.width - size, scene.height - size
-    vector = scene.vector
-    if vector is not None and len(vector) and rng.random() < positive:
-        minx, miny, maxx, maxy = vector.geometries[int(rng.integers(len(vector)))].bounds
-        x, y = rng.uniform(minx, max(maxx, minx + 1)), rng.uniform(miny, max(maxy, miny + 1))
-        col, row = int(x) - int(rng.integers(size)), int(y) - int(rng.integers(size))
-        return int(np.clip(col, 0, hi_col)), int(np.clip(row, 0, hi_row))
-    return int(rng.integers(hi_col + 1)), int(rng.integers(hi_row + 1))
-
-
 _OPEN: dict[str, Any] = {}
 _STACK = contextlib.ExitStack()
+_ENV: list[Any] = []  # the process's GDAL environment, once entered
+#: GDAL's block cache in a chip-reading process (its default, 5 % of RAM, keeps whole scenes).
+CACHE_MIB = 64
 
 
 def _opened(uri: str, endpoint: str | None) -> Any:
-    """An open dataset per URI in this process, the last few kept for the next chip."""
+    """An open dataset per URI in this process, the last few kept for the next chip, under one
+    GDAL environment with a bounded block cache."""
+    if not _ENV:
+        _ENV.append(imagery.gdal_env(GDAL_CACHEMAX=CACHE_MIB))
+        _ENV[0].__enter__()
+        atexit.register(close_all)
     if uri not in _OPEN:
         if len(_OPEN) >= 16:
             _STACK.close()
             _OPEN.clear()
         _OPEN[uri] = _STACK.enter_context(rasters.open_scene(uri, endpoint=endpoint))
     return _OPEN[uri]
+
+
+def close_all() -> None:
+    """Close this process's open scenes and leave its GDAL environment (at exit: before the
+    interpreter tears down what rasterio needs to)."""
+    _STACK.close()
+    _OPEN.clear()
+    while _ENV:
+        _ENV.pop().__exit__(None, None, None)
 
 
 def read_chip(scene: ChipScene, chip: Chip, size: int, spec: DatasetSpec) -> dict[str, Any]:

@@ -64,6 +64,8 @@ class DatasetSpec(Settings):
     nodata: float | None = setting(None, "Pixel value that is no data where a file sets none.")
     ignore_index: int = setting(255, "Label id that counts for nothing.", ge=0, le=255)
     labels: str | None = setting(None, "One vector file labelling every scene (layout scenes).")
+    stac: str | None = setting(None, "STAC ItemCollection, catalog or collection of scenes.")
+    asset: str | None = setting(None, "The STAC items' image asset (default: their one image).")
     class_field: str | None = setting(None, "Vector attribute holding class ids (default: 1).")
     val_split: ValSplit = setting("blocks", "Hold out blocks of every scene, or whole scenes.")
     block_size: int | None = setting(None, "Held-out block size in pixels (default 4 chips).")

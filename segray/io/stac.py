@@ -51,6 +51,16 @@ class StacInput:
     rasters: tuple[str, ...]
     bbox: tuple[float, ...] | None
     datetime: str | None
+    labels: tuple[str, ...] = ()  # assets with the "labels" role (the label extension's)
+
+    def label_asset(self) -> str | None:
+        """The href of the item's one labels asset (None without one); several: an error."""
+        if len(self.labels) > 1:
+            keys = ", ".join(self.labels)
+            raise DatasetError(
+                f"STAC item {self.id!r} ({self.href}) has several labels assets: {keys}"
+            )
+        return self.assets[self.labels[0]] if self.labels else None
 
     def asset(self, key: str | None = None) -> str:
         """The href of asset ``key``; without a key, of the item's one raster asset. Raises a
@@ -166,11 +176,13 @@ def _item(where: str, doc: Any, index: int | None) -> StacInput:
         own = next((str(link.href) for link in item.links if link.rel == "self"), "")
         if own.startswith(("s3://", "/", "file://")):
             base = storage.parse(own).uri
-    assets, data, images = {}, [], []
+    assets, data, images, labels = {}, [], [], []
     for key, asset in item.assets.items():
         assets[key] = resolve(base, asset.href)
         roles = set(asset.roles or [])
-        if "data" in roles:
+        if "labels" in roles or (key == MASK_ASSET and "data" not in roles):
+            labels.append(key)  # the label extension's asset: training labels, not an image
+        elif "data" in roles:
             data.append(key)
         elif (asset.media_type or "").lower().startswith(RASTER_TYPES) and not roles & PREVIEWS:
             images.append(key)
@@ -178,7 +190,7 @@ def _item(where: str, doc: Any, index: int | None) -> StacInput:
     props = item.properties
     stamp = props.get("datetime") or props.get("start_datetime")
     bbox = tuple(float(v) for v in item.bbox) if item.bbox else None
-    return StacInput(str(item.id), base, assets, tuple(rasters), bbox, stamp)
+    return StacInput(str(item.id), base, assets, tuple(rasters), bbox, stamp, tuple(labels))
 
 
 def safe_name(item_id: str) -> str:

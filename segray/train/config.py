@@ -30,7 +30,7 @@ assert set(MONITOR_MODES) == set(get_args(Monitor))
 class TrainConfig(Settings):
     """Settings of one training run; the defaults train a small U-Net on a laptop."""
 
-    data: str = setting(help="Labelled collection: folder or s3:// prefix.")
+    data: str = setting("", "Labelled collection: folder or s3:// prefix (or --stac).")
     out: str = setting(help="Run folder: local or s3:// prefix.")
     layout: Layout = setting("paired", "How images and labels are laid out.")
     model: str = setting("unet", "Model name; see `segray models`.")
@@ -72,6 +72,8 @@ class TrainConfig(Settings):
     patience: int | None = setting(None, "Stop after this many epochs without improvement.", ge=1)
     val_fraction: float = setting(0.2, "Share of tiles held out for validation.", ge=0, lt=1)
     labels: str | None = setting(None, "One vector file labelling every scene (layout scenes).")
+    stac: str | None = setting(None, "STAC ItemCollection, catalog or collection of scenes.")
+    asset: str | None = setting(None, "The STAC items' image asset (default: their one image).")
     class_field: str | None = setting(None, "Vector attribute holding class ids (default: 1).")
     chips_per_epoch: int = setting(512, "Training chips per epoch (layout scenes).", ge=1)
     positive_fraction: float = setting(
@@ -102,6 +104,10 @@ class TrainConfig(Settings):
                 f"batch size {self.batch_size} is not a multiple of workers {self.workers}; "
                 f"use {lo} or {lo + self.workers}"
             )
+        if not self.data and not self.stac:
+            raise ValueError("give the labelled data: --data, or --stac with --layout scenes")
+        if self.stac and self.layout != "scenes":
+            raise ValueError("--stac lists scenes: use it with --layout scenes")
         if self.resume and self.resume_from:
             raise ValueError("give either resume (this run's latest checkpoint) or resume_from")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

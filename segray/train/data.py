@@ -1,9 +1,9 @@
-"""Training data as Ray Datasets: labelled samples read and checked by Ray tasks, split, and padded
-so that every worker takes the same number of full batches."""
+"""Labelled tiles checked by Ray tasks: every sample read once, every bad file reported at once, the
+set summarised (shapes, pixel type, classes, band statistics), and no pixel kept; training then
+streams the samples (:mod:`segray.train.feed`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -111,12 +111,13 @@ def to_ray_dataset(samples: Sequence[Sample], spec: DatasetSpec) -> ray.data.Dat
 def check(
     ds: ray.data.Dataset, what: str = "dataset", ignore_index: int = 255
 ) -> tuple[ray.data.Dataset, DatasetInfo]:
-    """Materialise ``ds``, raise :class:`DatasetError` listing every bad file, and summarise it.
+    """Read every sample once, raise :class:`DatasetError` listing every bad file, and summarise
+    the set, keeping no pixel: only each sample's summary comes back (memory holds the samples in
+    flight, whatever the set's size).
 
-    Returns the materialised dataset of ``{"id", "image", "mask", "valid"}`` rows and a
-    :class:`DatasetInfo`.
+    Returns ``ds`` as a lazy dataset of ``{"id", "image", "mask", "valid"}`` rows (read again
+    when iterated) and a :class:`DatasetInfo`.
     """
-    ds = ds.materialize()
     columns = ["id", "error", "shape", "dtype", "hist"]
     columns += ["band_sums", "band_squares", "band_count", "band_sample"]
     rows = ds.select_columns(columns).take_all()
@@ -152,17 +153,26 @@ def check(
 def load_splits(
     spec: DatasetSpec,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None, DatasetInfo]:
-    """Train and validation Ray Datasets for a collection, checked, with a summary of both.
+    """Lazy train and validation Ray Datasets for a collection, checked, with a summary of both.
 
     Raises :class:`DatasetError` naming the files when anything is unpaired, unreadable, of the
     wrong size, or has class ids ≥ ``spec.num_classes``.
     """
+    train_s, val_s, info = scan(spec)
+    columns = ["id", "image", "mask", "valid"]
+    train = to_ray_dataset(train_s, spec).select_columns(columns)
+    val = to_ray_dataset(val_s, spec).select_columns(columns) if val_s else None
+    return train, val, info
+
+
+def scan(spec: DatasetSpec) -> tuple[list[Sample], list[Sample], DatasetInfo]:
+    """List, pair, split and check a collection (every sample read once, none kept): the
+    training and validation samples and a summary of both."""
     samples = find_samples(spec)
     train_s, val_s = split_samples(samples, spec.val_fraction, spec.seed)
-    train, info = check(to_ray_dataset(train_s, spec), "training set", spec.ignore_index)
-    val = None
+    _, info = check(to_ray_dataset(train_s, spec), "training set", spec.ignore_index)
     if val_s:
-        val, val_info = check(to_ray_dataset(val_s, spec), "validation set", spec.ignore_index)
+        _, val_info = check(to_ray_dataset(val_s, spec), "validation set", spec.ignore_index)
         if val_info.image_shape != info.image_shape:
             raise DatasetError(
                 f"training images are {info.image_shape} but validation images are "
@@ -179,31 +189,4 @@ def load_splits(
         ]
         info.max_class = max(info.max_class, val_info.max_class)
     info.class_pixels = info.class_pixels[: info.max_class + 1]
-    return train, val, info
-
-
-def pad_to_multiple(ds: Any, multiple: int, seed: int) -> Any:
-    """Append weight-0 copies of rows so the row count is a multiple of ``multiple``.
-
-    Ray Train's equal split then hands every worker the same number of full batches without
-    dropping a row: every real sample is used exactly once per epoch, padding counts for nothing.
-    """
-    ds = ds.map_batches(_with_weight(1.0), batch_format="numpy").materialize()
-    count = ds.count()
-    missing = (-count) % multiple
-    if missing == 0:
-        return ds
-    copies = [ds] * math.ceil(missing / count)
-    pad = copies[0].union(*copies[1:]) if len(copies) > 1 else copies[0]
-    pad = pad.random_shuffle(seed=seed).limit(missing)
-    return ds.union(pad.map_batches(_with_weight(0.0), batch_format="numpy")).materialize()
-
-
-def _with_weight(value: float) -> Any:
-    import numpy as np
-
-    def add(batch: dict[str, Any]) -> dict[str, Any]:
-        batch["weight"] = np.full(len(batch["id"]), value, np.float32)
-        return batch
-
-    return add
+    return train_s, val_s, info

@@ -24,7 +24,8 @@ from segray.io import storage
 from segray.models.saving import ModelCard
 from segray.train import checkpoints
 from segray.train.config import MONITOR_MODES, TrainConfig
-from segray.train.data import DatasetInfo, load_splits, pad_to_multiple
+from segray.train.data import DatasetInfo
+from segray.train.feed import ChipFeed, TileFeed, scene_feed, tile_feed
 from segray.train.history import history_csv, plot_curves
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class LoopPlan:
     train_count: int
     val_count: int
     board: Any = None
-    feed: Any = None  # a segray.train.feed.ChipFeed: chips of scenes, read by each worker
+    feed: Any = None  # a segray.train.feed TileFeed or ChipFeed: what each worker streams
 
 
 @dataclass
@@ -151,8 +152,9 @@ def _check_run_folder(config: TrainConfig) -> None:
         raise ConfigError(f"--resume: no checkpoint found under {config.out}")
 
 
-def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
-    """Every check that can run on the driver; returns (train ds, val ds, loop plan).
+def prepare(config: TrainConfig) -> LoopPlan:
+    """Every check that can run on the driver (the data read once, none kept); returns the loop
+    plan, whose ``feed`` tells each worker what to stream.
 
     Raises :class:`~segray.errors.SegrayError` kinds (config, model, dataset) naming the problem.
     """
@@ -167,7 +169,7 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         raise ConfigError(f"loss: {exc}") from exc
     _check_run_folder(config)
     spec = DatasetSpec(
-        root=config.data,
+        root=config.data or config.stac or "",
         layout=config.layout,
         num_classes=config.num_classes,
         size=config.size,
@@ -180,21 +182,20 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         nodata=config.nodata,
         ignore_index=config.ignore_index,
         labels=config.labels,
+        stac=config.stac,
+        asset=config.asset,
         class_field=config.class_field,
         val_split=config.val_split,
         block_size=config.block_size,
     )
-    feed = None
+    global_batch = config.per_worker_batch() * config.workers
+    feed: ChipFeed | TileFeed
     if config.layout == "scenes":
-        from segray.train.feed import scene_feed
-
-        global_batch = config.per_worker_batch() * config.workers
         feed, info = scene_feed(
             spec, config.chips_per_epoch, global_batch, config.positive_fraction
         )
-        train_ds = val_ds = None
     else:
-        train_ds, val_ds, info = load_splits(spec)
+        feed, info = tile_feed(spec, global_batch)
     channels = info.image_shape[2]
     card = _model_card(config, channels, info)
     model = models.build_model(
@@ -205,16 +206,14 @@ def prepare(config: TrainConfig) -> tuple[Any, Any, LoopPlan]:
         weights=config.weights,
         **card.options,
     )
-    n_val = feed.val_count if feed else 0 if val_ds is None else val_ds.count()
-    plan = LoopPlan(
+    return LoopPlan(
         config=config,
         card=card,
         params=int(model.count_params()),
-        train_count=feed.per_epoch if feed else info.count - n_val,
-        val_count=n_val,
+        train_count=feed.train_count,
+        val_count=feed.val_total,
         feed=feed,
     )
-    return train_ds, val_ds, plan
 
 
 def save_config(config: TrainConfig) -> str:
@@ -249,14 +248,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     init_ray()
     start = time.monotonic()
-    train_ds, val_ds, plan = prepare(config)
+    plan = prepare(config)  # the data stay where they are: each worker streams its share
     save_config(config)
     global_batch = config.per_worker_batch() * config.workers
-    datasets = {}  # chips of scenes: each worker streams its own (plan.feed)
-    if train_ds is not None:
-        datasets["train"] = pad_to_multiple(train_ds, global_batch, config.seed)
-    if val_ds is not None:
-        datasets["val"] = pad_to_multiple(val_ds, global_batch, config.seed)
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = config.gpus_per_worker
@@ -268,7 +262,6 @@ def train(config: TrainConfig) -> TrainResult:
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
         ),
         run_config=_run_config(config),
-        datasets=datasets or None,
     )
     log.info(
         "training %s (%s params) on %d worker(s): %d train / %d val tiles, global batch %d",

@@ -1,22 +1,27 @@
-"""Chips of large scenes streamed to the training workers through Ray Data, never materialised.
+"""Training data streamed to the workers through Ray Data, never materialised: tiles, or chips of
+large scenes.
 
-Each worker builds, for each epoch, a lazy Ray Dataset of its own share of the epoch's chips: row
-``k`` of epoch ``e`` draws its window from ``(seed, e, k)`` and reads it in a Ray task (windowed
-reads, see :mod:`segray.io.chips`), so memory holds the chips in flight, not the set, and the
-chips are new each epoch yet the same on a rerun. Every worker takes the same number of chips
-(the epoch is a multiple of the global batch), as the collective step needs; validation chips are
-a fixed grid, padded with weight-0 copies to a multiple of the global batch.
+Each worker builds, for each epoch, a lazy Ray Dataset of its own share of the epoch's rows, read
+and decoded in Ray tasks, so memory holds the samples in flight, not the set. Every worker takes
+the same number of rows (the epoch is padded with weight-0 copies to a multiple of the global
+batch), as the collective step needs, and padding counts for nothing.
+
+- :class:`TileFeed`: every tile once per epoch, in an order drawn from ``(seed, epoch)``.
+- :class:`ChipFeed`: row ``k`` of epoch ``e`` draws its window from ``(seed, e, k)`` and reads it by
+  windowed reads (:mod:`segray.io.chips`), so the chips are new each epoch yet the same on a
+  rerun; validation chips are a fixed grid.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray.io import bands, chips
-from segray.io.labels import DatasetSpec
+from segray.io import bands, chips, sampling
+from segray.io.labels import DatasetSpec, Sample, load_palette, load_sample
 
 if TYPE_CHECKING:
     import ray.data
@@ -25,27 +30,160 @@ if TYPE_CHECKING:
 
 #: Chips per Ray Data block (one read task reads this many).
 CHIPS_PER_BLOCK = 8
+#: Batches each worker's stream may hold in Ray's object store, read ahead of the step.
+BATCHES_AHEAD = 4
+#: The least object store a worker's stream may use (a few blocks, whatever their size).
+MIN_STREAM_BYTES = 16 * 2**20
 #: Training chips read for the band statistics and class counts.
 SAMPLE_CHIPS = 32
 #: The epoch whose draws make the statistics sample (training epochs count from 1).
 SAMPLE_EPOCH = 0
 
 
+_RESOLVED: dict[str, Any] = {}
+
+
+class Shared:
+    """A value a run's tasks all need (the tile list, the scenes' labels), put once in Ray's object
+    store by :meth:`share`: it then pickles as its reference, and is fetched once per process."""
+
+    def __init__(self, value: Any) -> None:
+        self._value, self._ref = value, None
+
+    def share(self) -> Shared:
+        import ray
+
+        if self._ref is None:
+            self._ref = ray.put(self._value)
+        return self
+
+    def get(self) -> Any:
+        if self._value is None:
+            key = self._ref.hex()
+            if key not in _RESOLVED:
+                import ray
+
+                _RESOLVED.clear()  # one run's at a time
+                _RESOLVED[key] = ray.get(self._ref)
+            self._value = _RESOLVED[key]
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_value": None if self._ref is not None else self._value, "_ref": self._ref}
+
+
+def padded(count: int, multiple: int) -> int:
+    """``count`` rounded up to a multiple of ``multiple`` (0 stays 0)."""
+    return count + (-count) % multiple if count else 0
+
+
+@dataclass
+class TileFeed:
+    """The checked tiles of a run, split; each epoch's rows shuffled and padded."""
+
+    samples: Shared  # (training samples, validation samples)
+    spec: DatasetSpec
+    global_batch: int
+    palette: np.ndarray | None = None
+    row_bytes: int = 0
+
+    @property
+    def train_samples(self) -> list[Sample]:
+        return self.samples.get()[0]
+
+    @property
+    def val_samples(self) -> list[Sample]:
+        return self.samples.get()[1]
+
+    @property
+    def train_count(self) -> int:
+        return len(self.train_samples)
+
+    @property
+    def val_total(self) -> int:
+        return len(self.val_samples)
+
+    def train_rows(self, epoch: int, rank: int, world: int) -> list[dict[str, Any]]:
+        """Worker ``rank``'s rows of ``epoch``: each tile once (weight 1), copies (weight 0)."""
+        n = len(self.train_samples)
+        order = np.random.default_rng([self.spec.seed, epoch]).permutation(n)
+        picks = np.resize(order, padded(n, self.global_batch))
+        rows = [_sample_row(self.train_samples[i], j < n) for j, i in enumerate(picks.tolist())]
+        return rows[rank::world]
+
+    def val_rows(self, rank: int, world: int) -> list[dict[str, Any]]:
+        n = len(self.val_samples)
+        picks = np.resize(np.arange(n), padded(n, self.global_batch))
+        rows = [_sample_row(self.val_samples[i], j < n) for j, i in enumerate(picks.tolist())]
+        return rows[rank::world]
+
+    def train(self, epoch: int, rank: int, world: int) -> ray.data.Dataset:
+        """A lazy dataset of worker ``rank``'s tiles of ``epoch``."""
+        budget = stream_budget(self.global_batch // world, self.row_bytes)
+        load = functools.partial(load_tile, self.spec, self.palette)
+        return _dataset(self.train_rows(epoch, rank, world), load, budget)
+
+    def val(self, rank: int, world: int) -> ray.data.Dataset | None:
+        """A lazy dataset of worker ``rank``'s validation tiles (None without validation)."""
+        rows = self.val_rows(rank, world) if self.val_samples else []
+        budget = stream_budget(self.global_batch // world, self.row_bytes)
+        load = functools.partial(load_tile, self.spec, self.palette)
+        return _dataset(rows, load, budget) if rows else None
+
+
+def load_tile(spec: DatasetSpec, palette: np.ndarray | None, row: dict[str, Any]) -> dict[str, Any]:
+    """Read, decode and check one tile (:func:`segray.io.labels.load_sample`)."""
+    sample = Sample(row["id"], row["image_uri"], tuple(row["label_uris"]))
+    out = load_sample(sample, spec, palette)
+    return {**out, "weight": np.float32(row["weight"])}
+
+
+def _sample_row(sample: Sample, real: bool) -> dict[str, Any]:
+    return {
+        "id": sample.id,
+        "image_uri": sample.image,
+        "label_uris": list(sample.labels),
+        "weight": 1.0 if real else 0.0,
+    }
+
+
+def tile_feed(spec: DatasetSpec, global_batch: int) -> tuple[TileFeed, DatasetInfo]:
+    """List, split and check the tiles (each read once, none kept) and summarise them."""
+    from segray.train.data import scan
+
+    train_s, val_s, info = scan(spec)
+    palette = load_palette(spec) if spec.layout == "palette" else None
+    samples = Shared((train_s, val_s)).share()
+    return TileFeed(samples, spec, global_batch, palette, row_bytes(info)), info
+
+
 @dataclass
 class ChipFeed:
     """Where every worker's chips come from: the split, the dataset spec, and the epoch size."""
 
-    split: chips.ChipSplit
+    chips: Shared  # the sampling.ChipSplit: scenes, their labels, held-out blocks
     spec: DatasetSpec
     per_epoch: int
     global_batch: int
     positive_fraction: float = 0.0
+    row_bytes: int = 0
+
+    @property
+    def split(self) -> sampling.ChipSplit:
+        return self.chips.get()
+
+    @property
+    def train_count(self) -> int:
+        return self.per_epoch
+
+    @property
+    def val_total(self) -> int:
+        return len(self.split.val_chips)
 
     @property
     def val_count(self) -> int:
         """Validation rows, weight-0 padding included."""
-        n = len(self.split.val_chips)
-        return n + (-n) % self.global_batch if n else 0
+        return padded(len(self.split.val_chips), self.global_batch)
 
     def train_rows(self, epoch: int, rank: int, world: int) -> list[dict[str, Any]]:
         """Worker ``rank``'s rows of ``epoch``: every ``world``-th chip index."""
@@ -66,7 +204,7 @@ class ChipFeed:
         rng = np.random.default_rng([self.spec.seed, int(row["epoch"]), int(row["k"])])
         out: dict[str, Any] = {}
         for _ in range(chips.MAX_DRAWS):
-            chip = chips.draw(self.split, rng, self.positive_fraction)
+            chip = sampling.draw(self.split, rng, self.positive_fraction)
             out = chips.read_chip(self.split.scenes[chip.scene], chip, self.split.size, self.spec)
             if out["valid"].mean() >= chips.MIN_VALID:
                 break
@@ -74,25 +212,44 @@ class ChipFeed:
 
     def load_val(self, row: dict[str, Any]) -> dict[str, Any]:
         """Read one validation chip of the fixed grid."""
-        chip = chips.Chip(int(row["scene"]), int(row["col"]), int(row["row"]))
+        chip = sampling.Chip(int(row["scene"]), int(row["col"]), int(row["row"]))
         out = chips.read_chip(self.split.scenes[chip.scene], chip, self.split.size, self.spec)
         return {**out, "weight": np.float32(row["weight"])}
 
     def train(self, epoch: int, rank: int, world: int) -> ray.data.Dataset:
         """A lazy dataset of worker ``rank``'s training chips of ``epoch``."""
-        return _dataset(self.train_rows(epoch, rank, world), self.load_train)
+        budget = stream_budget(self.global_batch // world, self.row_bytes)
+        return _dataset(self.train_rows(epoch, rank, world), self.load_train, budget)
 
     def val(self, rank: int, world: int) -> ray.data.Dataset | None:
         """A lazy dataset of worker ``rank``'s validation chips (None without validation)."""
         rows = self.val_rows(rank, world)
-        return _dataset(rows, self.load_val) if rows else None
+        budget = stream_budget(self.global_batch // world, self.row_bytes)
+        return _dataset(rows, self.load_val, budget) if rows else None
 
 
-def _dataset(rows: list[dict[str, Any]], load: Any) -> ray.data.Dataset:
+def row_bytes(info: DatasetInfo) -> int:
+    """Bytes of one loaded row: its image, mask and valid map."""
+    h, w, c = info.image_shape
+    return h * w * (c * np.dtype(info.dtype).itemsize + 2)
+
+
+def stream_budget(per_worker: int, row: int) -> int:
+    """Object store bytes a worker's stream may hold: :data:`BATCHES_AHEAD` batches of rows."""
+    return max(MIN_STREAM_BYTES, BATCHES_AHEAD * per_worker * row)
+
+
+def _dataset(rows: list[dict[str, Any]], load: Any, budget: int = 0) -> ray.data.Dataset:
+    """A lazy dataset loading ``rows`` in Ray tasks, holding at most ``budget`` bytes of them in
+    Ray's object store (Ray Data's backpressure; 0: its default share of the store)."""
     import ray.data
 
     blocks = max(1, min(len(rows), -(-len(rows) // CHIPS_PER_BLOCK)))
-    return ray.data.from_items(rows, override_num_blocks=blocks).map(load)
+    ds = ray.data.from_items(rows, override_num_blocks=blocks).map(load)
+    if budget:
+        options = ds.context.execution_options
+        options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
+    return ds
 
 
 def scene_feed(
@@ -103,9 +260,9 @@ def scene_feed(
     from segray.train.data import DatasetInfo
 
     scenes = chips.find_scenes(spec)
-    split = chips.split(scenes, spec)
-    per_epoch = chips_per_epoch + (-chips_per_epoch) % global_batch
-    feed = ChipFeed(split, spec, per_epoch, global_batch, positive_fraction)
+    split = sampling.split(scenes, spec)
+    per_epoch = padded(chips_per_epoch, global_batch)
+    feed = ChipFeed(Shared(split).share(), spec, per_epoch, global_batch, positive_fraction)
     rows = [{"epoch": SAMPLE_EPOCH, "k": k} for k in range(SAMPLE_CHIPS)]
     k = bands.sample_size(SAMPLE_CHIPS)
     parts = _dataset(rows, _summarise(feed.load_train, k)).take_all()
@@ -124,6 +281,7 @@ def scene_feed(
         dtype=str(parts[0]["dtype"]),
         stats=sampler.result("the training chips") if sampler.pixels else None,
     )
+    feed.row_bytes = row_bytes(info)
     return feed, info
 
 

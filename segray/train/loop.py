@@ -5,7 +5,8 @@ convert a value (PerReplica…)", ray-project/ray#47464, keras-team/keras#20585)
 written out: ``strategy.run`` of a ``GradientTape`` step, the loss summed over the worker's samples
 and divided by the sample count of the *global* batch (``tf.nn.compute_average_loss``), and
 ``optimizer.apply_gradients``, whose cross-replica gradient sum keeps every replica identical.
-Padding rows (weight 0, see :func:`segray.train.data.pad_to_multiple`) count for nothing.
+Each worker streams its share of each epoch (:mod:`segray.train.feed`); padding rows (weight 0)
+count for nothing.
 """
 
 from __future__ import annotations
@@ -189,9 +190,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_worker = cfg.per_worker_batch()
-    feed = plan.feed  # chips of scenes: this worker's own stream, built anew each epoch
-    train_shard = None if feed else ray.train.get_dataset_shard("train")
-    val_shard = None if feed or not plan.val_count else ray.train.get_dataset_shard("val")
+    feed = plan.feed  # this worker's own stream, built anew each epoch
     steps_per_epoch = max(1, -(-plan.train_count // (per_worker * world)))
     keras.utils.set_random_seed(cfg.seed)  # the same initial weights and dropout on every run
     if cfg.use_gpu:
@@ -211,8 +210,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         _maybe_fail(cfg, epoch, rank)
         where = (board, epoch, steps_per_epoch)
-        if feed is not None:
-            train_shard, val_shard = feed.train(epoch, rank, world), feed.val(rank, world)
+        train_shard, val_shard = feed.train(epoch, rank, world), feed.val(rank, world)
         row, ids = _train_epoch(steps, train_shard, cfg, card, per_worker, rank, where)
         row.update(_validate(steps, val_shard, per_worker, card) if val_shard else {})
         row["epoch"] = epoch

@@ -9,9 +9,10 @@ from chips. While it trains it samples, every 0.2 s:
 - the peak RSS of the driver and of every Ray worker process by title (the training workers, the
   Ray Data tasks reading chips).
 
-The figures to read: the store's peak against the chips in flight (chip bytes × chips a worker
-reads ahead) and the pixels of the scenes; and peak RSS with 4 scenes against 1 (flat: a chip's
-read costs the same whatever the scene count).
+The figures to read: the store's peak against the chips in flight (what each worker's stream may
+hold: :func:`segray.train.feed.stream_budget`), the chips streamed in the epoch and the pixels of
+the scenes; and peak RSS with 4 scenes against 1 (flat: a chip costs the same whatever the scene
+count).
 """
 
 from __future__ import annotations
@@ -43,27 +44,33 @@ def bench_chips(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for count in counts:
+            root = os.path.join(tmp, f"s{count}")
+            with anchor_pool() as pool:  # the scenes are drawn in a process of their own
+                pool.submit(_write, root, count, scene_size, bands).result()
             with anchor_pool() as pool:
-                job = pool.submit(
-                    _train_probe, os.path.join(tmp, f"s{count}"), count, scene_size, bands,
-                    size, chips, store_mib,
-                )  # fmt: skip
+                args = (root, count, scene_size, bands, size, chips, store_mib)
+                job = pool.submit(_train_probe, *args)
                 rows.append(job.result())
             echo(format_row(rows[-1]))
     return rows
 
 
+def _write(root: str, count: int, scene_size: int, bands: int) -> None:
+    from segray.devtools.labelled_scenes import write_labelled_scenes
+
+    data = os.path.join(root, "data")
+    write_labelled_scenes(data, count=count, scene_size=scene_size, bands=bands, dtype="uint16")
+
+
 def _train_probe(
     root: str, count: int, scene_size: int, bands: int, size: int, chips: int, store_mib: int
 ) -> dict[str, Any]:
-    from segray.devtools.labelled_scenes import write_labelled_scenes
     from segray.runtime import init_ray
     from segray.train.augment import AugmentConfig
     from segray.train.config import TrainConfig
     from segray.train.driver import train
 
     data = os.path.join(root, "data")
-    write_labelled_scenes(data, count=count, scene_size=scene_size, bands=bands, dtype="uint16")
     init_ray(object_store_memory=store_mib * MiB)
     config = TrainConfig(
         data=data,
@@ -85,7 +92,12 @@ def _train_probe(
         train(config)
     seconds = time.monotonic() - start
     workers = {k: v for k, v in sampler.by_title.items() if k.startswith("ray::")}
+    from segray.train.feed import stream_budget
+
+    row = size * size * (bands * 2 + 2)
     return {
+        "streamed_mib": chips * row / MiB,
+        "in_flight_mib": config.workers * stream_budget(config.per_worker_batch(), row) / MiB,
         "scenes": count,
         "scene_size": scene_size,
         "pixels_mib": count * scene_size**2 * bands * 2 / MiB,
@@ -135,7 +147,8 @@ def format_row(f: dict[str, Any]) -> str:
     titles = ", ".join(f"{k} {v}" for k, v in f["by_title_mib"].items())
     return (
         f"{f['scenes']} scene(s) of {f['scene_size']}² ({f['pixels_mib']:,.0f} MiB of pixels): "
-        f"object store peak {f['store_peak_mib']:.0f} MiB of {f['store_mib']} "
-        f"(a chip {f['chip_mib']:.3f} MiB); driver {f['driver_mib']:.0f} MiB, largest worker "
+        f"{f['streamed_mib']:,.0f} MiB of chips streamed; object store peak "
+        f"{f['store_peak_mib']:.0f} MiB of {f['store_mib']} (chips in flight allowed: "
+        f"{f['in_flight_mib']:.0f} MiB); driver {f['driver_mib']:.0f} MiB, largest worker "
         f"{f['largest_worker_mib']:.0f} MiB [{titles}]; {f['seconds']:.0f} s"
     )
