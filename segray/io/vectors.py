@@ -27,6 +27,18 @@ class Features:
     geometries: np.ndarray  # shapely geometries
     classes: np.ndarray  # uint8
     crs: str | None
+    _index: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    def near(self, left: float, bottom: float, right: float, top: float) -> np.ndarray:
+        """Indices (file order) of the features meeting a rectangle in their own CRS; the
+        spatial index is built on first use and kept."""
+        import shapely
+
+        if not len(self.geometries):
+            return np.zeros(0, np.int64)
+        if not self._index:
+            self._index.append(shapely.STRtree(self.geometries))
+        return np.sort(self._index[0].query(shapely.box(left, bottom, right, top)))
 
 
 def read_features(
@@ -136,9 +148,10 @@ def for_scene(features: Features, crs: Any, transform: Any, width: int, height: 
     from rasterio.crs import CRS
     from rasterio.warp import transform as warp
 
-    geoms = features.geometries
     source = CRS.from_user_input(features.crs) if features.crs else None
     target = CRS.from_user_input(crs) if crs else None
+    near = _near(features, source, target, transform, width, height)
+    geoms, classes = features.geometries[near], features.classes[near]
     if len(geoms) and source is not None and target is not None and source != target:
 
         def reproject(xy: np.ndarray) -> np.ndarray:
@@ -164,4 +177,29 @@ def for_scene(features: Features, crs: Any, transform: Any, width: int, height: 
         return SceneLabels(np.array([], object), np.zeros(0, np.uint8))
     inside = shapely.STRtree(geoms).query(shapely.box(0, 0, width, height), predicate="intersects")
     inside = np.sort(inside)
-    return SceneLabels(geoms[inside], features.classes[inside])
+    return SceneLabels(geoms[inside], classes[inside])
+
+
+def _near(
+    features: Features, source: Any, target: Any, transform: Any, width: int, height: int
+) -> np.ndarray:
+    """The features whose boxes meet the scene's bounds taken into their CRS (edges densified),
+    so that a file covering many scenes is reprojected a scene's worth at a time; all of them
+    when the bounds cannot be taken there."""
+    from rasterio.warp import transform_bounds
+
+    everything = np.arange(len(features.geometries))
+    if transform is None or not len(everything):
+        return everything
+    a, b, c, d, e, f, *_ = transform
+    xs = [a * col + b * row + c for col in (0, width) for row in (0, height)]
+    ys = [d * col + e * row + f for col in (0, width) for row in (0, height)]
+    bounds = (min(xs), min(ys), max(xs), max(ys))
+    if source is not None and target is not None and source != target:
+        try:
+            bounds = transform_bounds(target, source, *bounds, densify_pts=21)
+        except Exception:  # PROJ outside its domain: reproject everything and let that tell
+            return everything
+        if not all(np.isfinite(bounds)):
+            return everything
+    return features.near(*bounds)
