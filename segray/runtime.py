@@ -11,6 +11,7 @@ or an instance role, or the secret the KubeRay manifests mount on every pod.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any
 
 #: Environment variables handed from the driver to Ray workers: where S3 is and how long to wait
@@ -65,3 +66,45 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         ray.init(address=address, runtime_env=runtime_env or None, **kwargs)
     log.quiet_ray()
     return ray
+
+
+#: Values fetched from Ray's object store by :class:`Shared`, the most recent kept per process.
+_RESOLVED: OrderedDict[str, Any] = OrderedDict()
+RESOLVED_KEPT = 8
+
+
+class Shared:
+    """A value many tasks need (a tile list, a scene's labels), put once in Ray's object store by
+    :meth:`share`: it then pickles as its reference and is fetched once per process (the last
+    :data:`RESOLVED_KEPT` kept), instead of travelling inside every task's function."""
+
+    def __init__(self, value: Any) -> None:
+        self._value, self._ref = value, None
+
+    def share(self, keep: bool = True) -> Shared:
+        """Put the value in the object store (once); ``keep=False`` lets this copy go."""
+        import ray
+
+        if self._ref is None:
+            self._ref = ray.put(self._value)
+        if not keep:
+            self._value = None
+        return self
+
+    def get(self) -> Any:
+        """The value: this copy's, else the process's cached fetch of the reference."""
+        if self._value is not None:
+            return self._value
+        key = self._ref.hex()
+        if key in _RESOLVED:
+            _RESOLVED.move_to_end(key)
+        else:
+            import ray
+
+            _RESOLVED[key] = ray.get(self._ref)
+            while len(_RESOLVED) > RESOLVED_KEPT:
+                _RESOLVED.popitem(last=False)
+        return _RESOLVED[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_value": None if self._ref is not None else self._value, "_ref": self._ref}

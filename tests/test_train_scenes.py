@@ -327,3 +327,24 @@ def test_an_epoch_several_times_the_object_store_streams_within_its_budget():
     (row,) = bench_chips((1,), 2048, chips=2048, store_mib=80, echo=lambda line: None)
     assert row["streamed_mib"] > 3 * row["store_mib"]
     assert 0 < row["store_peak_mib"] <= row["in_flight_mib"] + 8, row
+
+
+def test_scene_labels_travel_as_a_reference_once_shared(one_scene, ray_local):
+    import pickle
+
+    import ray
+
+    spec = spec_of(one_scene, labels=f"{one_scene}/labels.geojson")
+    labels = chips.find_scenes(spec)[0].vector
+    burnt = labels.rasterize(0, 0, 256, 256)
+    whole = len(pickle.dumps(labels))
+    labels.share()
+    assert len(pickle.dumps(labels)) < whole / 3  # the boxes and a reference, not the polygons
+
+    @ray.remote
+    def burn(shared):
+        return shared.rasterize(0, 0, 256, 256), len(shared)
+
+    got, count = ray.get(burn.remote(labels))
+    np.testing.assert_array_equal(got, burnt)
+    assert count == len(labels) and burnt.any()

@@ -140,7 +140,7 @@ def _origin(
     hi_col, hi_row = scene.width - size, scene.height - size
     vector = scene.vector
     if vector is not None and len(vector) and rng.random() < positive:
-        minx, miny, maxx, maxy = vector.geometries[int(rng.integers(len(vector)))].bounds
+        minx, miny, maxx, maxy = vector.boxes[int(rng.integers(len(vector)))]
         x, y = rng.uniform(minx, max(maxx, minx + 1)), rng.uniform(miny, max(maxy, miny + 1))
         col, row = int(x) - int(rng.integers(size)), int(y) - int(rng.integers(size))
         return int(np.clip(col, 0, hi_col)), int(np.clip(row, 0, hi_row))

@@ -91,28 +91,59 @@ def read_features(
     return Features(uri, geometries[keep], classes[keep], crs)
 
 
-@dataclass
 class SceneLabels:
     """The features meeting one scene, in that scene's pixel coordinates (column, row), in file
-    order (later features are burnt on top). Pickles without its index; rebuilds it on use."""
+    order (later features are burnt on top), with their boxes (n, 4) for drawing chips near them.
 
-    geometries: np.ndarray
-    classes: np.ndarray
-    _tree: Any = field(default=None, repr=False, compare=False)
+    After :meth:`share` a copy pickles as a reference to the geometry in Ray's object store
+    (fetched once per process, with its spatial index, only where a chip of this scene is read)
+    and its boxes; otherwise it pickles whole and rebuilds its index on use."""
+
+    def __init__(self, geometries: np.ndarray, classes: np.ndarray) -> None:
+        import shapely
+
+        self.boxes = (
+            shapely.bounds(geometries).reshape(-1, 4) if len(geometries) else np.zeros((0, 4))
+        )
+        self._parts: dict[str, Any] | None = {"geometries": geometries, "classes": classes}
+        self._shared: Any = None
+
+    def share(self) -> SceneLabels:
+        """Put the geometry in Ray's object store; this copy keeps only the boxes."""
+        from segray.runtime import Shared
+
+        if self._shared is None and self._parts is not None:
+            self._shared = Shared(self._parts).share(keep=False)
+            self._parts = None
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"geometries": self.geometries, "classes": self.classes, "_tree": None}
+        parts = None if self._parts is None else dict(self._parts, tree=None)
+        return {"boxes": self.boxes, "_parts": parts, "_shared": self._shared}
+
+    @property
+    def parts(self) -> dict[str, Any]:
+        return self._parts if self._parts is not None else self._shared.get()
+
+    @property
+    def geometries(self) -> np.ndarray:
+        return self.parts["geometries"]
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.parts["classes"]
 
     @property
     def tree(self) -> Any:
         import shapely
 
-        if self._tree is None:
-            self._tree = shapely.STRtree(self.geometries)
-        return self._tree
+        parts = self.parts  # the index is kept with the geometry it indexes
+        if parts.get("tree") is None:
+            parts["tree"] = shapely.STRtree(parts["geometries"])
+        return parts["tree"]
 
     def __len__(self) -> int:
-        return len(self.geometries)
+        return len(self.boxes)
 
     def meeting(self, col: int, row: int, width: int, height: int) -> np.ndarray:
         """Indices (file order) of the features meeting a window."""

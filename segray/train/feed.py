@@ -22,6 +22,7 @@ import numpy as np
 
 from segray.io import bands, chips, sampling
 from segray.io.labels import DatasetSpec, Sample, load_palette, load_sample
+from segray.runtime import Shared
 
 if TYPE_CHECKING:
     import ray.data
@@ -38,38 +39,6 @@ MIN_STREAM_BYTES = 16 * 2**20
 SAMPLE_CHIPS = 32
 #: The epoch whose draws make the statistics sample (training epochs count from 1).
 SAMPLE_EPOCH = 0
-
-
-_RESOLVED: dict[str, Any] = {}
-
-
-class Shared:
-    """A value a run's tasks all need (the tile list, the scenes' labels), put once in Ray's object
-    store by :meth:`share`: it then pickles as its reference, and is fetched once per process."""
-
-    def __init__(self, value: Any) -> None:
-        self._value, self._ref = value, None
-
-    def share(self) -> Shared:
-        import ray
-
-        if self._ref is None:
-            self._ref = ray.put(self._value)
-        return self
-
-    def get(self) -> Any:
-        if self._value is None:
-            key = self._ref.hex()
-            if key not in _RESOLVED:
-                import ray
-
-                _RESOLVED.clear()  # one run's at a time
-                _RESOLVED[key] = ray.get(self._ref)
-            self._value = _RESOLVED[key]
-        return self._value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_value": None if self._ref is not None else self._value, "_ref": self._ref}
 
 
 def padded(count: int, multiple: int) -> int:
@@ -260,6 +229,9 @@ def scene_feed(
     from segray.train.data import DatasetInfo
 
     scenes = chips.find_scenes(spec)
+    for scene in scenes:  # each scene's labels to the object store, fetched where it is read
+        if scene.vector is not None:
+            scene.vector.share()
     split = sampling.split(scenes, spec)
     per_epoch = padded(chips_per_epoch, global_batch)
     feed = ChipFeed(Shared(split).share(), spec, per_epoch, global_batch, positive_fraction)
