@@ -37,7 +37,7 @@ from segray.bulk.predictor import WindowPredictor
 from segray.bulk.rows import STOP, objects, pack, pack_valid, unpack
 from segray.errors import OutputFull, SegrayError, TileError
 from segray.inference.tiling import SceneStitcher, scene_windows
-from segray.io import imagery, storage
+from segray.io import gdal, imagery, storage
 from segray.io.imagery import Tile
 from segray.io.rasters import BandWriter, Window, check_scene, open_scene, read_window
 
@@ -154,7 +154,7 @@ def stitch_scene(
     folder = tempfile.mkdtemp(prefix=TEMP_PREFIX)
     c, writer = job.config, None
     try:
-        with imagery.gdal_env(GDAL_CACHEMAX=SCENE_CACHE_MIB), _opened(input_uri, c) as ds:
+        with gdal.env(GDAL_CACHEMAX=SCENE_CACHE_MIB), _opened(input_uri, c) as ds:
             writer = SceneWriter(folder, job, (ds.height, ds.width), ds.crs, ds.transform)
             windows = scene_windows(ds.height, ds.width, job.window, c.overlap)
             stitcher = SceneStitcher(ds.height, ds.width, job.window, c.overlap, c.blend)

@@ -31,7 +31,7 @@ from segray.bulk.rows import (
     unpack,
 )
 from segray.errors import OutputFull, SegrayError
-from segray.io import imagery, storage
+from segray.io import gdal, imagery, storage
 from segray.io.imagery import Tile
 
 # --- tiles ------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str,
 
     uris = [str(u) for u in batch["input_uri"]]
     fetched = io_pool(config.io_threads).map(fetch, uris)
-    with imagery.gdal_env():
+    with gdal.env():
         rows = [decode(uri, *got) for uri, got in zip(uris, fetched, strict=True)]
     return {**batch, **columns(rows)}
 
@@ -139,7 +139,7 @@ def write_masks(
 
     n = len(batch["input_uri"])
     encoded = []
-    with imagery.gdal_env():
+    with gdal.env():
         for i in range(n):
             start = time.perf_counter()
             encoded.append((i, encode(i), time.perf_counter() - start))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray.errors import DatasetError, TileError
-from segray.io import imagery, rasters, storage, vectors
+from segray.io import gdal, rasters, storage, vectors
 from segray.io.sampling import Chip
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def _opened(uri: str, endpoint: str | None) -> Any:
     """An open dataset per URI in this process, the last few kept for the next chip, under one
     GDAL environment with a bounded block cache."""
     if not _ENV:
-        _ENV.append(imagery.gdal_env(GDAL_CACHEMAX=CACHE_MIB))
+        _ENV.append(gdal.env(GDAL_CACHEMAX=CACHE_MIB))
         _ENV[0].__enter__()
         atexit.register(close_all)
     if uri not in _OPEN:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segray.io import gdal
+
 if TYPE_CHECKING:
     from affine import Affine
 
@@ -25,6 +27,7 @@ NATIVE = "native"
 CRS_MEMBER = "segray:crs"
 
 
+@gdal.scoped
 def footprints(
     mask: np.ndarray,
     class_index: int = 1,
@@ -72,6 +75,7 @@ def footprints(
     return doc
 
 
+@gdal.scoped
 def rasterize(
     doc: dict[str, Any],
     shape: tuple[int, int],

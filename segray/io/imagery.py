@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray.errors import TileError
+from segray.io import gdal
 
 if TYPE_CHECKING:
     from affine import Affine
@@ -119,6 +120,7 @@ _PIL_DTYPES = {"1": "uint8", "L": "uint8", "P": "uint8", "RGB": "uint8", "RGBA":
 _PIL_DTYPES.update({"LA": "uint8", "I;16": "uint16", "I": "uint16"})
 
 
+@gdal.scoped
 def header(data: bytes, source: str = "<bytes>") -> Header:
     """Format, size, band count and pixel type from the header alone (no pixel is decoded), so a
     caller can refuse an image before paying for it. Raises :class:`TileError` as decode does."""
@@ -229,6 +231,7 @@ def _decode_pil(data: bytes, source: str, max_pixels: int) -> Tile:
     return Tile(array=array, source=source, meta=meta)
 
 
+@gdal.scoped
 def _decode_tiff(
     data: bytes, source: str, max_pixels: int, bands: Sequence[int] | None = None
 ) -> Tile:
@@ -316,6 +319,7 @@ def encode_jpeg(image: np.ndarray, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
+@gdal.scoped
 def encode_geotiff(
     array: np.ndarray,
     crs: str | None = None,
@@ -362,14 +366,6 @@ def encode_geotiff(
                 options = {"COMPRESS": compress.upper(), "BLOCKSIZE": 256}
                 copy_dataset(ds, mem.name, driver="COG", OVERVIEW_RESAMPLING="NEAREST", **options)
         return bytes(mem.read())
-
-
-def gdal_env(**options: Any) -> Any:
-    """One GDAL environment for a run of reads or encodes in this thread: without it, rasterio
-    sets one up and tears it down around every call. ``options`` are GDAL settings."""
-    import rasterio
-
-    return rasterio.Env(**options)
 
 
 def encode_mask(

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import field_validator
 
 from segray.errors import DatasetError, TileError
-from segray.io import bands, imagery, storage
+from segray.io import bands, gdal, imagery, storage
 from segray.settings import Settings, setting
 
 if TYPE_CHECKING:
@@ -228,6 +228,7 @@ def _transform_geometry(geom: dict, affine: Any) -> dict:
     raise ValueError(f"unsupported geometry type {geom['type']!r}")
 
 
+@gdal.scoped
 def rasterize_polygons(doc: Any, tile: imagery.Tile, source: str = "<labels>") -> np.ndarray:
     """Burn polygon labels into a class-id mask the size of ``tile`` (later objects on top)."""
     from rasterio import features
@@ -318,6 +319,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
+@gdal.scoped  # the image and its labels in one GDAL environment
 def load_sample(
     sample: Sample, spec: DatasetSpec, palette: np.ndarray | None = None
 ) -> dict[str, Any]:

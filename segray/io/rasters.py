@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from segray.io import imagery, storage
+from segray.io import gdal, imagery, storage
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def open_scene(uri: str, *, endpoint: str | None = None) -> Iterator[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         if not storage.is_s3(uri):
-            with rasterio.open(storage.parse(uri).path) as ds:
+            with gdal.ensured(), rasterio.open(storage.parse(uri).path) as ds:
                 yield ds
             return
         fs, path = storage.pyarrow_filesystem(uri, endpoint=endpoint)
@@ -57,7 +57,7 @@ def open_scene(uri: str, *, endpoint: str | None = None) -> Iterator[Any]:
             except OSError as exc:  # GDAL probes side-car files; "missing" must say so
                 raise FileNotFoundError(name) from exc
 
-        with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(path, opener=opener) as ds:
+        with gdal.env(GDAL_PAM_ENABLED="NO"), rasterio.open(path, opener=opener) as ds:
             yield ds
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from segray.errors import DatasetError, StorageError
-from segray.io import storage
+from segray.io import gdal, storage
 
 #: The media type and roles of a predicted mask asset.
 COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -202,6 +202,7 @@ def safe_name(item_id: str) -> str:
 # --- STAC out ---------------------------------------------------------------------------------
 
 
+@gdal.scoped
 def footprint(crs: str | None, transform: Any, shape: Sequence[int]) -> tuple[list, dict] | None:
     """``(bbox, geometry)`` in WGS84 of a raster of ``shape`` (height, width) at ``transform``
     in ``crs``; None without a georeference."""

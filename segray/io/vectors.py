@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from segray.errors import DatasetError
-from segray.io import storage
+from segray.io import gdal, storage
 
 VECTOR_SUFFIXES = (".geojson", ".json", ".fgb", ".gpkg")
 
@@ -154,6 +154,7 @@ class SceneLabels:
         window = shapely.box(col, row, col + width, row + height)
         return np.sort(self.tree.query(window, predicate="intersects"))
 
+    @gdal.scoped
     def rasterize(self, col: int, row: int, width: int, height: int) -> np.ndarray:
         """Class ids (height, width) of a window: 0 where no feature is."""
         from affine import Affine
@@ -172,6 +173,7 @@ class SceneLabels:
         )
 
 
+@gdal.scoped
 def for_scene(features: Features, crs: Any, transform: Any, width: int, height: int) -> SceneLabels:
     """The features meeting a scene of ``width`` × ``height`` pixels on (``crs``, ``transform``),
     reprojected to it and moved to its pixel coordinates."""

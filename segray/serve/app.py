@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from segray import inference
 from segray.errors import TileError
 from segray.inference import tiling
-from segray.io import imagery
+from segray.io import gdal, imagery
 from segray.io.imagery import Tile
 from segray.serve.config import TOKEN_ENV, ServeConfig
 from segray.serve.http import ApiError, image_bytes, read_body, response_format, tile_error
@@ -164,6 +164,7 @@ class SegmentModel:
             detail = f"class must lie in 0..{self.card.num_classes - 1}; got {class_index}"
             raise ApiError(400, "invalid request", detail)
 
+    @gdal.scoped  # header and decode in one GDAL environment
     def _prepare(self, data: bytes) -> tuple[Tile, tiling.Layout, np.ndarray]:
         if not data:
             raise ApiError(400, "empty body", "the request has no image bytes")

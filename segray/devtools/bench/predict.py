@@ -179,23 +179,25 @@ def steady_rate(arrivals: list[tuple[float, int]], skip: float = 0.2, fewest: in
 
 def _loop_rate(model_uri: str, tiles: str, out: str, endpoint: str | None, limit: int) -> float:
     """Tiles/s of the plain loop over the first ``limit`` tiles (the first one, which compiles
-    the model call, is not timed)."""
+    the model call, is not timed), in one GDAL environment as a careful user writes it (and as
+    the job's tasks run a batch)."""
     from segray import inference
     from segray.bulk.stages import encode_like
-    from segray.io import imagery, storage
+    from segray.io import gdal, imagery, storage
 
     model, card = inference.load(model_uri, endpoint=endpoint)
     uris = storage.list_files(tiles, suffixes=(".tif",), endpoint=endpoint)[: limit + 1]
     start = 0.0
-    for n, uri in enumerate(uris):
-        if n == 1:
-            start = time.perf_counter()
-        tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri)
-        x = inference.prepare(tile, card)
-        logits = inference.mark_nodata(inference.infer(model, x[None], card)[0], tile.valid)
-        masks, _ = inference.render_outputs(logits[None], card)
-        name = storage.join(out, storage.relative_to(tiles, uri))
-        storage.write_bytes(name, encode_like(masks[0], tile, name), endpoint=endpoint)
+    with gdal.env():
+        for n, uri in enumerate(uris):
+            if n == 1:
+                start = time.perf_counter()
+            tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri)
+            x = inference.prepare(tile, card)
+            logits = inference.mark_nodata(inference.infer(model, x[None], card)[0], tile.valid)
+            masks, _ = inference.render_outputs(logits[None], card)
+            name = storage.join(out, storage.relative_to(tiles, uri))
+            storage.write_bytes(name, encode_like(masks[0], tile, name), endpoint=endpoint)
     return (len(uris) - 1) / (time.perf_counter() - start)
 
 
