@@ -59,6 +59,10 @@ def test_bench_predict_measures_job_loop_and_model_side_by_side(ray_local):
     for r in result["rates"]:
         assert r["tiles"] == 40 and r["job"] > 0 and r["loop"] > 0 and r["model"] > 0
         assert r["job_vs_loop"] == pytest.approx(r["job"] / r["loop"])
+        # the loop like the job pays its start: over the job's 40 tiles it is slower than its flow
+        assert r["loop_start_s"] > 0 and r["loop"] < r["loop_steady"]
+        assert r["loop"] == pytest.approx(40 / (r["loop_start_s"] + 40 / r["loop_steady"]))
+        assert r["steady_vs_loop"] == pytest.approx(r["steady"] / r["loop_steady"], nan_ok=True)
         assert r["job_vs_model"] == pytest.approx(r["job"] / r["model"])
     assert [r["tiles"] for r in result["rss"]] == [20, 40]
     for run in result["rss"]:

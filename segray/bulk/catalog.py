@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,10 @@ def item_file(
     return uri, json.dumps(doc, indent=1).encode()
 
 
+#: Items read back at once to build the collection (read a part at a time, folded in).
+ITEMS_AT_ONCE = 1000
+
+
 def write_collection(
     config: PredictConfig, card: ModelCard, masks: list[str], threads: int = 16
 ) -> str | None:
@@ -102,11 +107,16 @@ def write_collection(
             log.warning("STAC collection: item left out: %s", exc)
             return None
 
-    with ThreadPoolExecutor(threads) as pool:
-        items = [found for found in pool.map(read, sorted(set(masks))) if found]
+    def items() -> Iterator[tuple[str, dict[str, Any]]]:
+        names = sorted(set(masks))
+        with ThreadPoolExecutor(threads) as pool:  # a part at a time: no more items held
+            for start in range(0, len(names), ITEMS_AT_ONCE):
+                part = pool.map(read, names[start : start + ITEMS_AT_ONCE])
+                yield from (found for found in part if found)
+
     doc = stac.collection(
         collection_id(config),
-        items,
+        items(),
         description=f"Masks predicted by segray with model {card.name} {card.version}".rstrip(),
     )
     uri, text = storage.join(config.output, stac.COLLECTION_FILE), json.dumps(doc, indent=1)

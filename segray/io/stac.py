@@ -300,25 +300,26 @@ def collection(
 ) -> dict[str, Any]:
     """A collection over ``(relative href, item dict)`` pairs, to be written at the output root
     (:data:`COLLECTION_FILE`): its extent is the union of the items' bboxes (the whole world when
-    none has one) and the span of their datetimes."""
+    none has one) and the span of their datetimes. The items are folded in one at a time: only
+    their links are kept."""
     from pystac.extensions.label import LabelExtension
 
     links = [{"rel": "root", "href": "./" + COLLECTION_FILE, "type": "application/json"}]
-    boxes, times = [], []
+    box: list[float] | None = None
+    first = last = None  # (instant, stamp) of the earliest and the latest datetime
     for rel, item in items:
         links.append({"rel": "item", "href": "./" + rel, "type": "application/geo+json"})
-        if item.get("bbox"):
-            boxes.append(item["bbox"])
+        b = item.get("bbox")
+        if b:
+            box = box or list(b[:4])
+            box = [min(box[0], b[0]), min(box[1], b[1]), max(box[2], b[2]), max(box[3], b[3])]
         stamp = (item.get("properties") or {}).get("datetime")
         if stamp:
-            times.append(stamp)
-    if boxes:
-        spatial = [min(b[0] for b in boxes), min(b[1] for b in boxes)]
-        spatial += [max(b[2] for b in boxes), max(b[3] for b in boxes)]
-    else:
-        spatial = [-180.0, -90.0, 180.0, 90.0]
-    times.sort(key=_instant)
-    temporal = [times[0], times[-1]] if times else [None, None]
+            moment = (_instant(stamp), stamp)
+            first = moment if first is None else min(first, moment)
+            last = moment if last is None else max(last, moment)
+    spatial = box or [-180.0, -90.0, 180.0, 90.0]
+    temporal = [first[1], last[1]] if first and last else [None, None]
     return {
         "type": "Collection",
         "stac_version": "1.1.0",
