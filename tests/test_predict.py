@@ -58,7 +58,7 @@ def model_uri(s3_root, s3_endpoint) -> str:
         options=options,
         dtype="uint8",
     )
-    saving.save_model(model, card, f"{s3_root}/model", endpoint=s3_endpoint)
+    saving.save_model(model, card, f"{s3_root}/model", storage.S3FileSystem(s3_endpoint))
     return f"{s3_root}/model"
 
 
@@ -90,7 +90,7 @@ def tiles(collection) -> str:
 @pytest.fixture(scope="module")
 def expected(collection, model_uri, s3_endpoint) -> dict:
     """``{relative path: (tile, mask, logits)}``: the model applied directly to every tile."""
-    model, card = saving.load_model(model_uri, endpoint=s3_endpoint)
+    model, card = saving.load_model(model_uri, storage.filesystem(model_uri, s3_endpoint))
     rel, decoded = zip(*sorted(collection[1].items()), strict=True)
     logits = inference.infer(model, np.stack([inference.prepare(t, card) for t in decoded]), card)
     masks = inference.render(logits, card)
@@ -146,8 +146,8 @@ def test_200_geotiff_tiles_then_a_rerun_skips_all_and_rewrites_nothing(
     print(f"{COUNT} tiles S3->S3 in {time.monotonic() - start:.1f} s")
     assert result.ok and result.counts == {"ok": COUNT, "skipped": 0, "error": 0}
     assert_masks_correct(out, expected, s3_endpoint)
-    table = read_manifest(result.manifest, endpoint=s3_endpoint)
-    version = saving.load_card(model_uri, endpoint=s3_endpoint).version
+    table = read_manifest(result.manifest, storage.filesystem(out, s3_endpoint))
+    version = saving.load_card(model_uri, storage.filesystem(model_uri, s3_endpoint)).version
     rows = {storage.relative_to(tiles, r["input_uri"]): r for r in table.to_pylist()}
     assert set(rows) == set(expected) and len(table) == COUNT
     for rel, row in rows.items():
@@ -162,17 +162,21 @@ def test_200_geotiff_tiles_then_a_rerun_skips_all_and_rewrites_nothing(
     again = predict(cfg)
     assert again.ok and again.counts == {"ok": 0, "skipped": COUNT, "error": 0}
     assert objects(out, s3_endpoint) == before
-    again_rows = read_manifest(again.manifest, endpoint=s3_endpoint).to_pylist()
+    again_rows = read_manifest(again.manifest, storage.filesystem(out, s3_endpoint)).to_pylist()
     assert [r["status"] for r in again_rows] == ["skipped"] * COUNT
     # skipped rows carry the fractions the run that made their masks measured
     first = {r["input_uri"]: r["class_fractions"] for r in table.to_pylist()}
     assert {r["input_uri"]: r["class_fractions"] for r in again_rows} == first
-    assert run_folders(out, endpoint=s3_endpoint) == sorted([result.manifest, again.manifest])
+    assert run_folders(out, storage.filesystem(out, s3_endpoint)) == sorted(
+        [result.manifest, again.manifest]
+    )
 
 
 def corrupt_collection(root: str, endpoint: str) -> dict[str, str]:
     """Six good GeoTIFFs, a PNG, a JPEG, a 48 px tile, and one of each kind of bad tile."""
-    synth.write_collection(root, "geotiff", 6, SIZE, seed=3, mode="binary", endpoint=endpoint)
+    synth.write_collection(
+        root, "geotiff", 6, SIZE, seed=3, mode="binary", fs=storage.filesystem(root, endpoint)
+    )
     image, _ = synth.generate_tile(SIZE, 7, "binary")
     good = storage.read_bytes(f"{root}/images/tile_r000_c000.tif", endpoint=endpoint)
     big, _ = synth.generate_tile(48, 8, "binary")
@@ -212,7 +216,7 @@ def test_bad_tiles_become_error_rows_and_the_rest_is_done(
     assert result.counts == {"ok": 9, "skipped": 0, "error": 6}
     assert not result.ok and result.error_rate == pytest.approx(6 / 15)
     assert dataclasses.replace(result, max_error_rate=0.5).ok
-    rows = read_manifest(result.manifest, endpoint=s3_endpoint).to_pylist()
+    rows = read_manifest(result.manifest, storage.filesystem(out, s3_endpoint)).to_pylist()
     errors = {r["input_uri"].rsplit("/", 1)[-1]: r for r in rows if r["status"] == "error"}
     assert set(errors) == set(reasons)
     for name, reason in reasons.items():
@@ -507,7 +511,8 @@ def test_config_refuses_bad_values_and_the_job_maps_every_option():
     )
     assert (cfg.mc_samples, cfg.footprints) == (8, 1)
     defaults = parse(["--model=m", "--output=o", "--input=i"])
-    assert (defaults.mc_samples, defaults.footprints, defaults.overlap) == (0, None, 64)
+    assert (defaults.mc_samples, defaults.footprints, defaults.overlap) == (0, None, None)
+    assert defaults.overlap_for(None) == 64 and defaults.overlap_for((64, 64)) == 32
 
 
 # --- no input can make a job write outside its output ------------------------------------------

@@ -89,7 +89,7 @@ def check_output(out: str, inputs: dict, endpoint: str | None, scene: bool = Fal
     from pystac.validation import validate_dict
 
     uri = storage.join(out, stac.COLLECTION_FILE)
-    doc = stac.read_json(uri, endpoint=endpoint)
+    doc = stac.read_json(uri, storage.filesystem(uri, endpoint))
     validate_dict(doc, extensions=[])
     collection = pystac.Collection.from_dict(doc, href=uri)
     assert collection.license == "other" and collection.id.startswith("segray-")
@@ -97,7 +97,7 @@ def check_output(out: str, inputs: dict, endpoint: str | None, scene: bool = Fal
     items = {}
     for href in links:
         item_uri = stac.resolve(uri, href)
-        raw = stac.read_json(item_uri, endpoint=endpoint)
+        raw = stac.read_json(item_uri, storage.filesystem(item_uri, endpoint))
         validate_dict(raw, extensions=[])
         item = pystac.Item.from_dict(raw, href=item_uri)
         label = LabelExtension.ext(item)

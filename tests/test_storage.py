@@ -9,7 +9,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from segray.io import storage
+from segray.io import local, storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -104,17 +104,17 @@ def test_pyarrow_filesystem_reads_what_boto3_wrote(base):
 def test_local_writes_take_the_mode_the_umask_gives(tmp_path):
     old = os.umask(0o022)
     try:
-        storage._umask.cache_clear()
+        local._umask.cache_clear()
         target = tmp_path / "sub" / "mask.tif"
         storage.write_bytes(str(target), b"x")
         assert stat.S_IMODE(target.stat().st_mode) == 0o644  # readable by the team, not 0600
         os.umask(0o027)
-        storage._umask.cache_clear()
+        local._umask.cache_clear()
         storage.write_text(str(tmp_path / "model.json"), "{}")
         assert stat.S_IMODE((tmp_path / "model.json").stat().st_mode) == 0o640
     finally:
         os.umask(old)
-        storage._umask.cache_clear()
+        local._umask.cache_clear()
 
 
 @pytest.fixture
@@ -167,3 +167,38 @@ def test_s3_keys_keep_question_marks_and_hashes():
     assert storage.relative_to("s3://bucket/tiles", loc.uri) == "a?b#c.tif"
     with pytest.raises(storage.StorageError, match="needs a bucket"):
         storage.parse("s3:///key")
+
+
+def test_a_filesystem_is_chosen_once_by_uri_and_travels_whole(tmp_path):
+    """One FileSystem per scheme, bound to its endpoint: the same object for the same endpoint,
+    equal after pickling (as Ray ships it), and an unknown scheme is refused by name."""
+    import pickle
+
+    s3 = storage.filesystem("s3://bucket/key", "http://127.0.0.1:1")
+    assert isinstance(s3, storage.S3FileSystem) and s3.endpoint == "http://127.0.0.1:1"
+    assert storage.filesystem("s3://other/k", "http://127.0.0.1:1") is s3
+    assert storage.filesystem("s3://bucket/key").endpoint is None
+    assert pickle.loads(pickle.dumps(s3)) == s3
+    assert storage.filesystem(str(tmp_path)) is storage.filesystem(f"file://{tmp_path}")
+    assert isinstance(storage.filesystem(str(tmp_path)), storage.LocalFileSystem)
+    with pytest.raises(storage.StorageError, match="gs://b/x.*unsupported scheme 'gs'"):
+        storage.filesystem("gs://b/x")
+
+
+def test_an_s3_filesystem_holds_its_endpoint_whatever_the_environment(
+    s3_prefix, s3_endpoint, monkeypatch
+):
+    """Bound to the moto server, it reads and writes there while the environment names a
+    closed port; the same URI without the endpoint follows the environment and fails."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("SEGRAY_S3_RETRY_S", "0")
+    fs = storage.filesystem(s3_prefix, s3_endpoint)
+    uri = storage.join(s3_prefix, "bound/a.bin")
+    fs.write_bytes(uri, b"abc")
+    assert fs.read_bytes(uri) == b"abc" and fs.exists(uri)
+    assert fs.list_files(storage.join(s3_prefix, "bound")) == [uri]
+    arrow, path = fs.arrow(uri)
+    with arrow.open_input_stream(path) as f:
+        assert f.read() == b"abc"
+    with pytest.raises(storage.StorageError, match="a.bin"):
+        storage.filesystem(uri).read_bytes(uri)

@@ -12,6 +12,7 @@ import pytest
 from segray import inference
 from segray.bulk.manifest import read_manifest
 from segray.devtools import synth
+from segray.errors import ConfigError
 from segray.inference import tiling
 from segray.io import footprints, imagery, storage
 from segray.io.imagery import Tile
@@ -241,10 +242,15 @@ def test_scene_masks_from_s3_equal_whole_scene_and_keep_georeference(unet, s3_en
     root = f"s3://segray-test/scene-{uuid.uuid4().hex[:8]}"
     storage.make_bucket(root, endpoint=s3_endpoint)
     synth.write_collection(
-        root, layout="scene", count=2, scene_size=SCENE, mode="binary", endpoint=s3_endpoint
+        root,
+        layout="scene",
+        count=2,
+        scene_size=SCENE,
+        mode="binary",
+        fs=storage.S3FileSystem(s3_endpoint),
     )
     storage.write_bytes(f"{root}/scenes/scene_bad.tif", b"II*\x00broken", endpoint=s3_endpoint)
-    card = saving.save_model(model, card, f"{root}/model", endpoint=s3_endpoint)
+    card = saving.save_model(model, card, f"{root}/model", storage.S3FileSystem(s3_endpoint))
     config = PredictConfig(
         model=f"{root}/model",
         input=f"{root}/scenes",
@@ -262,7 +268,8 @@ def test_scene_masks_from_s3_equal_whole_scene_and_keep_georeference(unet, s3_en
     result = predict(config)
     assert result.ok and result.counts == {"ok": 2, "skipped": 0, "error": 1}
     rows = {
-        r["input_uri"]: r for r in read_manifest(result.manifest, endpoint=s3_endpoint).to_pylist()
+        r["input_uri"]: r
+        for r in read_manifest(result.manifest, storage.S3FileSystem(s3_endpoint)).to_pylist()
     }
     assert "cannot open scene" in rows[f"{root}/scenes/scene_bad.tif"]["error"]
     for name in ("scene_000", "scene_001"):
@@ -296,3 +303,37 @@ def read_geotiff(uri: str, like: Tile, endpoint: str) -> np.ndarray:
         assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.shape == like.array.shape[:2]
         assert ds.crs.to_string() == like.crs and ds.transform == like.transform
         return ds.read(1)
+
+
+@pytest.mark.parametrize("side", [16, 32, 64, 96, 128, 256, 512])
+def test_scene_defaults_work_with_every_model_size(side):
+    """With nothing but a model given, a scene job's window and overlap fit each other for
+    any model size (a 64 px model once failed: overlap 64 at window 64), and the tile path
+    keeps its overlap of 64 (cut windows clamp it to half the window)."""
+    from types import SimpleNamespace
+
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.job import scene_window
+    from segray.inference.tiling import OVERLAP, scene_windows
+
+    config = PredictConfig(model="m", input="in", output="out", scene=True)
+    window = scene_window(config, SimpleNamespace(input_shape=(side, side, 3)))
+    overlap = config.overlap_for(window)
+    assert window == (side, side) and overlap == min(OVERLAP, side // 2)
+    covered = np.zeros((3 * side + 5, 2 * side), bool)
+    for win in scene_windows(*covered.shape, window, overlap):
+        covered[win.slices] = True
+    assert covered.all()
+    assert config.overlap_for(None) == OVERLAP
+    given = config.replace(overlap=side)
+    with pytest.raises(ConfigError, match=f"overlap must be smaller than the window.*got {side}"):
+        scene_window(given, SimpleNamespace(input_shape=(side, side, 3)))
+
+
+def test_tiles_per_actor_call_and_windows_per_model_call_are_two_settings():
+    from segray.bulk.config import PredictConfig
+
+    config = PredictConfig(model="m", input="in", output="out", batch_size=32)
+    assert config.actor_batch() == 32  # tiles of one window fill one model call
+    config = config.replace(tiles_per_call=8)
+    assert (config.actor_batch(), config.batch_size) == (8, 32)

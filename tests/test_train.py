@@ -120,7 +120,7 @@ def test_checkpoints_on_s3_load_back_identical(
 ):
     out = f"{s3_prefix}/run"
     train(tiny_config(binary_tiles, out, epochs=1, workers=1, batch_size=4, endpoint=s3_endpoint))
-    s3_model, card = saving.load_model(out, endpoint=s3_endpoint)
+    s3_model, card = saving.load_model(out, storage.filesystem(out, s3_endpoint))
     local = tmp_path / "copy"
     for name in ("model.keras", "model.json"):
         storage.write_bytes(

@@ -97,12 +97,12 @@ def write_collection(
     is not written again."""
     if not masks:
         return None
-    endpoint = config.endpoint
+    out = config.fs(config.output)
 
     def read(mask: str) -> tuple[str, dict[str, Any]] | None:
         uri = item_uri(mask)
         try:
-            return storage.relative_to(config.output, uri), stac.read_json(uri, endpoint=endpoint)
+            return storage.relative_to(config.output, uri), stac.read_json(uri, out)
         except SegrayError as exc:
             log.warning("STAC collection: item left out: %s", exc)
             return None
@@ -121,9 +121,9 @@ def write_collection(
     )
     uri, text = storage.join(config.output, stac.COLLECTION_FILE), json.dumps(doc, indent=1)
     try:  # a rerun that changed nothing rewrites nothing
-        unchanged = storage.read_text(uri, endpoint=endpoint) == text
+        unchanged = out.read_text(uri) == text
     except SegrayError:
         unchanged = False
     if not unchanged:
-        storage.write_text(uri, text, endpoint=endpoint)
+        out.write_text(uri, text)
     return uri

@@ -6,12 +6,13 @@ from pydantic import field_validator, model_validator
 
 from segray.inference.render import Output
 from segray.inference.run import BATCH_SIZE
-from segray.inference.tiling import BLEND, OVERLAP, Blend
+from segray.inference.tiling import BLEND, OVERLAP, Blend, default_overlap
+from segray.io import storage
 from segray.io.footprints import NATIVE, WGS84
 from segray.settings import Settings, setting
 
 
-class PredictConfig(Settings):
+class PredictConfig(Settings, storage.Addressed):
     """Settings of one bulk prediction job; the defaults run on a laptop CPU.
 
     Inputs are ``input`` (a folder, s3:// prefix or one file) filtered by ``suffixes`` and
@@ -37,6 +38,12 @@ class PredictConfig(Settings):
     pattern: str | None = setting(None, "Glob on the relative path or file name.")
     suffixes: tuple[str, ...] | None = setting(None, "Input suffixes, e.g. .tif,.png.")
     batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
+    tiles_per_call: int | None = setting(
+        None,
+        "Tiles per Predictor actor call (default: batch_size, so tiles of one window fill "
+        "one model call).",
+        ge=1,
+    )
     tiles_per_task: int = setting(
         64, "Tiles per read or write task (fewer, larger tasks cost less per tile).", ge=1
     )
@@ -59,7 +66,9 @@ class PredictConfig(Settings):
     )
     scene: bool = setting(False, "Inputs are large GeoTIFF scenes, read window by window.")
     window: int | None = setting(None, "Scene window in pixels (default: the model's input).", ge=1)
-    overlap: int = setting(OVERLAP, "Overlap of windows in pixels.", ge=0)
+    overlap: int | None = setting(
+        None, f"Overlap of windows in pixels (default: {OVERLAP}, at most half the window).", ge=0
+    )
     blend: Blend = setting(BLEND, "How overlapping windows are joined.")
     scenes_at_once: int | None = setting(
         None, "Scenes stitched at once, a task each (default: 2 per Predictor actor).", ge=1
@@ -82,6 +91,17 @@ class PredictConfig(Settings):
         True, "Write <name>.json (a STAC item) beside each mask, collection.json at the root."
     )
     ray_address: str | None = setting(None, "Ray cluster (default: RAY_ADDRESS, else local).")
+
+    def overlap_for(self, window: tuple[int, int] | None) -> int:
+        """The overlap of windows of this size: ``overlap``, else the default for the size
+        (:func:`segray.inference.tiling.default_overlap`; :data:`OVERLAP` for any size)."""
+        if self.overlap is not None:
+            return self.overlap
+        return OVERLAP if window is None else default_overlap(window)
+
+    def actor_batch(self) -> int:
+        """Tiles per Predictor actor call: ``tiles_per_call``, else ``batch_size``."""
+        return self.tiles_per_call or self.batch_size
 
     @field_validator("suffixes")
     @classmethod
@@ -112,7 +132,7 @@ class PredictConfig(Settings):
                 "give input (a folder or s3:// prefix), manifest (a list of URIs) or stac "
                 "(a STAC ItemCollection, catalog or collection)"
             )
-        if self.window is not None and self.overlap >= self.window:
+        if self.window is not None and self.overlap is not None and self.overlap >= self.window:
             raise ValueError(
                 f"overlap must lie in 0..window-1 ({self.window - 1}); got {self.overlap}"
             )

@@ -22,15 +22,15 @@ import time
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from segray.bulk import catalog, stages
+from segray.bulk import stages
 from segray.bulk.config import PredictConfig
-from segray.bulk.manifest import Manifest, PredictResult, finished_rows
-from segray.bulk.plan import list_outputs, outputs, plan_sources
+from segray.bulk.manifest import Manifest, PredictResult
+from segray.bulk.plan import outputs, plan_sources
 from segray.bulk.predictor import TilePredictor, render_options
 from segray.bulk.rows import STOP
 from segray.bulk.scenes import SceneJob, run_scenes
-from segray.errors import ConfigError, SegrayError
-from segray.io import storage
+from segray.bulk.sinks import Sink, job_sinks
+from segray.errors import ConfigError
 from segray.log import progress
 
 if TYPE_CHECKING:
@@ -49,12 +49,59 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
     from segray.models import saving
 
     start = time.monotonic()
-    card = saving.load_card(config.model, endpoint=config.endpoint)
+    card = saving.load_card(config.model, config.fs(config.model))
     for name in ("class_index", "footprints"):
         value = getattr(config, name)
         if value is not None and not 0 <= value < card.num_classes:
             raise ConfigError(f"{name} must lie in 0..{card.num_classes - 1}; got {value}")
     todo, done, sources = plan_sources(config)
+    _check_found(config, todo, done)
+    manifest = Manifest(
+        config.output,
+        config.model,
+        card.version,
+        fs=config.fs(config.output),
+        rows_per_part=config.manifest_rows,
+        flush_s=config.manifest_flush_s,
+        files=lambda mask: outputs(mask, config),
+    )
+    sinks = (*job_sinks(config, card), manifest)
+    for sink in sinks:
+        sink.on_write_start()
+    manifest.record_settled(done, todo)
+    masks = [out for _, out, reason in done if not reason]  # skipped: made by an earlier run
+    stopped = ""
+    if todo:
+        _init_ray(config)
+        unit = "scene" if config.scene else "tile"
+        log.info("predicting %d %s(s), %d settled already", len(todo), unit, len(done))
+        blocks = _blocks(todo, config, card, sinks[:-1], sources)
+        with progress(len(todo), f"{unit}s", unit) as bar:
+            for block in blocks:
+                for sink in sinks:
+                    sink.on_rows(block)
+                pairs = zip(block["output_uri"], block["status"], strict=True)
+                masks += [str(out) for out, status in pairs if status == "ok"]
+                bar.update(len(block["input_uri"]))
+                if on_rows is not None:
+                    on_rows(len(block["input_uri"]))
+                stopped = next((str(s) for s in block[STOP] if s), "")
+                if stopped:
+                    blocks.close()  # Ray Data stops the pipeline: no new task starts
+                    break
+    if stopped:
+        log.error("stopping: %s", stopped)
+        for sink in sinks:
+            sink.on_write_failed(stopped)
+    else:
+        for sink in sinks:
+            sink.on_write_complete(masks)
+    result = manifest.close(time.monotonic() - start, config.max_error_rate, stopped)
+    log.info(result.summary())
+    return result
+
+
+def _check_found(config: PredictConfig, todo: list, done: list) -> None:
     if not (todo or done) and config.stac:
         raise ConfigError(f"no STAC item found in {config.stac}: check the URI")
     if not (todo or done):
@@ -63,118 +110,30 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
             f"no input found in {where} (suffixes {config.suffixes or 'default'}, pattern "
             f"{config.pattern!r}): check the URI, --pattern and --suffixes"
         )
-    stale = storage.remove_stale_temps(config.output, older_than=time.time() - STALE_TEMP_S)
-    if stale:
-        log.info("removed %d temporary file(s) a killed writer left in %s", stale, config.output)
-    manifest = Manifest(
-        config.output,
-        config.model,
-        card.version,
-        endpoint=config.endpoint,
-        rows_per_part=config.manifest_rows,
-        flush_s=config.manifest_flush_s,
-    )
-    _record_settled(manifest, done, config)
-    masks = [out for _, out, reason in done if not reason]  # skipped: made by an earlier run
-    stopped = ""
-    if todo:
-        _init_ray(config)
-        unit = "scene" if config.scene else "tile"
-        log.info("predicting %d %s(s), %d settled already", len(todo), unit, len(done))
-        with progress(len(todo), f"{unit}s", unit) as bar:
-            if config.scene:
-                scenes = _run_scenes(todo, config, card, sources)
-                for row in scenes:
-                    stopped = row.pop(STOP, "")
-                    manifest.add(**row)
-                    if row["status"] == "ok":
-                        masks.append(row["output_uri"])
-                    bar.update(1)
-                    if on_rows is not None:
-                        on_rows(1)
-                    if stopped:
-                        scenes.close()
-                        break
-            else:
-                batches = _run_tiles(todo, config, card, sources)
-                for batch in batches:
-                    manifest.add_batch(batch)
-                    masks += [
-                        str(out)
-                        for out, status in zip(batch["output_uri"], batch["status"], strict=True)
-                        if status == "ok"
-                    ]
-                    bar.update(len(batch["input_uri"]))
-                    if on_rows is not None:
-                        on_rows(len(batch["input_uri"]))
-                    stopped = next((str(s) for s in batch[STOP] if s), "")
-                    if stopped:
-                        batches.close()  # Ray Data stops the pipeline: no new task starts
-                        break
-    if stopped:
-        log.error("stopping: %s", stopped)
-        _record_unreported(manifest, todo, config)
-    elif config.stac_items:  # after a stop the rerun writes it
-        _write_collection(config, card, masks)
-    result = manifest.close(time.monotonic() - start, config.max_error_rate, stopped)
-    log.info(result.summary())
-    return result
 
 
-#: Temporary files older than this when a job starts are a killed writer's (a live write takes
-#: seconds): removed.
-STALE_TEMP_S = 60.0
-
-
-def _write_collection(config: PredictConfig, card: ModelCard, masks: list[str]) -> None:
-    """The output's STAC collection over the masks of this job; a failure to write it is logged,
-    the masks and their items are there (a rerun writes it again)."""
-    try:
-        uri = catalog.write_collection(config, card, masks, threads=config.io_threads)
-    except SegrayError as exc:
-        log.error("STAC collection not written: %s", exc)
+def _blocks(
+    todo: list[tuple[str, str]],
+    config: PredictConfig,
+    card: ModelCard,
+    sinks: tuple[Sink, ...],
+    sources: dict[str, dict[str, str]],
+) -> Generator[dict[str, Any], None, None]:
+    """Manifest rows as they are written, a block at a time: a batch of tiles, or one scene."""
+    if not config.scene:
+        yield from _run_tiles(todo, config, card, sinks, sources)
         return
-    if uri:
-        log.info("STAC collection of %d mask(s): %s", len(set(masks)), uri)
+    scenes = _run_scenes(todo, config, card, sinks, sources)
+    try:
+        for row in scenes:
+            row.setdefault(STOP, "")
+            yield {k: [row.get(k)] for k in (*BLOCK_COLUMNS, *row)}
+    finally:  # cancels the scene tasks still running, ends the actors
+        scenes.close()
 
 
-def _record_unreported(manifest: Manifest, todo: list, config: PredictConfig) -> None:
-    """After an early stop: the masks that batches in flight finished but the driver never saw
-    get ``ok`` rows too (their class fractions unknown), so the receipt covers every mask the run
-    wrote. A mask is written last and whole, so one that exists is complete."""
-    seen = manifest.inputs()
-    present = _settled_outputs(config)
-    for input_uri, output_uri in todo:
-        if input_uri not in seen and output_uri in present:
-            manifest.add(input_uri, "ok", **outputs(output_uri, config))
-
-
-def _settled_outputs(config: PredictConfig, pause_s: float = 1.0, limit_s: float = 60.0) -> set:
-    """The outputs once writes already under way have landed: listed until two listings a
-    pause apart agree (a write task that was running when the job stopped takes under a
-    second; none is started after)."""
-    present, deadline = set(list_outputs(config)), time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        time.sleep(pause_s)
-        again = set(list_outputs(config))
-        if again == present:
-            break
-        present = again
-    return present
-
-
-def _record_settled(manifest: Manifest, done: list, config: PredictConfig) -> None:
-    """Manifest rows of the inputs settled before the run: refused ones (``error``), and those
-    whose outputs exist (``skipped``, with the class fractions of the run that made them)."""
-    earlier = None
-    for input_uri, output_uri, reason in done:
-        if reason:
-            manifest.add(input_uri, "error", reason)
-            continue
-        if earlier is None:
-            earlier = finished_rows(config.output, endpoint=config.endpoint)
-        fractions = earlier.get(input_uri)
-        manifest.add(input_uri, "skipped", class_fractions=fractions, **outputs(output_uri, config))
+#: Columns every block of manifest rows has.
+BLOCK_COLUMNS = ("input_uri", "status", "error", "output_uri", "class_fractions", "seconds")
 
 
 def _init_ray(config: PredictConfig) -> None:
@@ -189,33 +148,15 @@ def _init_ray(config: PredictConfig) -> None:
 # --- the tile pipeline -------------------------------------------------------------------------
 
 
-def mask_legend(config: PredictConfig, card: ModelCard) -> dict[str, Any]:
-    """The colour table and metadata of this job's masks."""
-    from segray import inference
-
-    return inference.mask_legend(card, config.output_mode, config.class_index)
-
-
-def footprint_options(config: PredictConfig, card: ModelCard) -> dict[str, Any] | None:
-    """What the writers need to vectorise the ``footprints`` class (None when off)."""
-    if config.footprints is None:
-        return None
-    return {
-        "class_index": config.footprints,
-        "name": card.names()[config.footprints],
-        "to_crs": config.footprints_crs,
-    }
-
-
 def _run_tiles(
     todo: list[tuple[str, str]],
     config: PredictConfig,
     card: ModelCard,
-    sources: dict[str, dict[str, str]] | None = None,
+    sinks: tuple[Sink, ...],
+    sources: dict[str, dict[str, str]],
 ) -> Iterable[dict]:
     import ray.data
 
-    sources = sources or {}
     items = [
         {"input_uri": i, "output_uri": o, "source": json.dumps(sources[o]) if o in sources else ""}
         for i, o in todo
@@ -225,14 +166,8 @@ def _run_tiles(
     cpus = config.cpus_per_task
     read = {"config": config}
     ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
-    ds = _predict_stage(ds, config, TilePredictor)
-    legend = mask_legend(config, card)
-    write = {
-        "config": config,
-        "footprints": footprint_options(config, card),
-        "legend": legend,
-        "stac_item": catalog.item_options(config, card, legend),
-    }
+    ds = _predict_stage(ds, config, card, TilePredictor)
+    write = {"config": config, "sinks": sinks}
     ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -241,40 +176,32 @@ def _run_scenes(
     todo: list[tuple[str, str]],
     config: PredictConfig,
     card: ModelCard,
-    sources: dict[str, dict[str, str]] | None = None,
+    sinks: tuple[Sink, ...],
+    sources: dict[str, dict[str, str]],
 ) -> Generator[dict[str, Any], None, None]:
     """Scenes stitched and written by tasks of their own, several at once (:mod:`.scenes`)."""
-    legend = mask_legend(config, card)
-    job = SceneJob(
-        config,
-        card,
-        scene_window(config, card),
-        render_options(config),
-        legend,
-        footprint_options(config, card),
-        catalog.item_options(config, card, legend),
-    )
+    job = SceneJob(config, card, scene_window(config, card), render_options(config), sinks)
     return run_scenes(todo, job, sources)
 
 
 def scene_window(config: PredictConfig, card: ModelCard) -> tuple[int, int]:
     """The scene window: ``config.window`` square, else the model's own input size."""
     window = (config.window, config.window) if config.window else tuple(card.input_shape[:2])
-    if not 0 <= config.overlap < min(window):
+    if not 0 <= config.overlap_for(window) < min(window):
         raise ConfigError(f"overlap must be smaller than the window {window}; got {config.overlap}")
     return window
 
 
 def _predict_stage(
-    ds: ray.data.Dataset, config: PredictConfig, predictor: type
+    ds: ray.data.Dataset, config: PredictConfig, card: ModelCard, predictor: type
 ) -> ray.data.Dataset:
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(
         predictor,
-        batch_size=config.batch_size,
+        batch_size=config.actor_batch(),
         compute=ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs={"config": config, "card": card},
     )

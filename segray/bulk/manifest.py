@@ -22,14 +22,16 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segray.bulk.sinks import Sink
 from segray.errors import OutputFull
 from segray.io import storage
+from segray.io.files import FileSystem
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -43,9 +45,6 @@ _SIDE_FILES = ("uncertainty_uri", "footprints_uri", "item_uri")
 SUMMARY_ERRORS = 5
 
 log = logging.getLogger(__name__)
-
-
-# --- inputs: what to predict, what is done already -----------------------------------------------
 
 
 # --- the receipt -------------------------------------------------------------------------------
@@ -124,8 +123,10 @@ class PredictResult:
         return "\n".join(lines)
 
 
-class Manifest:
-    """Collects manifest rows and writes them in whole Parquet parts under the output prefix."""
+class Manifest(Sink):
+    """Collects manifest rows and writes them in whole Parquet parts under the output prefix:
+    the sink of a job's receipt. ``files`` names the files a job makes for a mask, by manifest
+    column (:func:`segray.bulk.plan.outputs`), for the rows of masks it did not see made."""
 
     def __init__(
         self,
@@ -133,14 +134,17 @@ class Manifest:
         model_uri: str,
         model_version: str,
         *,
-        endpoint: str | None = None,
+        fs: FileSystem | None = None,
         rows_per_part: int = 10_000,
         flush_s: float = 30.0,
+        files: Callable[[str], dict[str, str | None]] | None = None,
     ) -> None:
         run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         self.uri = storage.join(output, MANIFEST_DIR, f"run-{run}")
         self.model = (model_uri, model_version)
-        self.endpoint = endpoint
+        self.fs = fs or storage.filesystem(output)
+        self.output, self._todo = output, []
+        self.files = files or (lambda mask: {"output_uri": mask})
         self.rows_per_part, self.flush_s = rows_per_part, flush_s
         self._flushed_at = time.monotonic()
         self._run = f"run-{run}"
@@ -149,7 +153,7 @@ class Manifest:
         self.errors: list[tuple[str, str]] = []
         self._rows: dict[str, list[Any]] = {name: [] for name in schema().names}
         self._parts = 0
-        self._written: list[tuple[str, str | None]] = []  # (part, endpoint) of each part
+        self._written: list[tuple[str, FileSystem]] = []  # (part, where) of each part
 
     def add(
         self,
@@ -209,6 +213,47 @@ class Manifest:
                 **extra,
             )
 
+    def record_settled(self, done: list, todo: list[tuple[str, str]]) -> None:
+        """Rows of the inputs settled before the run: refused ones (``error``, the reason in
+        ``done``), and those whose outputs exist (``skipped``, with the class fractions of the
+        run that made them); ``todo`` (input, mask) are this run's, for :meth:`on_write_failed`."""
+        self._todo = todo
+        earlier = None
+        for input_uri, output_uri, reason in done:
+            if reason:
+                self.add(input_uri, "error", reason)
+                continue
+            if earlier is None:
+                earlier = finished_rows(self.output, self.fs)
+            fractions = earlier.get(input_uri)
+            self.add(input_uri, "skipped", class_fractions=fractions, **self.files(output_uri))
+
+    def on_rows(self, rows: dict[str, Any]) -> None:
+        self.add_batch(rows)
+
+    def on_write_failed(self, reason: str) -> None:
+        """After an early stop: the masks that blocks in flight finished but the driver never
+        saw get ``ok`` rows too (their class fractions unknown), so the receipt covers every
+        mask the run wrote. A mask is written last and whole, so one that exists is complete."""
+        seen = self.inputs()
+        present = self.settled_outputs()
+        for input_uri, output_uri in self._todo:
+            if input_uri not in seen and output_uri in present:
+                self.add(input_uri, "ok", **self.files(output_uri))
+
+    def settled_outputs(self, pause_s: float = 1.0, limit_s: float = 60.0) -> set[str]:
+        """The files under the output once writes already under way have landed: listed until
+        two listings a pause apart agree (a write task running when the job stopped takes
+        under a second; none is started after)."""
+        present, deadline = set(self.fs.list_files(self.output)), time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            time.sleep(pause_s)
+            again = set(self.fs.list_files(self.output))
+            if again == present:
+                break
+            present = again
+        return present
+
     def flush(self) -> None:
         """Write the rows collected so far as the next part (nothing when there are none)."""
         if not self._rows["input_uri"] and self._parts:
@@ -221,9 +266,7 @@ class Manifest:
         pq.write_table(table, sink)
         name = f"part-{self._parts:05d}.parquet"
         try:
-            storage.write_bytes(
-                storage.join(self.uri, name), sink.getvalue(), endpoint=self.endpoint
-            )
+            self.fs.write_bytes(storage.join(self.uri, name), sink.getvalue())
         except OutputFull as exc:
             # the rest of the receipt goes where it can be written, and the summary says where
             fallback = fallback_folder(self._run)
@@ -231,9 +274,9 @@ class Manifest:
                 f"{self._parts} part(s) in {self.uri}; the rest in {fallback} ({exc})"
             )
             log.warning("manifest: %s; writing it to %s instead", exc, fallback)
-            self.uri, self.endpoint = fallback, None
-            storage.write_bytes(storage.join(self.uri, name), sink.getvalue())
-        self._written.append((storage.join(self.uri, name), self.endpoint))
+            self.uri, self.fs = fallback, storage.LOCAL
+            self.fs.write_bytes(storage.join(self.uri, name), sink.getvalue())
+        self._written.append((storage.join(self.uri, name), self.fs))
         self._parts += 1
         self._flushed_at = time.monotonic()
         self._rows = {name: [] for name in schema().names}
@@ -244,8 +287,8 @@ class Manifest:
         import pyarrow.parquet as pq
 
         seen = set(self._rows["input_uri"])
-        for part, endpoint in self._written:
-            data = io.BytesIO(storage.read_bytes(part, endpoint=endpoint))
+        for part, fs in self._written:
+            data = io.BytesIO(fs.read_bytes(part))
             seen.update(pq.read_table(data, columns=["input_uri"]).column(0).to_pylist())
         return seen
 
@@ -275,37 +318,39 @@ def fallback_folder(run: str) -> str:
     return os.path.join(os.path.abspath(root), run)
 
 
-def finished_rows(output: str, *, endpoint: str | None = None) -> dict[str, list[float] | None]:
+def finished_rows(output: str, fs: FileSystem) -> dict[str, list[float] | None]:
     """``{input_uri: class fractions}`` of every input an earlier run into ``output`` finished
     (``ok`` rows; the newest run wins), for the ``skipped`` rows of a rerun."""
     import pyarrow.parquet as pq
 
     found: dict[str, list[float] | None] = {}
-    for folder in run_folders(output, endpoint=endpoint):
-        for part in storage.list_files(folder, suffixes=".parquet", endpoint=endpoint):
-            data = io.BytesIO(storage.read_bytes(part, endpoint=endpoint))
+    for folder in run_folders(output, fs):
+        for part in fs.list_files(folder, suffixes=".parquet"):
+            data = io.BytesIO(fs.read_bytes(part))
             table = pq.read_table(data, columns=["input_uri", "status", "class_fractions"])
             rows = zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
             found.update((uri, fr) for uri, status, fr in rows if status == "ok")
     return found
 
 
-def read_manifest(uri: str, *, endpoint: str | None = None) -> pa.Table:
+def read_manifest(uri: str, fs: FileSystem | None = None) -> pa.Table:
     """A run's manifest (its folder), or every run's rows when given ``<output>/_manifest``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = storage.list_files(uri, suffixes=".parquet", endpoint=endpoint)
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p, endpoint=endpoint))) for p in parts]
+    fs = fs or storage.filesystem(uri)
+    parts = fs.list_files(uri, suffixes=".parquet")
+    tables = [pq.read_table(io.BytesIO(fs.read_bytes(p))) for p in parts]
     if not tables:
         return schema().empty_table()
     # parts written before a column was added lack it: it reads as null there
     return pa.concat_tables(tables, promote_options="default")
 
 
-def run_folders(output: str, *, endpoint: str | None = None) -> list[str]:
+def run_folders(output: str, fs: FileSystem | None = None) -> list[str]:
     """The manifest folders of every run into ``output``, oldest first."""
-    parts = storage.list_files(storage.join(output, MANIFEST_DIR), endpoint=endpoint)
+    folder = storage.join(output, MANIFEST_DIR)
+    parts = (fs or storage.filesystem(output)).list_files(folder)
     return sorted({p.rsplit("/", 1)[0] for p in parts})
 
 

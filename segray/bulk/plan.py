@@ -13,6 +13,7 @@ from segray.io.imagery import TILE_SUFFIXES
 
 if TYPE_CHECKING:
     from segray.bulk.config import PredictConfig
+    from segray.io.files import FileSystem
 
 
 SCENE_SUFFIXES = (".tif", ".tiff")
@@ -64,7 +65,7 @@ Candidate = tuple[str, str, str, dict[str, str] | None]
 def candidates(config: PredictConfig) -> Iterator[Candidate]:
     """``(input, mask URI, refusal, None)`` of each listed input (refusal empty: fine)."""
     base, uris = list_inputs(config)
-    links = set(storage.local_links(base)) if not config.manifest else set()
+    links = set(config.fs(base).links(base)) if not config.manifest else set()
     for link in sorted(links):
         yield link, "", f"{link}: a symbolic link; links in a local input are not followed", None
     for uri in uris:
@@ -76,7 +77,7 @@ def stac_candidates(config: PredictConfig) -> Iterator[Candidate]:
     """``(asset href, mask URI, refusal, source)`` of each item of the ``stac`` file: the mask
     is named by the item's id (:func:`segray.io.stac.safe_name`); an item without the asset, or
     whose id still names no file under the output, is refused on its own row."""
-    items = stac.read_items(config.stac or "", endpoint=config.endpoint)
+    items = stac.read_items(config.stac or "", config.fs(config.stac or ""))
     for item in sorted(items, key=lambda i: (i.id, i.href)):
         source = {"href": item.href, "id": item.id, "datetime": item.datetime or ""}
         try:
@@ -129,16 +130,13 @@ def list_inputs(config: PredictConfig) -> tuple[str, list[str]]:
     """
     suffixes = config.suffixes or (SCENE_SUFFIXES if config.scene else TILE_SUFFIXES)
     if config.manifest:
-        uris = [
-            storage.parse(u).uri for u in read_uri_list(config.manifest, endpoint=config.endpoint)
-        ]
+        listing = read_uri_list(config.manifest, config.fs(config.manifest))
+        uris = [storage.parse(u).uri for u in listing]
         base = config.input or common_base(uris)
     else:
-        base = config.input
-        uris = storage.list_files(
-            base, suffixes=suffixes, pattern=config.pattern, endpoint=config.endpoint
-        )
-        if not uris and base.lower().endswith(suffixes) and storage.exists(base):
+        base, fs = config.input, config.fs(config.input)
+        uris = fs.list_files(base, suffixes=suffixes, pattern=config.pattern)
+        if not uris and base.lower().endswith(suffixes) and fs.exists(base):
             uris = [storage.parse(base).uri]
     out = storage.parse(config.output).uri.rstrip("/") + "/"
     return base, sorted({u for u in uris if not u.startswith(out)})
@@ -146,12 +144,12 @@ def list_inputs(config: PredictConfig) -> tuple[str, list[str]]:
 
 def list_outputs(config: PredictConfig) -> list[str]:
     """Masks already under the output prefix (temporary ``.tmp-*`` files are not listed)."""
-    return storage.list_files(config.output, endpoint=config.endpoint)
+    return config.fs(config.output).list_files(config.output)
 
 
-def read_uri_list(uri: str, *, endpoint: str | None = None) -> list[str]:
+def read_uri_list(uri: str, fs: FileSystem) -> list[str]:
     """URIs from a Parquet file (``input_uri`` or ``uri`` column) or a text file (one a line)."""
-    data = storage.read_bytes(uri, endpoint=endpoint)
+    data = fs.read_bytes(uri)
     if uri.lower().endswith(".parquet"):
         import io
 

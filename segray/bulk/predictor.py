@@ -9,7 +9,7 @@ model-sized windows and stitched back by :func:`segray.inference.run.infer_image
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from segray.bulk.config import PredictConfig
 from segray.bulk.rows import objects, pack, unpack, unpack_valid
 from segray.errors import TileError
 from segray.io.imagery import Tile
+
+if TYPE_CHECKING:
+    from segray.models.saving import ModelCard
 
 
 def render_options(config: PredictConfig) -> dict[str, Any]:
@@ -32,11 +35,13 @@ def render_options(config: PredictConfig) -> dict[str, Any]:
 class _Predictor:
     """What both predictors share: the model, its card, and the logits of a batch of rows."""
 
-    def __init__(self, config: PredictConfig) -> None:
+    def __init__(self, config: PredictConfig, card: ModelCard | None = None) -> None:
+        """Load the model of ``config``; ``card``: its card as the driver read it (not read
+        again)."""
         from segray.models.layers import set_monte_carlo
 
         self.config = config
-        self.model, self.card = inference.load(config.model, endpoint=config.endpoint)
+        self.model, self.card = inference.load(config.model, config.fs(config.model), card)
         if config.mc_samples:  # once: every switch recompiles the model's predict function
             set_monte_carlo(self.model, True)
 
@@ -87,7 +92,7 @@ class _Predictor:
             self.model,
             list(prepared.values()),
             self.card,
-            c.overlap,
+            c.overlap_for(None),
             c.blend,
             c.batch_size,
             c.mc_samples,

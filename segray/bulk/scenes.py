@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -30,18 +29,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray import inference
-from segray.bulk import catalog
 from segray.bulk.config import PredictConfig
-from segray.bulk.plan import footprints_uri, uncertainty_uri
 from segray.bulk.predictor import WindowPredictor
 from segray.bulk.rows import STOP, objects, pack, pack_valid, unpack
+from segray.bulk.sinks import LocalFile, Output, Sink, files_of, legend_of, write_files
 from segray.errors import OutputFull, SegrayError, TileError
 from segray.inference.tiling import SceneStitcher, scene_windows
-from segray.io import gdal, imagery, storage
+from segray.io import gdal, imagery
 from segray.io.imagery import Tile
-from segray.io.rasters import BandWriter, Window, check_scene, open_scene, read_window
+from segray.io.rasters import BandWriter, Window, check_scene
+from segray.io.readers import RasterHeader, SceneReader
 
 if TYPE_CHECKING:
+    from affine import Affine
+
     from segray.models.saving import ModelCard
 
 #: Window batches of one scene at the Predictors at once: one computed while the next is read.
@@ -64,10 +65,18 @@ class SceneJob:
     card: ModelCard
     window: tuple[int, int]
     render: dict[str, Any]
-    legend: dict[str, Any]
-    footprints: dict[str, Any] | None = None
-    #: What the STAC item beside each mask needs (:func:`segray.bulk.catalog.item_options`).
-    item: dict[str, Any] | None = None
+    #: The job's outputs, in writing order, the mask's last (:func:`segray.bulk.sinks.job_sinks`).
+    sinks: tuple[Sink, ...]
+
+    @property
+    def legend(self) -> dict[str, Any]:
+        """The colour table and metadata of the masks."""
+        return legend_of(self.sinks)
+
+    @property
+    def overlap(self) -> int:
+        """The overlap of this job's scene windows."""
+        return self.config.overlap_for(self.window)
 
     @property
     def uncertainty(self) -> bool:
@@ -78,8 +87,8 @@ class ScenePredictor:
     """A Ray actor around :class:`WindowPredictor`: loads the model once, predicts window
     batches sent by any scene task."""
 
-    def __init__(self, config: PredictConfig) -> None:
-        self._predict = WindowPredictor(config)
+    def __init__(self, config: PredictConfig, card: ModelCard | None = None) -> None:
+        self._predict = WindowPredictor(config, card)
 
     def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._predict(batch)
@@ -106,7 +115,7 @@ def run_scenes(
         max_restarts=2,
         max_task_retries=2,
     )
-    predictors = [actor.remote(c) for _ in range(c.concurrency)]
+    predictors = [actor.remote(c, job.card) for _ in range(c.concurrency)]
     # the model loaded before any scene task takes a CPU: tasks waiting on actors that cannot be
     # placed would hold the CPUs those actors need; and a model that cannot load fails the job
     ray.get([one.ready.remote() for one in predictors])
@@ -154,11 +163,12 @@ def stitch_scene(
     folder = tempfile.mkdtemp(prefix=TEMP_PREFIX)
     c, writer = job.config, None
     try:
-        with gdal.env(GDAL_CACHEMAX=SCENE_CACHE_MIB), _opened(input_uri, c) as ds:
-            writer = SceneWriter(folder, job, (ds.height, ds.width), ds.crs, ds.transform)
-            windows = scene_windows(ds.height, ds.width, job.window, c.overlap)
-            stitcher = SceneStitcher(ds.height, ds.width, job.window, c.overlap, c.blend)
-            for window, logits in _predicted(ds, input_uri, windows, job, predictors, index):
+        with gdal.env(GDAL_CACHEMAX=SCENE_CACHE_MIB), _opened(input_uri, c) as (scene, head):
+            size = (head.height, head.width)
+            writer = SceneWriter(folder, job, size, head.crs, head.transform)
+            windows = scene_windows(*size, job.window, job.overlap)
+            stitcher = SceneStitcher(*size, job.window, job.overlap, c.blend)
+            for window, logits in _predicted(scene, windows, job, predictors, index):
                 for top, band in stitcher.add(window, logits):
                     writer.add_band(top, band)
             uris = writer.finish(output_uri, input_uri, source)
@@ -204,19 +214,19 @@ def remove_stale_folders(parent: str, older_than: float) -> int:
 
 
 @contextlib.contextmanager
-def _opened(uri: str, config: PredictConfig) -> Iterator[Any]:
-    """The scene opened and its header checked; a scene that cannot be opened says so."""
-    with contextlib.ExitStack() as stack:
+def _opened(uri: str, config: PredictConfig) -> Iterator[tuple[SceneReader, RasterHeader]]:
+    """The scene's reader and its header, checked; a scene that cannot be opened says so."""
+    with SceneReader(uri, config.fs(uri)) as reader:
         try:
-            ds = stack.enter_context(open_scene(uri, endpoint=config.endpoint))
+            head = reader.header()
         except Exception as exc:
             raise TileError(uri, f"cannot open scene: {exc}", "unreadable") from exc
-        check_scene(ds, uri, config.bands)
-        yield ds
+        check_scene(head, config.bands)
+        yield reader, head
 
 
 def _predicted(
-    ds: Any, uri: str, windows: list[Window], job: SceneJob, predictors: list, index: int
+    scene: SceneReader, windows: list[Window], job: SceneJob, predictors: list, index: int
 ) -> Iterator[tuple[Window, np.ndarray]]:
     """``(window, logits)`` in row-major order; batches go round the Predictors, starting at
     this scene's ``index``, :data:`BATCHES_AHEAD` at a time."""
@@ -227,19 +237,21 @@ def _predicted(
     in_flight: collections.deque = collections.deque()
     for k, batch in enumerate(batches):
         predictor = predictors[(index + k) % len(predictors)]
-        in_flight.append((batch, predictor.predict.remote(_read_batch(ds, uri, batch, job))))
+        in_flight.append((batch, predictor.predict.remote(_read_batch(scene, batch, job))))
         if len(in_flight) >= BATCHES_AHEAD:
             yield from _logits(*in_flight.popleft(), ray.get)
     while in_flight:
         yield from _logits(*in_flight.popleft(), ray.get)
 
 
-def _read_batch(ds: Any, uri: str, windows: list[Window], job: SceneJob) -> dict[str, np.ndarray]:
+def _read_batch(scene: SceneReader, windows: list[Window], job: SceneJob) -> dict[str, np.ndarray]:
     """A batch of window rows (see :class:`segray.bulk.rows.WindowRow`) for a Predictor."""
     packed, valid = [], []
+    uri = scene.uri
     for win in windows:
         try:
-            pixels, valid_map = read_window(ds, win, job.config.bands)
+            tile = scene.read(win, bands=job.config.bands)
+            pixels, valid_map = tile.array, tile.valid
         except Exception as exc:  # a broken block fails this scene, not the job
             where = [win.row, win.col, win.height, win.width]
             raise TileError(uri, f"cannot read window {where}: {exc}", "unreadable") from exc
@@ -270,18 +282,23 @@ class SceneWriter:
     temporary files, then written whole to the output: side files first, the mask last."""
 
     def __init__(
-        self, folder: str, job: SceneJob, shape: tuple[int, int], crs: Any, transform: Any
+        self,
+        folder: str,
+        job: SceneJob,
+        shape: tuple[int, int],
+        crs: str | None,
+        transform: Affine | None,
     ) -> None:
         self.job, self.shape = job, shape
-        self.crs = crs.to_string() if crs else None
-        self.transform = None if transform.is_identity else transform
+        self.crs, self.transform = crs, transform
         self.counts = np.zeros(job.card.num_classes, np.int64)
         geo = {"crs": self.crs, "transform": self.transform, "nodata": imagery.MASK_NODATA}
         legend = job.legend
         palette, tags = legend.get("palette"), legend.get("tags")
         mask = BandWriter(folder, "mask", shape, **geo, colormap=palette, tags=tags)
         self.rasters = {"mask": mask}
-        if job.footprints is not None and job.render["output"] != "classes":
+        needs_labels = any(sink.needs_labels for sink in job.sinks)
+        if needs_labels and job.render["output"] != "classes":
             self.rasters["labels"] = BandWriter(folder, "labels", shape, **geo)
         if job.uncertainty:
             tags = inference.UNCERTAINTY_TAGS
@@ -304,25 +321,19 @@ class SceneWriter:
     ) -> dict[str, str]:
         """Write the outputs, the mask last; returns their manifest URIs. ``source``: the STAC
         item the scene comes from, for the mask's own item."""
-        endpoint = self.job.config.endpoint
-        uris = {"output_uri": output_uri}
-        if self.job.uncertainty:
-            uris["uncertainty_uri"] = uncertainty_uri(output_uri)
-            storage.write_file(
-                uris["uncertainty_uri"], self.rasters["uncertainty"].cog(), endpoint=endpoint
-            )
-        if self.job.footprints is not None:
-            uris["footprints_uri"] = footprints_uri(output_uri)
-            labels = self.rasters.get("labels", self.rasters["mask"]).read()
-            like = Tile(np.empty((0, 0, 1)), input_uri, "tiff", self.crs, self.transform)
-            doc = inference.footprint_doc(labels, like, **self.job.footprints)
-            del labels
-            storage.write_text(uris["footprints_uri"], json.dumps(doc), endpoint=endpoint)
-        if self.job.item is not None:
-            item = (self.crs, self.transform, self.shape, input_uri, source, self.job.item)
-            uris["item_uri"], doc = catalog.item_file(output_uri, *item)
-            storage.write_bytes(uris["item_uri"], doc, endpoint=endpoint)
-        storage.write_file(output_uri, self.rasters["mask"].cog(), endpoint=endpoint)
+        uncertainty = self.rasters.get("uncertainty")
+        output = Output(
+            uri=output_uri,
+            input_uri=input_uri,
+            like=Tile(np.empty((0, 0, 1)), input_uri, "tiff", self.crs, self.transform),
+            shape=self.shape,
+            mask=LocalFile(self.rasters["mask"].cog()),
+            uncertainty=LocalFile(uncertainty.cog()) if uncertainty is not None else None,
+            labels=self.rasters.get("labels", self.rasters["mask"]).read,
+            source=source,
+        )
+        files, uris = files_of(self.job.sinks, output)
+        write_files(self.job.config.fs(output_uri), files)
         return uris
 
     def close(self) -> None:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from segray import inference
-from segray.bulk import catalog
 from segray.bulk.config import PredictConfig
-from segray.bulk.plan import footprints_uri, uncertainty_uri
 from segray.bulk.rows import (
     NO_TRANSFORM,
     SIDE_COLUMNS,
@@ -30,9 +28,10 @@ from segray.bulk.rows import (
     tile_of,
     unpack,
 )
+from segray.bulk.sinks import File, Output, Sink, files_of, write_files
 from segray.errors import OutputFull, SegrayError
-from segray.io import gdal, imagery, storage
-from segray.io.imagery import Tile
+from segray.io import gdal
+from segray.io.readers import TileReader
 
 # --- tiles ------------------------------------------------------------------------------------
 
@@ -53,12 +52,12 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str, np.ndarray]:
     """Ray Data task: read and decode tiles; a tile that fails becomes a row with its error."""
-    endpoint, bands = config.endpoint, config.bands
+    bands = config.bands
 
     def fetch(uri: str) -> tuple[bytes | Exception, float]:
         start = time.perf_counter()
         try:
-            return storage.read_bytes(uri, endpoint=endpoint), time.perf_counter() - start
+            return config.fs(uri).read_bytes(uri), time.perf_counter() - start
         except Exception as exc:  # reported on the tile's row by decode
             return exc, time.perf_counter() - start
 
@@ -67,7 +66,7 @@ def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str,
         try:
             if isinstance(data, Exception):
                 raise data
-            tile = imagery.decode(data, uri, bands=bands)
+            tile = TileReader(data, uri).read(bands=bands)
         except SegrayError as exc:
             return failed_tile(str(exc), time.perf_counter() - start)
         except Exception as exc:  # a reader bug must not end the job: the row says what happened
@@ -94,31 +93,18 @@ def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str,
 
 
 def write_masks(
-    batch: dict[str, np.ndarray],
-    config: PredictConfig,
-    footprints: dict[str, Any] | None = None,
-    legend: dict[str, Any] | None = None,
-    stac_item: dict[str, Any] | None = None,
+    batch: dict[str, np.ndarray], config: PredictConfig, sinks: Sequence[Sink]
 ) -> dict[str, np.ndarray]:
-    """Ray Data task: encode each mask like its tile and write it whole, with the files beside it
-    (an ``uncertainty`` column, GeoJSON ``footprints`` of the ``labels`` column, the STAC item
-    with ``stac_item``: :func:`segray.bulk.catalog.item_options`); returns manifest rows."""
-    endpoint = config.endpoint
+    """Ray Data task: the files of each row's mask through the job's ``sinks`` (the mask's own
+    last), each written whole; returns manifest rows."""
+    out = config.fs(config.output)
 
-    def encode(i: int) -> tuple[list[tuple[str, bytes]], dict[str, str]] | str:
+    def encode(i: int) -> tuple[list[File], dict[str, str]] | str:
         if batch["error"][i]:
             return str(batch["error"][i])
         uri = str(batch["output_uri"][i])
         try:
-            shape = batch["shape"][i][:2]
-            side = {k: unpack(batch[k][i], shape, "uint8") for k in SIDE_COLUMNS if k in batch}
-            mask = unpack(batch["pixels"][i], shape, batch["dtype"][i])
-            item = None
-            if stac_item is not None:
-                source = str(batch["source"][i]) if "source" in batch else ""
-                item = (str(batch["input_uri"][i]), json.loads(source or "null"), stac_item)
-            like = tile_of(batch, i)
-            return encode_outputs(uri, mask, like, footprints, legend, item=item, **side)
+            return files_of(sinks, output_of(batch, i))
         except Exception as exc:  # an encoder failure: this tile's error, not the job's
             return f"{uri}: cannot write mask: {exc}"
 
@@ -128,8 +114,7 @@ def write_masks(
         start = time.perf_counter() - seconds
         files, uris = encoded
         try:
-            for uri, data in files:  # the mask last: once it exists, so does all beside it
-                storage.write_bytes(uri, data, endpoint=endpoint)
+            write_files(out, files)  # the mask last: once it exists, so does all beside it
         except OutputFull as exc:  # no later write can succeed: the driver stops the job
             return "error", str(exc), time.perf_counter() - start, {STOP: str(exc)}
         except Exception as exc:  # storage failure: this tile's error, not the job's
@@ -157,71 +142,18 @@ def write_masks(
     }
 
 
-def write_outputs(
-    uri: str,
-    mask: np.ndarray,
-    like: Tile,
-    endpoint: str | None,
-    footprints: dict[str, Any] | None = None,
-    legend: dict[str, Any] | None = None,
-    *,
-    uncertainty: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-) -> dict[str, str]:
-    """Write a mask at ``uri``, encoded like its tile, and the files beside it (see
-    :func:`encode_outputs`), the mask last. Returns their manifest URIs."""
-    files, uris = encode_outputs(
-        uri, mask, like, footprints, legend, uncertainty=uncertainty, labels=labels
+def output_of(batch: dict[str, np.ndarray], i: int) -> Output:
+    """Row ``i`` of a predicted batch as the sinks see it."""
+    shape = batch["shape"][i][:2]
+    side = {k: unpack(batch[k][i], shape, "uint8") for k in SIDE_COLUMNS if k in batch}
+    source = str(batch["source"][i]) if "source" in batch else ""
+    return Output(
+        uri=str(batch["output_uri"][i]),
+        input_uri=str(batch["input_uri"][i]),
+        like=tile_of(batch, i),
+        shape=(int(shape[0]), int(shape[1])),
+        mask=unpack(batch["pixels"][i], shape, batch["dtype"][i]),
+        uncertainty=side.get("uncertainty"),
+        labels=side.get("labels"),
+        source=json.loads(source or "null"),
     )
-    for name, data in files:
-        storage.write_bytes(name, data, endpoint=endpoint)
-    return uris
-
-
-def encode_outputs(
-    uri: str,
-    mask: np.ndarray,
-    like: Tile,
-    footprints: dict[str, Any] | None = None,
-    legend: dict[str, Any] | None = None,
-    *,
-    uncertainty: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-    item: tuple[str, dict[str, str] | None, dict[str, Any]] | None = None,
-) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
-    """``([(uri, bytes), …], manifest URIs)``: a mask for ``uri``, encoded like its tile, and the
-    files beside it: the ``uncertainty`` map, the ``footprints`` class's polygons from the
-    class-id ``labels``, and with ``item`` (input URI, STAC source or None, item options) the
-    mask's STAC item. The mask comes last, to be written last."""
-    files, uris = [], {}
-    if uncertainty is not None:
-        uris["uncertainty_uri"] = uncertainty_uri(uri)
-        tags = {"tags": inference.UNCERTAINTY_TAGS}
-        data = encode_like(uncertainty, like, uris["uncertainty_uri"], tags)
-        files.append((uris["uncertainty_uri"], data))
-    if footprints is not None and labels is not None:
-        uris["footprints_uri"] = footprints_uri(uri)
-        doc = inference.footprint_doc(labels, like, **footprints)
-        files.append((uris["footprints_uri"], json.dumps(doc).encode()))
-    if item is not None:
-        shape = (int(mask.shape[0]), int(mask.shape[1]))
-        name, doc = catalog.item_file(uri, like.crs, like.transform, shape, *item)
-        uris["item_uri"] = name
-        files.append((name, doc))
-    files.append((uri, encode_like(mask, like, uri, legend)))
-    return files, {"output_uri": uri, **uris}
-
-
-def encode_like(
-    mask: np.ndarray, like: Tile, uri: str, legend: dict[str, Any] | None = None
-) -> bytes:
-    """Mask bytes in the format its URI names: ``.tif`` a GeoTIFF with ``like``'s georeference;
-    ``legend`` (:func:`segray.inference.mask_legend`) gives its colour table and metadata."""
-    data, ext = imagery.encode_mask(mask, like=like, **(legend or {}))
-    if uri.endswith(ext):
-        return data
-    if uri.endswith(".tif"):  # a TIFF name holding another format: keep the name's promise
-        return imagery.encode_geotiff(
-            imagery.as_mask(mask), like.crs, like.transform, nodata=imagery.MASK_NODATA
-        )
-    return imagery.encode_png(imagery.as_mask(mask))

@@ -110,13 +110,14 @@ def synth(
     """Write a deterministic synthetic satellite collection."""
     from segray.io import storage
 
-    storage.make_bucket(out, endpoint=endpoint)
+    fs = storage.filesystem(out, endpoint)
+    fs.make_bucket(out)
     if layout == "scenes":
         from segray.devtools.labelled_scenes import write_labelled_scenes
 
         summary = write_labelled_scenes(
             out, count=count, scene_size=scene_size, seed=seed, bands=int(bands),
-            dtype=dtype, endpoint=endpoint,
+            dtype=dtype, fs=fs,
         )  # fmt: skip
         click.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -128,7 +129,7 @@ def synth(
         seed=seed,
         mode=mode,
         bands=int(bands),
-        endpoint=endpoint,
+        fs=fs,
         scene_size=scene_size,
         dtype=dtype,
     )
@@ -146,12 +147,14 @@ def check(uris: tuple[str, ...], bands: tuple[int, ...] | None, endpoint: str | 
     files = [
         f
         for uri in uris
-        for f in storage.list_files(uri, suffixes=imagery.TILE_SUFFIXES, endpoint=endpoint) or [uri]
+        for f in storage.filesystem(uri, endpoint).list_files(uri, suffixes=imagery.TILE_SUFFIXES)
+        or [uri]
     ]
     bad = 0
     for uri in files:
         try:
-            tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri, bands=bands)
+            data = storage.filesystem(uri, endpoint).read_bytes(uri)
+            tile = imagery.decode(data, uri, bands=bands)
         except SegrayError as exc:
             if len(files) == 1:
                 raise
@@ -195,10 +198,12 @@ def train(ctx: click.Context, config_file: str | None, no_augment: bool, **kw: A
     With --config, the settings of that file are used, and any option given here overrides them:
     `segray train --config runs/r1/config.yaml --out runs/r2` repeats run r1 into r2.
     """
+    from segray.io import storage
     from segray.train.driver import load_config
     from segray.train.driver import train as run_training
 
-    base = load_config(config_file, endpoint=kw.get("endpoint")) if config_file else None
+    where = storage.filesystem(config_file, kw.get("endpoint")) if config_file else None
+    base = load_config(config_file, where) if config_file else None
     values = given(ctx, kw) if base is not None else kw
     if no_augment:
         values["augment"] = AugmentConfig.off()
@@ -251,7 +256,7 @@ def eval_cmd(**kw: Any) -> None:
     config = from_options(EvalConfig, kw)
     doc = evaluate(config)
     report = storage.join(config.report_folder, "report.md")
-    click.echo(storage.read_text(report, endpoint=config.endpoint))
+    click.echo(config.fs(report).read_text(report))
     click.echo(f"report: {report} ({doc['tiles']} tiles)")
 
 

@@ -67,7 +67,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             os.environ["AWS_ENDPOINT_URL"] = server.endpoint
             log.info("S3 mode: moto server at %s (stopped when the demo ends)", server.endpoint)
             root = "s3://segray-demo/demo"
-            storage.make_bucket(root)
+            storage.filesystem(root).make_bucket(root)
             return _run(config, root, server.endpoint)
         finally:
             for k, v in saved.items():
@@ -102,7 +102,8 @@ def _synthesise(config: DemoConfig, root: str, ep: str | None) -> dict[str, str]
         config.dtype,
         config.band_count(),
     )
-    pixels = {"dtype": config.dtype, "bands": config.band_count(), "endpoint": ep}
+    fs = storage.filesystem(root, ep)
+    pixels = {"dtype": config.dtype, "bands": config.band_count(), "fs": fs}
     synth.write_collection(
         paths["data"],
         layout="paired" if config.dtype == "uint8" else "geotiff",  # 16-bit needs GeoTIFF
@@ -141,7 +142,8 @@ def _run(config: DemoConfig, root: str, ep: str | None) -> dict[str, Any]:
     from segray.train.driver import train
 
     start = time.monotonic()
-    storage.write_text(storage.join(root, MARKER), "{}", endpoint=ep)  # claims the folder
+    fs = storage.filesystem(root, ep)
+    fs.write_text(storage.join(root, MARKER), "{}")  # claims the folder
     paths = _synthesise(config, root, ep)
     init_ray()
     run = storage.join(root, "run")
@@ -201,8 +203,8 @@ def _run(config: DemoConfig, root: str, ep: str | None) -> dict[str, Any]:
         "best_epoch": result.best_epoch,
         "seconds": round(time.monotonic() - start, 1),
     }
-    storage.write_text(storage.join(root, MARKER), json.dumps(outputs, indent=2), endpoint=ep)
-    log.info(_outputs_text(outputs, storage.read_text(outputs["report"], endpoint=ep)))
+    fs.write_text(storage.join(root, MARKER), json.dumps(outputs, indent=2))
+    log.info(_outputs_text(outputs, fs.read_text(outputs["report"])))
     return outputs
 
 

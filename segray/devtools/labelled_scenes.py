@@ -15,6 +15,7 @@ import numpy as np
 
 from segray.devtools import spectra, synth
 from segray.io import imagery, storage
+from segray.io.files import FileSystem
 
 
 def write_labelled_scenes(
@@ -25,9 +26,10 @@ def write_labelled_scenes(
     seed: int = 0,
     bands: int = 3,
     dtype: str = "uint8",
-    endpoint: str | None = None,
+    fs: FileSystem | None = None,
 ) -> dict[str, Any]:
     """Write ``count`` scenes of ``scene_size`` px, their labels and truth; returns a summary."""
+    fs = fs or storage.filesystem(out)
     features: list[dict[str, Any]] = []
     building = 0
     for index in range(count):
@@ -38,13 +40,13 @@ def write_labelled_scenes(
         nodata = spectra.NODATA if image.dtype == np.uint16 else None
         name = f"scene_{index:03d}.tif"
         encoded = imagery.encode_geotiff(image, synth.CRS, transform, nodata=nodata)
-        storage.write_bytes(storage.join(out, "images", name), encoded, endpoint=endpoint)
+        fs.write_bytes(storage.join(out, "images", name), encoded)
         truth = imagery.encode_geotiff(mask, synth.CRS, transform, nodata=spectra.IGNORE)
-        storage.write_bytes(storage.join(out, "truth", name), truth, endpoint=endpoint)
+        fs.write_bytes(storage.join(out, "truth", name), truth)
         features += _polygons(mask == 1, transform)
         building += int((mask == 1).sum())
     doc = {"type": "FeatureCollection", "features": features}
-    storage.write_text(storage.join(out, "labels.geojson"), json.dumps(doc), endpoint=endpoint)
+    fs.write_text(storage.join(out, "labels.geojson"), json.dumps(doc))
     total = count * scene_size * scene_size
     return {"out": out, "scenes": count, "size": scene_size, "features": len(features),
             "building_fraction": round(building / total, 4)}  # fmt: skip

@@ -18,6 +18,7 @@ from segray.devtools.noise import value_noise
 from segray.errors import ConfigError
 from segray.inference.render import PALETTE
 from segray.io import imagery, storage
+from segray.io.files import FileSystem
 
 CLASSES = ("background", "building", "road", "water", "vegetation")
 BINARY_CLASSES = ("background", "building")
@@ -290,7 +291,7 @@ def write_collection(
     seed: int = 0,
     mode: str = "multiclass",
     bands: int = 3,
-    endpoint: str | None = None,
+    fs: FileSystem | None = None,
     scene_size: int = 2048,
     dtype: str = "uint8",
 ) -> dict:
@@ -301,8 +302,10 @@ def write_collection(
     ``images|masks/tile_r000_c000.tif`` tiles in EPSG:32633 at 0.5 m, adjacent on a near-square
     grid; "scene" - ``scenes/scene_000.tif`` + ``scene_000_mask.tif`` of ``scene_size`` px.
     Item i is drawn from ``tile_seed(seed, i)``, so it does not depend on ``count``. uint16
-    collections need a GeoTIFF layout; their files have nodata 0.
+    collections need a GeoTIFF layout; their files have nodata 0. ``fs`` holds ``out`` (by
+    default the one :func:`storage.filesystem` chooses).
     """
+    fs = fs or storage.filesystem(out)
     _check_choice("layout", layout, LAYOUTS)
     _check_choice("mode", mode, MODES)
     _check_options(bands, dtype)
@@ -318,10 +321,10 @@ def write_collection(
         row, col = divmod(index, columns)
         image_path, mask_path = _item_paths(layout, index, row, col)
         image_bytes, mask_bytes = _encode(layout, image, mask, grid_transform(row, col, side))
-        storage.write_bytes(storage.join(out, image_path), image_bytes, endpoint=endpoint)
-        storage.write_bytes(storage.join(out, mask_path), mask_bytes, endpoint=endpoint)
+        fs.write_bytes(storage.join(out, image_path), image_bytes)
+        fs.write_bytes(storage.join(out, mask_path), mask_bytes)
         pixels += np.bincount(mask.ravel(), minlength=256)[: len(names)]
-    _write_classes(out, mode, bands, endpoint)
+    _write_classes(out, mode, bands, fs)
     fractions = {n: round(float(p / pixels.sum()), 4) for n, p in zip(names, pixels, strict=True)}
     summary = {"out": out, "layout": layout, "mode": mode, "bands": bands, "dtype": dtype}
     summary["count"] = count
@@ -356,7 +359,7 @@ def _encode(
     return encoded, imagery.encode_geotiff(mask, CRS, transform)
 
 
-def _write_classes(out: str, mode: str, bands: int, endpoint: str | None) -> None:
+def _write_classes(out: str, mode: str, bands: int, fs: FileSystem) -> None:
     names = class_names(mode)
     doc = {
         "classes": list(names),
@@ -364,9 +367,7 @@ def _write_classes(out: str, mode: str, bands: int, endpoint: str | None) -> Non
         "mode": mode,
         "bands": list(spectra.BAND_NAMES[:bands]),
     }
-    storage.write_text(
-        storage.join(out, "classes.json"), json.dumps(doc, indent=2) + "\n", endpoint=endpoint
-    )
+    fs.write_text(storage.join(out, "classes.json"), json.dumps(doc, indent=2) + "\n")
 
 
 # --- argument checks --------------------------------------------------------------------------

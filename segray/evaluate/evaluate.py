@@ -21,7 +21,7 @@ from segray.log import progress
 from segray.settings import Settings, setting
 
 
-class EvalConfig(Settings):
+class EvalConfig(Settings, storage.Addressed):
     """What to evaluate, on what, and where the report goes."""
 
     model: str = setting(help="Run folder or model.keras (local or s3://).")
@@ -60,7 +60,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     from segray.io import labels
     from segray.models import saving
 
-    model, card = saving.load_model(config.model, endpoint=config.endpoint)
+    model, card = saving.load_model(config.model, config.fs(config.model))
     spec = labels.DatasetSpec(
         root=config.data,
         layout=config.layout,
@@ -123,7 +123,7 @@ def _run_settings(config: EvalConfig) -> dict[str, Any]:
     folder = config.model.rsplit("/", 1)[0] if config.model.endswith(".keras") else config.model
     uri = storage.join(folder, "config.yaml")
     try:
-        doc = yaml.safe_load(storage.read_text(uri, endpoint=config.endpoint))
+        doc = yaml.safe_load(config.fs(uri).read_text(uri))
     except (storage.StorageError, yaml.YAMLError) as exc:
         raise ConfigError(f"--held-out needs the run's settings: cannot read {uri}: {exc}") from exc
     if not isinstance(doc, dict):
@@ -149,15 +149,15 @@ def predict_rows(model: Any, card: Any, rows: list[dict[str, Any]]) -> list[np.n
 def _write_report(config: EvalConfig, card: Any, total: Any, scored: list) -> dict[str, Any]:
     from segray.evaluate import report
 
-    ep = config.endpoint
+    out = config.fs(config.report_folder)
     worst = []
     for score, tile_id, row in scored[: config.worst]:
         uri = storage.join(config.report_folder, "worst", f"{tile_id}.png")
         picture = report.overlay_png(row["image"], row["mask"], row["pred"], card.names())
-        storage.write_bytes(uri, picture, endpoint=ep)
+        out.write_bytes(uri, picture)
         worst.append({"id": tile_id, "mean_iou": score, "overlay": uri})
     heatmap = storage.join(config.report_folder, "confusion.png")
-    storage.write_bytes(heatmap, report.confusion_heatmap(total.matrix, card.names()), endpoint=ep)
+    out.write_bytes(heatmap, report.confusion_heatmap(total.matrix, card.names()))
     doc = {
         "model": config.model,
         "model_version": card.version,
@@ -168,11 +168,9 @@ def _write_report(config: EvalConfig, card: Any, total: Any, scored: list) -> di
         "confusion_png": heatmap,
         "worst": worst,
     }
-    storage.write_text(
-        storage.join(config.report_folder, "report.json"), json.dumps(doc, indent=2), endpoint=ep
-    )
+    out.write_text(storage.join(config.report_folder, "report.json"), json.dumps(doc, indent=2))
     report_md = storage.join(config.report_folder, "report.md")
-    storage.write_text(report_md, _markdown(doc, total), endpoint=ep)
+    out.write_text(report_md, _markdown(doc, total))
     return doc
 
 

@@ -19,18 +19,22 @@ from segray.io import bands, imagery
 from segray.io.imagery import Tile
 
 if TYPE_CHECKING:
+    from segray.io.files import FileSystem
     from segray.models.saving import ModelCard
 
 #: Windows per model call: the default batch of bulk jobs, Serve and evaluation.
 BATCH_SIZE = 16
 
 
-def load(uri: str, *, endpoint: str | None = None) -> tuple[Any, ModelCard]:
-    """A model and its card, loaded for inference (by a Predictor actor or a Serve replica)."""
+def load(
+    uri: str, fs: FileSystem | None = None, card: ModelCard | None = None
+) -> tuple[Any, ModelCard]:
+    """A model and its card, loaded for inference (by a Predictor actor or a Serve replica);
+    ``fs`` holds the model, a ``card`` already read is not read again."""
     from segray.models import saving
 
     gpu_memory_growth()
-    return saving.load_model(uri, endpoint=endpoint)
+    return saving.load_model(uri, fs, card)
 
 
 def gpu_memory_growth() -> None:

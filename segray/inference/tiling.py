@@ -52,6 +52,12 @@ def scene_windows(
     return [Window(r, c, min(wh, height), min(ww, width)) for r in rows for c in cols]
 
 
+def default_overlap(window: int | Sequence[int]) -> int:
+    """The overlap where none is given: :data:`OVERLAP`, at most half the window (so every model
+    size has a default that works)."""
+    return min(OVERLAP, min(window_size(window)) // 2)
+
+
 def window_size(window: int | Sequence[int]) -> tuple[int, int]:
     """``(height, width)`` of a window given as one side or a pair."""
     if isinstance(window, int | np.integer):

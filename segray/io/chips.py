@@ -21,6 +21,7 @@ import numpy as np
 
 from segray.errors import DatasetError, TileError
 from segray.io import gdal, rasters, storage, vectors
+from segray.io.files import FileSystem
 from segray.io.sampling import Chip
 
 if TYPE_CHECKING:
@@ -57,10 +58,9 @@ def _stem(uri: str) -> str:
 def find_scenes(spec: DatasetSpec) -> list[ChipScene]:
     """List the scenes and their labels and read their headers (no pixel); every problem of every
     scene is collected and raised at once as a :class:`DatasetError` naming the files."""
-    ep = spec.endpoint
     listed, errors = _from_stac(spec) if spec.stac else _from_folders(spec)
     shared = (
-        vectors.read_features(spec.labels, class_field=spec.class_field, endpoint=ep)
+        vectors.read_features(spec.labels, spec.fs(spec.labels), class_field=spec.class_field)
         if spec.labels
         else None
     )
@@ -98,15 +98,14 @@ Listed = list[tuple[str, str, str | None]]  # (scene id, image URI, labels URI o
 
 def _from_folders(spec: DatasetSpec) -> tuple[Listed, list[str]]:
     """The scenes of ``images/`` with their files of ``labels/`` (none with ``spec.labels``)."""
-    ep = spec.endpoint
     images_dir = storage.join(spec.root, "images")
-    images = storage.list_files(images_dir, suffixes=SCENE_SUFFIXES, endpoint=ep)
+    images = spec.fs(images_dir).list_files(images_dir, suffixes=SCENE_SUFFIXES)
     if not images:
         raise DatasetError(f"no scenes under {images_dir} (.tif or .tiff for layout 'scenes')")
     found: dict[str, str] = {}
     if not spec.labels:
         label_dir = storage.join(spec.root, "labels")
-        for uri in storage.list_files(label_dir, suffixes=LABEL_SUFFIXES, endpoint=ep):
+        for uri in spec.fs(label_dir).list_files(label_dir, suffixes=LABEL_SUFFIXES):
             if _stem(uri) in found:
                 raise DatasetError(
                     f"two label files for scene {_stem(uri)!r}: {uri}, {found[_stem(uri)]}"
@@ -120,7 +119,7 @@ def _from_stac(spec: DatasetSpec) -> tuple[Listed, list[str]]:
     from segray.io import stac
 
     listed, errors = [], []
-    for item in stac.read_items(spec.stac or "", endpoint=spec.endpoint):
+    for item in stac.read_items(spec.stac or "", spec.fs(spec.stac or "")):
         try:
             labels = None if spec.labels else item.label_asset()
             if labels is None and not spec.labels:
@@ -143,7 +142,7 @@ def _crs_note(scene: ChipScene) -> str:
 def _scene(
     name: str, uri: str, spec: DatasetSpec, label_uri: str | None, shared: vectors.Features | None
 ) -> ChipScene:
-    with rasters.open_scene(uri, endpoint=spec.endpoint) as ds:
+    with rasters.open_scene(uri, spec.fs(uri)) as ds:
         rasters.check_scene(ds, uri, spec.bands)
         width, height = ds.width, ds.height
         crs = ds.crs.to_string() if ds.crs else None
@@ -162,7 +161,7 @@ def _scene(
         )
     if label_uri.endswith(vectors.VECTOR_SUFFIXES):
         features = vectors.read_features(
-            label_uri, class_field=spec.class_field, endpoint=spec.endpoint
+            label_uri, spec.fs(label_uri), class_field=spec.class_field
         )
         return _with(
             base, labels=label_uri, vector=vectors.for_scene(features, crs, affine, width, height)
@@ -186,7 +185,7 @@ def _affine(transform: tuple[float, ...] | None) -> Any:
 def _check_label_raster(uri: str, scene: ChipScene, spec: DatasetSpec) -> None:
     from rasterio.warp import transform_bounds
 
-    with rasters.open_scene(uri, endpoint=spec.endpoint) as ds:
+    with rasters.open_scene(uri, spec.fs(uri)) as ds:
         if ds.crs is None or scene.crs is None:
             if (ds.width, ds.height) != (scene.width, scene.height):
                 raise DatasetError(
@@ -212,7 +211,7 @@ _ENV: list[Any] = []  # the process's GDAL environment, once entered
 CACHE_MIB = 64
 
 
-def _opened(uri: str, endpoint: str | None) -> Any:
+def _opened(uri: str, fs: FileSystem) -> Any:
     """An open dataset per URI in this process, the last few kept for the next chip, under one
     GDAL environment with a bounded block cache."""
     if not _ENV:
@@ -223,7 +222,7 @@ def _opened(uri: str, endpoint: str | None) -> Any:
         if len(_OPEN) >= 16:
             _STACK.close()
             _OPEN.clear()
-        _OPEN[uri] = _STACK.enter_context(rasters.open_scene(uri, endpoint=endpoint))
+        _OPEN[uri] = _STACK.enter_context(rasters.open_scene(uri, fs))
     return _OPEN[uri]
 
 
@@ -244,7 +243,7 @@ def read_chip(scene: ChipScene, chip: Chip, size: int, spec: DatasetSpec) -> dic
 
     window = rasters.Window(chip.row, chip.col, size, size)
     try:
-        ds = _opened(scene.image, spec.endpoint)
+        ds = _opened(scene.image, spec.fs(scene.image))
         pixels, valid = rasters.read_window(ds, window, spec.bands)
         nodata = ds.nodata
     except Exception as exc:
@@ -282,7 +281,7 @@ def _labels(scene: ChipScene, chip: Chip, size: int, spec: DatasetSpec) -> np.nd
 
     window = RioWindow(chip.col, chip.row, size, size)
     try:
-        ds = _opened(scene.labels, spec.endpoint)
+        ds = _opened(scene.labels, spec.fs(scene.labels))
         same = (
             ds.crs is None
             or scene.crs is None

@@ -48,7 +48,7 @@ class Sample:
     labels: tuple[str, ...]
 
 
-class DatasetSpec(Settings):
+class DatasetSpec(Settings, storage.Addressed):
     """Where a labelled collection is and how to read it."""
 
     root: str = setting(help="Labelled collection: folder or s3:// prefix.")
@@ -94,12 +94,11 @@ def _by_stem(files: list[str], folder: str) -> dict[str, str]:
 def _pair(spec: DatasetSpec, labels_dir: str, label_suffixes: tuple[str, ...]) -> list[Sample]:
     images_dir = storage.join(spec.root, "images")
     label_root = storage.join(spec.root, labels_dir)
-    ep = spec.endpoint
     images = _by_stem(
-        storage.list_files(images_dir, suffixes=IMAGE_SUFFIXES, endpoint=ep), images_dir
+        spec.fs(images_dir).list_files(images_dir, suffixes=IMAGE_SUFFIXES), images_dir
     )
     labels = _by_stem(
-        storage.list_files(label_root, suffixes=label_suffixes, endpoint=ep), label_root
+        spec.fs(label_root).list_files(label_root, suffixes=label_suffixes), label_root
     )
     if not images:
         raise DatasetError(
@@ -120,7 +119,7 @@ def _pair(spec: DatasetSpec, labels_dir: str, label_suffixes: tuple[str, ...]) -
 
 
 def _nuclei(spec: DatasetSpec) -> list[Sample]:
-    files = storage.list_files(spec.root, suffixes=".png", endpoint=spec.endpoint)
+    files = spec.fs(spec.root).list_files(spec.root, suffixes=".png")
     samples: dict[str, dict[str, Any]] = {}
     for uri in files:
         parts = storage.relative_to(spec.root, uri).split("/")
@@ -156,7 +155,7 @@ def load_palette(spec: DatasetSpec) -> np.ndarray:
     """The (K, 3) palette of the ``palette`` layout, index = class id."""
     uri = spec.palette or storage.join(spec.root, "classes.json")
     try:
-        doc = json.loads(storage.read_text(uri, endpoint=spec.endpoint))
+        doc = json.loads(spec.fs(uri).read_text(uri))
         palette = np.asarray(doc["palette"] if isinstance(doc, dict) else doc, dtype=np.int64)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(
@@ -245,31 +244,30 @@ def rasterize_polygons(doc: Any, tile: imagery.Tile, source: str = "<labels>") -
     return features.rasterize(shapes, out_shape=(h, w), fill=0, dtype="uint8")
 
 
-def _read(uri: str, endpoint: str | None) -> bytes:
+def _read(uri: str, spec: DatasetSpec) -> bytes:
     try:
-        return storage.read_bytes(uri, endpoint=endpoint)
+        return spec.fs(uri).read_bytes(uri)
     except storage.StorageError as exc:
         raise TileError(uri, f"cannot read: {exc}", "unreadable") from exc
 
 
 def _read_mask(sample: Sample, spec: DatasetSpec, tile: imagery.Tile, palette: Any) -> np.ndarray:
-    ep = spec.endpoint
     if spec.layout == "polygons":
         uri = sample.labels[0]
         try:
-            doc = json.loads(_read(uri, ep))
+            doc = json.loads(_read(uri, spec))
         except ValueError as exc:
             raise TileError(uri, f"not valid JSON: {exc}", "labels") from exc
         return rasterize_polygons(doc, tile, uri)
     if spec.layout == "nuclei":
         merged = np.zeros(tile.shape[:2], np.uint8)
         for uri in sample.labels:
-            part = imagery.decode(_read(uri, ep), uri).array[..., 0]
+            part = imagery.decode(_read(uri, spec), uri).array[..., 0]
             _check_same_size(part.shape, tile, uri, sample.image)
             merged |= (part > 0).astype(np.uint8)
         return merged
     uri = sample.labels[0]
-    decoded = imagery.decode(_read(uri, ep), uri).array
+    decoded = imagery.decode(_read(uri, spec), uri).array
     if spec.layout == "palette":
         return _palette_to_ids(decoded, palette, uri)
     return imagery.as_mask(decoded, uri)
@@ -329,7 +327,7 @@ def load_sample(
     class ids ≥ ``spec.num_classes`` other than it are refused. Raises :class:`TileError`
     naming the file at fault.
     """
-    tile = imagery.decode(_read(sample.image, spec.endpoint), sample.image, bands=spec.bands)
+    tile = imagery.decode(_read(sample.image, spec), sample.image, bands=spec.bands)
     tile = bands.apply_nodata(tile, spec.nodata)
     mask = _read_mask(sample, spec, tile, palette)
     _check_same_size(mask.shape, tile, sample.labels[0], sample.image)

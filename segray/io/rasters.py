@@ -8,11 +8,15 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from segray.io import gdal, imagery, storage
+from segray.io.files import FileSystem
+
+if TYPE_CHECKING:
+    from segray.io.readers import RasterHeader
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,13 @@ class Window:
 
 
 @contextlib.contextmanager
-def open_scene(uri: str, *, endpoint: str | None = None) -> Iterator[Any]:
+def open_scene(uri: str, fs: FileSystem | None = None) -> Iterator[Any]:
     """Open a scene for windowed reads with rasterio, without reading it whole.
 
     Local files are opened directly; ``s3://`` objects through a Python opener backed by
-    pyarrow's S3 filesystem (the credentials and endpoint of :mod:`segray.io.storage`), so GDAL
-    fetches only the header and the blocks a window touches, as ranged GETs.
+    pyarrow's S3 filesystem (the endpoint and credentials of ``fs``, by default the one
+    :func:`storage.filesystem` chooses), so GDAL fetches only the header and the blocks a
+    window touches, as ranged GETs.
     """
     import warnings
 
@@ -45,15 +50,16 @@ def open_scene(uri: str, *, endpoint: str | None = None) -> Iterator[Any]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        if not storage.is_s3(uri):
+        fs = fs or storage.filesystem(uri)
+        if fs.scheme == "file":
             with gdal.ensured(), rasterio.open(storage.parse(uri).path) as ds:
                 yield ds
             return
-        fs, path = storage.pyarrow_filesystem(uri, endpoint=endpoint)
+        arrow, path = fs.arrow(uri)
 
         def opener(name: str, mode: str = "rb") -> Any:
             try:
-                return fs.open_input_file(name)
+                return arrow.open_input_file(name)
             except OSError as exc:  # GDAL probes side-car files; "missing" must say so
                 raise FileNotFoundError(name) from exc
 
@@ -79,11 +85,12 @@ def read_window(
 MAX_SCENE_PIXELS = 1 << 30
 
 
-def check_scene(ds: Any, uri: str, bands: Sequence[int] | None) -> None:
+def check_scene(head: RasterHeader, bands: Sequence[int] | None) -> None:
     """Refuse a scene from its header alone: size, band count, pixel type, band selection."""
-    imagery.check_header(uri, ds.width, ds.height, ds.count, ds.dtypes[0], MAX_SCENE_PIXELS)
+    uri = head.uri
+    imagery.check_header(uri, head.width, head.height, head.count, head.dtype, MAX_SCENE_PIXELS)
     if bands:
-        imagery.check_band_selection(bands, ds.count, uri)
+        imagery.check_band_selection(bands, head.count, uri)
 
 
 class BandWriter:

@@ -1,5 +1,6 @@
-"""Connections to S3: the endpoint in force, cached boto3 clients and pyarrow filesystems, and
-calls that ride out an outage (retried with capped exponential backoff for a time budget).
+"""S3 as a :class:`~segray.io.files.FileSystem` (:class:`S3FileSystem`, bound to its endpoint):
+the endpoint in force, cached boto3 clients and pyarrow filesystems, and calls that ride out an
+outage (retried with capped exponential backoff for a time budget).
 
 botocore's own retries (``standard`` mode, a few attempts) cover a dropped connection or a single
 throttle; they give up within seconds, and a job then turns every tile of a short outage into an
@@ -16,9 +17,13 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
+
+from segray.errors import StorageError
+from segray.io.files import FileSystem, listed, parse, suffix_tuple
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -150,3 +155,102 @@ def s3_filesystem(endpoint: str | None = None) -> pyarrow.fs.S3FileSystem:
         kwargs.update(endpoint_override=parsed.netloc or url, scheme=parsed.scheme or "https")
         kwargs["force_virtual_addressing"] = False
     return pafs.S3FileSystem(**kwargs)
+
+
+def _error(uri: str, exc: Exception) -> StorageError:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    return StorageError(f"{uri}: S3 error {code}: {exc}")
+
+
+def _code(exc: Exception) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+
+
+@dataclass(frozen=True)
+class S3FileSystem(FileSystem):
+    """Objects of an S3 API at ``endpoint`` (None: the one in force where it is used, see
+    :func:`resolve_endpoint`), with boto3's standard credentials chain. Each call rides out an
+    outage (:func:`call`); a write is one PUT (a managed upload for files)."""
+
+    endpoint: str | None = None
+    scheme = "s3"
+
+    @property
+    def client(self) -> Any:
+        """This process's cached boto3 client for the endpoint."""
+        return s3_client(self.endpoint)
+
+    def read_bytes(self, uri: str) -> bytes:
+        loc, client = parse(uri), self.client
+        try:
+            return call(
+                uri, lambda: client.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+            )
+        except Exception as exc:
+            raise _error(uri, exc) from exc
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        loc, client = parse(uri), self.client
+        try:
+            call(uri, lambda: client.put_object(Bucket=loc.bucket, Key=loc.path, Body=data))
+        except Exception as exc:
+            raise _error(uri, exc) from exc
+
+    def write_file(self, uri: str, path: str) -> None:
+        loc, client = parse(uri), self.client
+        try:
+            call(uri, lambda: client.upload_file(path, loc.bucket, loc.path))
+        except Exception as exc:
+            raise _error(uri, exc) from exc
+
+    def exists(self, uri: str) -> bool:
+        loc, client = parse(uri), self.client
+        try:
+            call(uri, lambda: client.head_object(Bucket=loc.bucket, Key=loc.path))
+            return True
+        except Exception as exc:
+            if _code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                raise _error(uri, exc) from exc
+        prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+        resp = call(
+            uri, lambda: client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
+        )
+        return resp.get("KeyCount", 0) > 0
+
+    def delete(self, uri: str) -> None:
+        loc, client = parse(uri), self.client
+        call(uri, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.path))
+
+    def list_files(
+        self, uri: str, *, suffixes: Iterable[str] | str | None = None, pattern: str | None = None
+    ) -> list[str]:
+        loc = parse(uri)
+        try:
+            found = call(uri, lambda: list(self._walk(loc.bucket, loc.path)))
+        except Exception as exc:
+            raise _error(uri, exc) from exc
+        return listed(loc.uri, found, suffix_tuple(suffixes), pattern)
+
+    def _walk(self, bucket: str, key: str) -> Iterable[str]:
+        prefix = key.rstrip("/") + "/" if key else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
+            for obj in page.get("Contents", []):
+                yield f"s3://{bucket}/{obj['Key']}"
+
+    def make_bucket(self, uri: str) -> None:
+        """Create the bucket when the endpoint says it does not exist; one that exists but is
+        not ours (403) is left alone: the write that follows will say so."""
+        bucket, client = parse(uri).bucket, self.client
+        try:
+            client.head_bucket(Bucket=bucket)
+        except Exception as exc:
+            if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                client.create_bucket(Bucket=bucket)
+
+    def arrow(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+        """pyarrow's S3 filesystem with boto3's resolved credentials, so both agree on who
+        they are."""
+        loc = parse(uri)
+        return s3_filesystem(self.endpoint), f"{loc.bucket}/{loc.path}".rstrip("/")

@@ -2,7 +2,7 @@
 (links followed), and the STAC documents of predicted masks (a label item per mask, a collection
 over them) made as plain dicts for :mod:`segray.io.storage` to write whole.
 
-Reading never uses pystac's own I/O: the text is read with :func:`storage.read_text`, parsed with
+Reading never uses pystac's own I/O: the text is read through a FileSystem, parsed with
 pystac from dicts, and relative hrefs are resolved here (:func:`resolve`) against the URI of the
 file they were read from (or the item's own absolute ``self`` link), so s3:// works like a path.
 """
@@ -20,6 +20,7 @@ from typing import Any
 
 from segray.errors import DatasetError, StorageError
 from segray.io import gdal, storage
+from segray.io.files import FileSystem
 
 #: The media type and roles of a predicted mask asset.
 COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -94,18 +95,20 @@ def resolve(base: str, href: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(loc.path), href))
 
 
-def read_items(uri: str, *, endpoint: str | None = None) -> list[StacInput]:
+def read_items(uri: str, fs: FileSystem | None = None) -> list[StacInput]:
     """Every item of a STAC ItemCollection (a GeoJSON FeatureCollection), a single item, or a
     catalog or collection whose ``child`` and ``item`` links are followed to any depth; items
     reached twice are read once. Errors name the file: :class:`StorageError` when one cannot
-    be read, :class:`DatasetError` when it is not STAC."""
+    be read, :class:`DatasetError` when it is not STAC. ``fs`` holds every file reached (by
+    default the one :func:`storage.filesystem` chooses for ``uri``)."""
+    fs = fs or storage.filesystem(uri)
     found: dict[str, StacInput] = {}
     seen: set[str] = set()
     level = [storage.parse(uri).uri]
     with ThreadPoolExecutor(READ_THREADS) as pool:
         while level:
             seen.update(level)
-            docs = list(pool.map(lambda u: (u, read_json(u, endpoint=endpoint)), level))
+            docs = list(pool.map(lambda u: (u, read_json(u, fs)), level))
             level = []
             for where, doc in docs:
                 for item in _items_of(where, doc):
@@ -117,10 +120,10 @@ def read_items(uri: str, *, endpoint: str | None = None) -> list[StacInput]:
     return list(found.values())
 
 
-def read_json(uri: str, *, endpoint: str | None = None) -> dict[str, Any]:
+def read_json(uri: str, fs: FileSystem | None = None) -> dict[str, Any]:
     """A JSON object read from a file or object; errors name the URI."""
     try:
-        text = storage.read_text(uri, endpoint=endpoint)
+        text = (fs or storage.filesystem(uri)).read_text(uri)
     except StorageError as exc:
         raise StorageError(f"cannot read STAC file: {exc}") from exc
     try:

@@ -15,6 +15,7 @@ import numpy as np
 
 from segray.errors import DatasetError
 from segray.io import gdal, storage
+from segray.io.files import FileSystem
 
 VECTOR_SUFFIXES = (".geojson", ".json", ".fgb", ".gpkg")
 
@@ -42,7 +43,7 @@ class Features:
 
 
 def read_features(
-    uri: str, *, class_field: str | None = None, endpoint: str | None = None
+    uri: str, fs: FileSystem | None = None, *, class_field: str | None = None
 ) -> Features:
     """Read a vector file's polygons; :class:`DatasetError` naming the file (and the field) when
     it cannot be read, has no such field, or holds class ids outside 0–254."""
@@ -50,7 +51,7 @@ def read_features(
     import shapely
 
     try:
-        data = storage.read_bytes(uri, endpoint=endpoint)
+        data = (fs or storage.filesystem(uri)).read_bytes(uri)
     except storage.StorageError as exc:
         raise DatasetError(f"{uri}: cannot read the labels: {exc}") from exc
     try:

@@ -20,6 +20,7 @@ from segray.errors import ModelError, StorageError
 from segray.io import bands as band_rules
 from segray.io import storage
 from segray.io.bands import BandStats, Method
+from segray.io.files import FileSystem
 from segray.io.imagery import MAX_BANDS, SUPPORTED_DTYPES
 from segray.settings import Settings, setting
 
@@ -149,20 +150,22 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_model(
-    model: keras.Model, card: ModelCard, folder: str, *, endpoint: str | None = None
+    model: keras.Model, card: ModelCard, folder: str, fs: FileSystem | None = None
 ) -> ModelCard:
     """Write ``folder/model.keras`` and ``folder/model.json``; the card's version is the file hash.
 
-    The card goes second, so a folder with a card always has its whole model beside it.
+    The card goes second, so a folder with a card always has its whole model beside it. ``fs``
+    holds the folder (by default the one :func:`storage.filesystem` chooses).
     """
+    fs = fs or storage.filesystem(folder)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, MODEL_FILE)
         model.save(path)
         with open(path, "rb") as f:
             data = f.read()
     card = card.replace(version=hashlib.sha256(data).hexdigest()[:12])
-    storage.write_bytes(storage.join(folder, MODEL_FILE), data, endpoint=endpoint)
-    storage.write_text(storage.join(folder, CARD_FILE), card.to_json(), endpoint=endpoint)
+    fs.write_bytes(storage.join(folder, MODEL_FILE), data)
+    fs.write_text(storage.join(folder, CARD_FILE), card.to_json())
     return card
 
 
@@ -174,11 +177,12 @@ def resolve(uri: str) -> tuple[str, str]:
     return storage.join(uri, MODEL_FILE), storage.join(uri, CARD_FILE)
 
 
-def load_card(uri: str, *, endpoint: str | None = None) -> ModelCard:
-    """Read the model card of a model URI."""
+def load_card(uri: str, fs: FileSystem | None = None) -> ModelCard:
+    """Read the model card of a model URI (held by ``fs``, by default the one
+    :func:`storage.filesystem` chooses)."""
     _, card_uri = resolve(uri)
     try:
-        text = storage.read_text(card_uri, endpoint=endpoint)
+        text = (fs or storage.filesystem(uri)).read_text(card_uri)
     except StorageError as exc:
         raise StorageError(
             f"{uri}: no model here ({exc}); give a training run folder or a model.keras file"
@@ -186,14 +190,18 @@ def load_card(uri: str, *, endpoint: str | None = None) -> ModelCard:
     return ModelCard.from_json(text, card_uri)
 
 
-def load_model(uri: str, *, endpoint: str | None = None) -> tuple[keras.Model, ModelCard]:
-    """Load a model and its card (``safe_mode=True``: no arbitrary code from the file)."""
+def load_model(
+    uri: str, fs: FileSystem | None = None, card: ModelCard | None = None
+) -> tuple[keras.Model, ModelCard]:
+    """Load a model and its card (``safe_mode=True``: no arbitrary code from the file); a
+    ``card`` already read is not read again."""
     from segray.models.layers import set_monte_carlo
     from segray.models.registry import load_keras
 
     model_uri, card_uri = resolve(uri)
-    card = load_card(uri, endpoint=endpoint)
-    data = storage.read_bytes(model_uri, endpoint=endpoint)
+    fs = fs or storage.filesystem(uri)
+    card = card or load_card(uri, fs)
+    data = fs.read_bytes(model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, MODEL_FILE)
         with open(path, "wb") as f:

@@ -37,6 +37,7 @@ from segray.errors import TileError
 from segray.inference import tiling
 from segray.io import gdal, imagery
 from segray.io.imagery import Tile
+from segray.io.readers import RasterHeader, TileReader
 from segray.serve.config import TOKEN_ENV, ServeConfig
 from segray.serve.http import ApiError, image_bytes, read_body, response_format, tile_error
 
@@ -81,7 +82,7 @@ class SegmentModel:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.model, self.card = inference.load(config.model_uri, endpoint=config.endpoint)
+        self.model, self.card = inference.load(config.model_uri, config.fs(config.model_uri))
         self.window = inference.model_window(self.model)
         self.token = config.api_token or os.environ.get(TOKEN_ENV) or None
         self.batch_sizes: collections.Counter[int] = collections.Counter()
@@ -171,17 +172,16 @@ class SegmentModel:
         if imagery.sniff(data) is None:
             raise ApiError(415, "unsupported media type", "body is not a PNG, JPEG or TIFF image")
         try:
-            self._check_header(imagery.header(data, "request body"))
-            tile = imagery.decode(
-                data, "request body", bands=self.card.bands, max_pixels=self.config.max_pixels
-            )
+            with TileReader(data, "request body", max_pixels=self.config.max_pixels) as reader:
+                self._check_header(reader.header())
+                tile = reader.read(bands=self.card.bands)
             array = inference.prepare(tile, self.card)
         except TileError as err:
             raise tile_error(err) from err
         windows, layout = tiling.cut_windows(array, self.window, self.config.overlap)
         return tile, layout, windows
 
-    def _check_header(self, head: imagery.Header) -> None:
+    def _check_header(self, head: RasterHeader) -> None:
         """Refuse from the header alone what decoding would refuse later or cost too much: too
         many pixels, a pixel type or bands the model cannot take, more windows than one request
         may cause."""

@@ -14,13 +14,14 @@ from pydantic import model_validator
 
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend
+from segray.io import storage
 from segray.settings import Settings, setting
 
 #: Environment variable holding the bearer token that ``/v1/*`` requires (none: open).
 TOKEN_ENV = "SEGRAY_API_TOKEN"
 
 
-class ServeConfig(Settings):
+class ServeConfig(Settings, storage.Addressed):
     """Settings of one Serve application; the defaults serve on a laptop CPU."""
 
     model_uri: str = setting(help="Run folder, model folder or .keras file.", flag="--model")

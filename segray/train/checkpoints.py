@@ -14,6 +14,7 @@ import numpy as np
 
 from segray.errors import ModelError
 from segray.io import storage
+from segray.io.files import FileSystem
 from segray.models.saving import CARD_FILE, MODEL_FILE, ModelCard, save_model
 
 STATE_FILE = "state.json"
@@ -115,35 +116,34 @@ def _age(folder: str) -> tuple[int, int]:
     return int(epoch), int(start or 1)
 
 
-def complete_checkpoints(out: str, endpoint: str | None) -> list[str]:
+def complete_checkpoints(out: str, fs: FileSystem | None = None) -> list[str]:
     """The complete ``epoch_NNNN[.rKK]`` checkpoint folders under a run folder, newest first.
 
     Ray Train hands restarted workers its latest registered checkpoint, but a worker lost right
     after a report can beat the registration (seen with Ray 2.60): the folders themselves are the
     record, and one counts only when all its files are there.
     """
-    files = set(storage.list_files(out, pattern="epoch_*/*", endpoint=endpoint))
+    files = set((fs or storage.filesystem(out)).list_files(out, pattern="epoch_*/*"))
     folders = sorted({f.rsplit("/", 1)[0] for f in files}, key=_age, reverse=True)
     needed = (MODEL_FILE, CARD_FILE, OPTIMIZER_FILE, STATE_FILE)
     return [d for d in folders if all(storage.join(d, name) in files for name in needed)]
 
 
-def checkpoint_from_uri(uri: str, endpoint: str | None) -> Any:
+def checkpoint_from_uri(uri: str, fs: FileSystem | None = None) -> Any:
     """A Ray Train checkpoint of a folder, local or s3://."""
     import ray.train
 
-    if storage.is_s3(uri):
-        fs, path = storage.pyarrow_filesystem(uri, endpoint=endpoint)
-        return ray.train.Checkpoint(path=path, filesystem=fs)
+    fs = fs or storage.filesystem(uri)
+    if fs.scheme != "file":
+        arrow, path = fs.arrow(uri)
+        return ray.train.Checkpoint(path=path, filesystem=arrow)
     return ray.train.Checkpoint.from_directory(storage.parse(uri).path)
 
 
-def has_checkpoints(out: str, endpoint: str | None) -> bool:
+def has_checkpoints(out: str, fs: FileSystem | None = None) -> bool:
     """True when a run folder holds a checkpoint of some epoch."""
-    return any(
-        u.endswith(STATE_FILE)
-        for u in storage.list_files(out, pattern=f"*{STATE_FILE}", endpoint=endpoint)
-    )
+    listed = (fs or storage.filesystem(out)).list_files(out, pattern=f"*{STATE_FILE}")
+    return any(u.endswith(STATE_FILE) for u in listed)
 
 
 def read_state(checkpoint: Any) -> dict[str, Any]:
@@ -152,9 +152,9 @@ def read_state(checkpoint: Any) -> dict[str, Any]:
         return json.load(f)
 
 
-def copy_checkpoint(checkpoint: Any, dest: str, endpoint: str | None) -> None:
+def copy_checkpoint(checkpoint: Any, dest: str, fs: FileSystem | None = None) -> None:
     """Copy a checkpoint's model and card to ``dest`` (the run folder, or its ``last/``)."""
+    fs = fs or storage.filesystem(dest)
     with checkpoint.as_directory() as folder:
         for name in (MODEL_FILE, CARD_FILE):
-            with open(f"{folder}/{name}", "rb") as f:
-                storage.write_bytes(storage.join(dest, name), f.read(), endpoint=endpoint)
+            fs.write_file(storage.join(dest, name), f"{folder}/{name}")

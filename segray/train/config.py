@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import model_validator
 
+from segray.io import storage
 from segray.io.labels import Layout, ValSplit
 from segray.settings import Settings, setting
 from segray.train.augment import AugmentConfig
@@ -27,7 +28,7 @@ MONITOR_MODES: dict[str, Literal["max", "min"]] = {
 assert set(MONITOR_MODES) == set(get_args(Monitor))
 
 
-class TrainConfig(Settings):
+class TrainConfig(Settings, storage.Addressed):
     """Settings of one training run; the defaults train a small U-Net on a laptop."""
 
     data: str = setting("", "Labelled collection: folder or s3:// prefix (or --stac).")

@@ -21,6 +21,7 @@ import yaml
 
 from segray.errors import ConfigError, DatasetError
 from segray.io import storage
+from segray.io.files import FileSystem
 from segray.models.saving import ModelCard
 from segray.train import checkpoints
 from segray.train.config import MONITOR_MODES, TrainConfig
@@ -98,7 +99,8 @@ def _run_config(config: TrainConfig) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     storage_path, name = _run_paths(config.out)
-    fs = storage.s3_filesystem(config.endpoint) if storage.is_s3(config.out) else None
+    out = config.fs(config.out)
+    fs = out.arrow(config.out)[0] if out.scheme != "file" else None
     return RunConfig(
         name=name,
         storage_path=storage_path,
@@ -142,7 +144,7 @@ def _model_card(config: TrainConfig, channels: int, data: DatasetInfo) -> ModelC
 
 
 def _check_run_folder(config: TrainConfig) -> None:
-    exists = checkpoints.has_checkpoints(config.out, config.endpoint)
+    exists = checkpoints.has_checkpoints(config.out, config.fs(config.out))
     if exists and not config.resume:
         raise ConfigError(
             f"{config.out} already holds checkpoints of a run: pass --resume to continue it, "
@@ -220,16 +222,16 @@ def save_config(config: TrainConfig) -> str:
     """Write the run's whole config as ``<out>/config.yaml``; returns its URI."""
     uri = storage.join(config.out, CONFIG_FILE)
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    storage.write_text(uri, text, endpoint=config.endpoint)
+    config.fs(uri).write_text(uri, text)
     return uri
 
 
-def load_config(uri: str, *, endpoint: str | None = None) -> dict[str, Any]:
+def load_config(uri: str, fs: FileSystem | None = None) -> dict[str, Any]:
     """The settings saved in a run's ``config.yaml`` (a file, or the run folder holding one)."""
     if not uri.endswith((".yaml", ".yml")):
         uri = storage.join(uri, CONFIG_FILE)
     try:
-        doc = yaml.safe_load(storage.read_text(uri, endpoint=endpoint))
+        doc = yaml.safe_load((fs or storage.filesystem(uri)).read_text(uri))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{uri}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
@@ -299,11 +301,11 @@ def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:
     )
     state = checkpoints.read_state(last)
     history = state["history"]
-    ep = config.endpoint
-    checkpoints.copy_checkpoint(best_ckpt, config.out, ep)
-    checkpoints.copy_checkpoint(last, storage.join(config.out, "last"), ep)
-    storage.write_text(storage.join(config.out, "metrics.csv"), history_csv(history), endpoint=ep)
-    storage.write_bytes(storage.join(config.out, "curves.png"), plot_curves(history), endpoint=ep)
+    out = config.fs(config.out)
+    checkpoints.copy_checkpoint(best_ckpt, config.out, out)
+    checkpoints.copy_checkpoint(last, storage.join(config.out, "last"), out)
+    out.write_text(storage.join(config.out, "metrics.csv"), history_csv(history))
+    out.write_bytes(storage.join(config.out, "curves.png"), plot_curves(history))
     best_state = checkpoints.read_state(best_ckpt)
     best = history[best_state["epoch"] - 1] if history else {}
     return TrainResult(

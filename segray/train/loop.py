@@ -157,13 +157,16 @@ def _start(cfg: TrainConfig, model: Any, optimizer: Any) -> dict[str, Any]:
     restarted = ray.train.get_checkpoint()  # after a restart, or the run's latest on --resume
     if restarted is not None:
         candidates.append((str(restarted.path).rstrip("/").rsplit("/", 1)[-1], restarted))
-    for folder in checkpoints.complete_checkpoints(cfg.out, cfg.endpoint):
+    for folder in checkpoints.complete_checkpoints(cfg.out, cfg.fs(cfg.out)):
         name = folder.rsplit("/", 1)[-1]
         if name not in (n for n, _ in candidates):
-            candidates.append((name, checkpoints.checkpoint_from_uri(folder, cfg.endpoint)))
+            candidates.append((name, checkpoints.checkpoint_from_uri(folder, cfg.fs(folder))))
     if not candidates and cfg.resume_from:
         candidates.append(
-            (cfg.resume_from, checkpoints.checkpoint_from_uri(cfg.resume_from, cfg.endpoint))
+            (
+                cfg.resume_from,
+                checkpoints.checkpoint_from_uri(cfg.resume_from, cfg.fs(cfg.resume_from)),
+            )
         )
     if not candidates:
         return {"epoch": 0, "history": [], "best": None, "bad_epochs": 0}
@@ -290,9 +293,10 @@ def _maybe_fail(cfg: TrainConfig, epoch: int, rank: int) -> None:
     if cfg.fail_at_epoch != epoch or rank != cfg.workers - 1:
         return
     marker = storage.join(cfg.out, "_fault_injected")
-    if storage.exists(marker, endpoint=cfg.endpoint):
+    out = cfg.fs(marker)
+    if out.exists(marker):
         return
-    storage.write_text(marker, f"worker {rank} killed at epoch {epoch}\n", endpoint=cfg.endpoint)
+    out.write_text(marker, f"worker {rank} killed at epoch {epoch}\n")
     os._exit(1)
 
 
@@ -307,4 +311,4 @@ def _write_diagnostics(
         "global_batch": global_batch,
     }
     uri = storage.join(cfg.out, "diagnostics", f"epoch{epoch:04d}_rank{rank}.json")
-    storage.write_text(uri, json.dumps(doc), endpoint=cfg.endpoint)
+    cfg.fs(uri).write_text(uri, json.dumps(doc))

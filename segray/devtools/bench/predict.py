@@ -190,22 +190,23 @@ def _loop_rate(
     ``steady_per_s``, the tiles/s of the others."""
     entry = time.perf_counter()
     from segray import inference
-    from segray.bulk.stages import encode_like
+    from segray.bulk.sinks import encode_like
     from segray.io import gdal, imagery, storage
 
-    model, card = inference.load(model_uri, endpoint=endpoint)
-    uris = storage.list_files(tiles, suffixes=(".tif",), endpoint=endpoint)[: limit + 1]
+    source, sink = storage.filesystem(tiles, endpoint), storage.filesystem(out, endpoint)
+    model, card = inference.load(model_uri, storage.filesystem(model_uri, endpoint))
+    uris = source.list_files(tiles, suffixes=(".tif",))[: limit + 1]
     start = 0.0
     with gdal.env():
         for n, uri in enumerate(uris):
             if n == 1:
                 start = time.perf_counter()
-            tile = imagery.decode(storage.read_bytes(uri, endpoint=endpoint), uri)
+            tile = imagery.decode(source.read_bytes(uri), uri)
             x = inference.prepare(tile, card)
             logits = inference.mark_nodata(inference.infer(model, x[None], card)[0], tile.valid)
             masks, _ = inference.render_outputs(logits[None], card)
             name = storage.join(out, storage.relative_to(tiles, uri))
-            storage.write_bytes(name, encode_like(masks[0], tile, name), endpoint=endpoint)
+            sink.write_bytes(name, encode_like(masks[0], tile, name))
     return {
         "start_s": start - entry,
         "steady_per_s": (len(uris) - 1) / (time.perf_counter() - start),
@@ -217,12 +218,11 @@ def same_masks(loop_out: str, job_out: str, endpoint: str | None) -> int:
     computes what the job computes); returns the number compared."""
     from segray.io import imagery, storage
 
-    names = storage.list_files(loop_out, suffixes=(".tif",), endpoint=endpoint)
+    fs = storage.filesystem(loop_out, endpoint)
+    names = fs.list_files(loop_out, suffixes=(".tif",))
     for uri in names:
         twin = storage.join(job_out, storage.relative_to(loop_out, uri))
-        mine, theirs = (
-            imagery.decode(storage.read_bytes(u, endpoint=endpoint), u).array for u in (uri, twin)
-        )
+        mine, theirs = (imagery.decode(fs.read_bytes(u), u).array for u in (uri, twin))
         if not np.array_equal(mine, theirs):
             raise RuntimeError(f"the plain loop's mask {uri} differs from the job's {twin}")
     if not names:
@@ -260,8 +260,8 @@ def write_tiles(out: str, count: int, size: int, endpoint: str | None = None) ->
     from segray.devtools import synth
     from segray.io import imagery, storage
 
-    if endpoint is not None:
-        storage.make_bucket(out, endpoint=endpoint)
+    fs = storage.filesystem(out, endpoint)
+    fs.make_bucket(out)
     pool = [synth.generate_tile(size, synth.tile_seed(0, i))[0] for i in range(min(POOL, count))]
     columns = int(np.ceil(np.sqrt(count)))
 
@@ -271,7 +271,7 @@ def write_tiles(out: str, count: int, size: int, endpoint: str | None = None) ->
             pool[index % len(pool)], synth.CRS, synth.grid_transform(row, col, size)
         )
         uri = storage.join(out, f"r{row:04d}/tile_r{row:04d}_c{col:04d}.tif")
-        storage.write_bytes(uri, data, endpoint=endpoint)
+        fs.write_bytes(uri, data)
 
     with ThreadPoolExecutor(8) as threads:
         list(threads.map(one, range(count)))
