@@ -19,11 +19,11 @@ import click
 
 from segray.bulk.config import PredictConfig
 from segray.cli.options import config_options, from_options, given, option_for
+from segray.datasets.labels import DatasetSpec
 from segray.devtools import synth as synth_data
 from segray.devtools.demo import DemoConfig
 from segray.errors import SegrayError
 from segray.evaluate.evaluate import EvalConfig
-from segray.io.labels import DatasetSpec
 from segray.serve.config import ServeConfig
 from segray.train.augment import AugmentConfig
 from segray.train.config import TrainConfig

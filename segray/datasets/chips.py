@@ -6,7 +6,7 @@ nearest-neighbour to the scene's grid window by window) or ``.geojson .json .fgb
 in any CRS); or ``DatasetSpec.labels`` names one vector file for every scene. With
 ``DatasetSpec.stac`` the scenes are a STAC file's items (asset ``asset``) and their labels the
 items' ``labels`` assets. Only the features meeting a chip are rasterised
-(:class:`segray.io.vectors.SceneLabels`). Which chips are read is :mod:`segray.io.sampling`'s.
+(:class:`segray.io.vectors.SceneLabels`). Which chips are read is :mod:`segray.datasets.sampling`'s.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segray.datasets.sampling import Chip
 from segray.errors import DatasetError, TileError
 from segray.io import gdal, rasters, storage, vectors
-from segray.io.sampling import Chip
 
 if TYPE_CHECKING:
-    from segray.io.labels import DatasetSpec
+    from segray.datasets.labels import DatasetSpec
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import model_validator
 
-from segray.io.labels import Layout, ValSplit
+from segray.datasets.labels import Layout, ValSplit
 from segray.settings import Settings, setting
 from segray.train.augment import AugmentConfig
 
