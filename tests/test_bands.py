@@ -7,6 +7,7 @@ import pytest
 import rasterio
 
 from segray import inference
+from segray.datasets import stats as band_stats
 from segray.errors import ModelError
 from segray.inference import tiling
 from segray.io import bands, imagery
@@ -14,8 +15,8 @@ from segray.models.saving import ModelCard
 
 
 def _stats_of(pixels: np.ndarray) -> bands.BandStats:
-    sampler = bands.StatsSampler()
-    sampler.add(*bands.image_summary(pixels, None, len(pixels), np.random.default_rng(0)))
+    sampler = band_stats.StatsSampler()
+    sampler.add(*band_stats.image_summary(pixels, None, len(pixels), np.random.default_rng(0)))
     return sampler.result()
 
 
@@ -45,10 +46,10 @@ def test_statistics_equal_numpy_over_the_valid_pixels_only():
     valids = [np.ones((64, 64), bool), np.ones((64, 64), bool)]
     images[1][:16] = 0  # a no-data border, excluded
     valids[1][:16] = False
-    k = bands.sample_size(2)
-    sampler = bands.StatsSampler()
+    k = band_stats.sample_size(2)
+    sampler = band_stats.StatsSampler()
     for image, valid in zip(images, valids, strict=True):
-        sampler.add(*bands.image_summary(image, valid, k, rng))
+        sampler.add(*band_stats.image_summary(image, valid, k, rng))
     stats = sampler.result()
     pixels = np.concatenate([im[v] for im, v in zip(images, valids, strict=True)]).astype(float)
     np.testing.assert_allclose(stats.mean, pixels.mean(0), rtol=1e-9)
@@ -59,13 +60,13 @@ def test_statistics_equal_numpy_over_the_valid_pixels_only():
     np.testing.assert_allclose(stats.p98, p98, rtol=0.01)
     assert stats.pixels == len(pixels) and min(stats.mean) > 100  # the zeros left out
     with pytest.raises(ModelError, match="no valid pixels"):
-        bands.StatsSampler().result()
+        band_stats.StatsSampler().result()
 
 
 def test_sample_size_bounds_the_sample_of_any_set():
-    assert bands.sample_size(1) == bands.SAMPLE_PER_IMAGE[1]
-    assert bands.sample_size(10**7) == bands.SAMPLE_PER_IMAGE[0]
-    assert 1000 * bands.sample_size(1000) <= bands.SAMPLE_TOTAL
+    assert band_stats.sample_size(1) == band_stats.SAMPLE_PER_IMAGE[1]
+    assert band_stats.sample_size(10**7) == band_stats.SAMPLE_PER_IMAGE[0]
+    assert 1000 * band_stats.sample_size(1000) <= band_stats.SAMPLE_TOTAL
 
 
 def _tiff(array: np.ndarray, **profile) -> bytes:

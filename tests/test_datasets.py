@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from affine import Affine
 
+from segray.datasets.labels import DatasetSpec, find_samples, resize_mask
 from segray.errors import ConfigError, DatasetError
 from segray.io import imagery, storage
-from segray.io.labels import DatasetSpec, find_samples, resize_mask
 from segray.train.data import load_splits
 
 PALETTE = [[0, 0, 0], [255, 0, 0], [0, 0, 255]]

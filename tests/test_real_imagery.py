@@ -17,8 +17,9 @@ import rasterio
 from segray.bulk.config import PredictConfig
 from segray.bulk.job import predict
 from segray.bulk.manifest import read_manifest
+from segray.datasets import labels
 from segray.evaluate.evaluate import predict_rows
-from segray.io import imagery, labels
+from segray.io import imagery
 from segray.models import saving
 from segray.train.config import TrainConfig
 from segray.train.driver import train

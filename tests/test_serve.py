@@ -109,15 +109,15 @@ def uint16_url(url, tmp_path_factory) -> tuple[str, str]:
     statistics in its card (as training on ``synth --dtype uint16 --bands 4`` writes it)."""
     from ray import serve as ray_serve
 
-    from segray.io import bands
+    from segray.datasets import stats as band_stats
     from segray.models import build_model
 
     folder = str(tmp_path_factory.mktemp("model16"))
-    sampler = bands.StatsSampler()
+    sampler = band_stats.StatsSampler()
     rng = np.random.default_rng(0)
     for seed in range(4):
         image, _ = synth.generate_tile(SIZE, seed, "binary", 4, "uint16")
-        sampler.add(*bands.image_summary(image, (image > 0).all(-1), 512, rng))
+        sampler.add(*band_stats.image_summary(image, (image > 0).all(-1), 512, rng))
     model = build_model("unet", 2, (SIZE, SIZE, 4), base_filters=4, depth=2)
     card = saving.ModelCard(
         name="unet",
@@ -386,8 +386,8 @@ def test_bulk_predict_gives_the_same_masks(url, model_dir, tmp_path):
 def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, tmp_path):
     from segray.bulk.config import PredictConfig
     from segray.bulk.job import predict
+    from segray.datasets import labels
     from segray.evaluate.evaluate import predict_rows
-    from segray.io import labels
 
     address, model_dir = uint16_url
     folder = tmp_path / "in"

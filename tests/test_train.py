@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from segray import inference, metrics
+from segray.datasets import labels
 from segray.devtools import synth
 from segray.errors import ConfigError, DatasetError, ModelError
-from segray.io import imagery, labels, storage
+from segray.io import imagery, storage
 from segray.models import saving
 from segray.train.augment import AugmentConfig
 from segray.train.config import TrainConfig

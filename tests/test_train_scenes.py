@@ -12,11 +12,12 @@ import pytest
 import rasterio
 
 from segray import inference, metrics
+from segray.datasets import chips, sampling
+from segray.datasets.labels import DatasetSpec
 from segray.devtools.labelled_scenes import write_labelled_scenes
 from segray.errors import ConfigError, DatasetError, TileError
 from segray.evaluate.evaluate import EvalConfig, evaluate
-from segray.io import chips, imagery, sampling, storage
-from segray.io.labels import DatasetSpec
+from segray.io import imagery, storage
 from segray.models import saving
 from segray.train.augment import AugmentConfig
 from segray.train.config import TrainConfig

@@ -19,11 +19,11 @@ import click
 
 from segray.bulk.config import PredictConfig
 from segray.cli.options import config_options, from_options, given, option_for
+from segray.datasets.labels import DatasetSpec
 from segray.devtools import synth as synth_data
 from segray.devtools.demo import DemoConfig
 from segray.errors import SegrayError
 from segray.evaluate.evaluate import EvalConfig
-from segray.io.labels import DatasetSpec
 from segray.serve.config import ServeConfig
 from segray.train.augment import AugmentConfig
 from segray.train.config import TrainConfig
@@ -143,6 +143,7 @@ def synth(
 def check(uris: tuple[str, ...], bands: tuple[int, ...] | None, endpoint: str | None) -> None:
     """Decode tiles (files, folders or s3:// prefixes) and print their shape and georeference."""
     from segray.io import imagery, storage
+    from segray.io.readers import TileReader
 
     files = [
         f
@@ -154,7 +155,7 @@ def check(uris: tuple[str, ...], bands: tuple[int, ...] | None, endpoint: str | 
     for uri in files:
         try:
             data = storage.filesystem(uri, endpoint).read_bytes(uri)
-            tile = imagery.decode(data, uri, bands=bands)
+            tile = TileReader(data, uri).read(bands=bands)
         except SegrayError as exc:
             if len(files) == 1:
                 raise

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from segray.datasets.labels import Layout
 from segray.inference.run import BATCH_SIZE
 from segray.io import imagery, storage
-from segray.io.labels import Layout
 from segray.log import progress
 from segray.settings import Settings, setting
 
@@ -57,7 +57,7 @@ def _tile_score(cm: Any) -> float:
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Score the model on every tile of ``config.data``; write and return the report."""
     from segray import metrics
-    from segray.io import labels
+    from segray.datasets import labels
     from segray.models import saving
 
     model, card = saving.load_model(config.model, config.fs(config.model))
@@ -96,7 +96,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 def _scene_chips(config: EvalConfig, spec: Any, card: Any) -> tuple[list, Any]:
     """The chips of the scenes to score and how to read one: a grid over every scene, or with
     ``held_out`` the validation grid of the training run (its split rebuilt from config.yaml)."""
-    from segray.io import chips, sampling
+    from segray.datasets import chips, sampling
 
     size = int(card.input_shape[0])
     spec = spec.replace(

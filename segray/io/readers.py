@@ -151,28 +151,28 @@ def _read_dataset(
     the part beyond the raster is read as nothing and filled."""
     from rasterio.windows import Window as RioWindow
 
+    from segray.io.rasters import Window, read_window
+
     row, col = (window.row, window.col) if window else (0, 0)
     height, width = (window.height, window.width) if window else (src.height, src.width)
     top, left = row - margin, col - margin
     shape = (height + 2 * margin, width + 2 * margin)
     rows = (max(top, 0), min(top + shape[0], src.height))
     cols = (max(left, 0), min(left + shape[1], src.width))
-    inner = RioWindow(cols[0], rows[0], max(cols[1] - cols[0], 0), max(rows[1] - rows[0], 0))
-    if (rows, cols) == ((top, top + shape[0]), (left, left + shape[1])):
-        pixels, valid = src.read(indexes, window=inner), imagery.read_valid(src, indexes, inner)
+    inner = Window(rows[0], cols[0], max(rows[1] - rows[0], 0), max(cols[1] - cols[0], 0))
+    if (inner.height, inner.width) == shape:
+        array, valid = read_window(src, inner, indexes)
     else:
         value = fill if fill is not None else (src.nodata if src.nodata is not None else 0)
-        pixels = np.full((len(indexes), *shape), value, dtype=src.dtypes[0])
+        array = np.full((*shape, len(indexes)), value, dtype=src.dtypes[0])
         valid = np.zeros(shape, bool)
         if inner.width and inner.height:
             at = (slice(rows[0] - top, rows[1] - top), slice(cols[0] - left, cols[1] - left))
-            pixels[(slice(None), *at)] = src.read(indexes, window=inner)
-            inside = imagery.read_valid(src, indexes, inner)
+            array[at], inside = read_window(src, inner, indexes)
             valid[at] = True if inside is None else inside
     crs = src.crs.to_string() if src.crs else None
     whole = RioWindow(left, top, shape[1], shape[0])
     transform = None if src.transform.is_identity else src.window_transform(whole)
-    array = np.ascontiguousarray(np.moveaxis(pixels, 0, -1))
     meta = {"nodata": nodata}
     return Tile(array, uri, "tiff", crs=crs, transform=transform, meta=meta, valid=valid)
 

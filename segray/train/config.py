@@ -10,8 +10,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import model_validator
 
+from segray.datasets.labels import Layout, ValSplit
 from segray.io import storage
-from segray.io.labels import Layout, ValSplit
 from segray.settings import Settings, setting
 from segray.train.augment import AugmentConfig
 

@@ -10,10 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray.errors import DatasetError, TileError
-from segray.io import bands
-from segray.io.bands import BandStats
-from segray.io.labels import (
+from segray.datasets import stats as band_stats
+from segray.datasets.labels import (
     DatasetSpec,
     Sample,
     find_samples,
@@ -21,6 +19,8 @@ from segray.io.labels import (
     load_sample,
     split_samples,
 )
+from segray.errors import DatasetError, TileError
+from segray.io.bands import BandStats
 
 if TYPE_CHECKING:
     import ray.data
@@ -84,13 +84,13 @@ def _hist(mask: np.ndarray | None) -> np.ndarray:
 def _band_parts(
     image: np.ndarray | None, valid: np.ndarray | None, k: int, seed: str = ""
 ) -> dict[str, Any]:
-    """This image's share of the band statistics (:func:`segray.io.bands.image_summary`)."""
+    """This image's share of the band statistics (:func:`segray.datasets.stats.image_summary`)."""
     if image is None:
         empty = np.zeros(0, np.float64)
         return {"band_sums": empty, "band_squares": empty, "band_count": 0,
                 "band_sample": np.zeros((0, 0), np.float32)}  # fmt: skip
     rng = np.random.default_rng(list(seed.encode()) or 0)
-    sums, squares, count, sample = bands.image_summary(image, valid, k, rng)
+    sums, squares, count, sample = band_stats.image_summary(image, valid, k, rng)
     return {"band_sums": sums, "band_squares": squares, "band_count": count, "band_sample": sample}
 
 
@@ -105,7 +105,7 @@ def to_ray_dataset(samples: Sequence[Sample], spec: DatasetSpec) -> ray.data.Dat
     palette = load_palette(spec) if spec.layout == "palette" else None
     items = [{"id": s.id, "image_uri": s.image, "label_uris": list(s.labels)} for s in samples]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    return ds.map(_loader(spec, palette, bands.sample_size(len(items))))
+    return ds.map(_loader(spec, palette, band_stats.sample_size(len(items))))
 
 
 def check(
@@ -136,7 +136,7 @@ def check(
             raise DatasetError(f"images in the {what} differ in {key}: {listed}; {fix}")
     hist = np.sum([r["hist"] for r in rows], axis=0)
     hist[ignore_index] = 0
-    sampler = bands.StatsSampler()
+    sampler = band_stats.StatsSampler()
     for r in rows:
         sampler.add(r["band_sums"], r["band_squares"], r["band_count"], r["band_sample"])
     info = DatasetInfo(

@@ -28,24 +28,10 @@ from segray.train.config import MONITOR_MODES, TrainConfig
 from segray.train.data import DatasetInfo
 from segray.train.feed import ChipFeed, TileFeed, scene_feed, tile_feed
 from segray.train.history import history_csv, plot_curves
+from segray.train.loop import LoopPlan
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
-
-
-@dataclass(frozen=True)
-class LoopPlan:
-    """What every worker's loop is handed: the run's settings, the card of the model it trains,
-    how many samples there are, and where to post progress (a :class:`~segray.train.progress.Board`
-    actor, or None)."""
-
-    config: TrainConfig
-    card: ModelCard
-    params: int
-    train_count: int
-    val_count: int
-    board: Any = None
-    feed: Any = None  # a segray.train.feed TileFeed or ChipFeed: what each worker streams
 
 
 @dataclass
@@ -161,7 +147,7 @@ def prepare(config: TrainConfig) -> LoopPlan:
     Raises :class:`~segray.errors.SegrayError` kinds (config, model, dataset) naming the problem.
     """
     from segray import models
-    from segray.io.labels import DatasetSpec
+    from segray.datasets.labels import DatasetSpec
     from segray.train import losses
 
     models.model_info(config.model, encoder=config.encoder)  # unknown names fail here, at once

@@ -8,7 +8,7 @@ batch), as the collective step needs, and padding counts for nothing.
 
 - :class:`TileFeed`: every tile once per epoch, in an order drawn from ``(seed, epoch)``.
 - :class:`ChipFeed`: row ``k`` of epoch ``e`` draws its window from ``(seed, e, k)`` and reads it by
-  windowed reads (:mod:`segray.io.chips`), so the chips are new each epoch yet the same on a
+  windowed reads (:mod:`segray.datasets.chips`), so the chips are new each epoch yet the same on a
   rerun; validation chips are a fixed grid.
 """
 
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray.io import bands, chips, sampling
-from segray.io.labels import DatasetSpec, Sample, load_palette, load_sample
+from segray.datasets import chips, sampling
+from segray.datasets import stats as band_stats
+from segray.datasets.labels import DatasetSpec, Sample, load_palette, load_sample
 from segray.runtime import Shared
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class TileFeed:
 
 
 def load_tile(spec: DatasetSpec, palette: np.ndarray | None, row: dict[str, Any]) -> dict[str, Any]:
-    """Read, decode and check one tile (:func:`segray.io.labels.load_sample`)."""
+    """Read, decode and check one tile (:func:`segray.datasets.labels.load_sample`)."""
     sample = Sample(row["id"], row["image_uri"], tuple(row["label_uris"]))
     out = load_sample(sample, spec, palette)
     return {**out, "weight": np.float32(row["weight"])}
@@ -236,9 +237,9 @@ def scene_feed(
     per_epoch = padded(chips_per_epoch, global_batch)
     feed = ChipFeed(Shared(split).share(), spec, per_epoch, global_batch, positive_fraction)
     rows = [{"epoch": SAMPLE_EPOCH, "k": k} for k in range(SAMPLE_CHIPS)]
-    k = bands.sample_size(SAMPLE_CHIPS)
+    k = band_stats.sample_size(SAMPLE_CHIPS)
     parts = _dataset(rows, _summarise(feed.load_train, k)).take_all()
-    sampler = bands.StatsSampler()
+    sampler = band_stats.StatsSampler()
     hist = np.zeros(256, np.int64)
     for p in parts:
         sampler.add(p["sums"], p["squares"], p["count"], p["sample"])
@@ -262,7 +263,7 @@ def _summarise(load: Any, k: int) -> Any:
         out = load(row)
         image, valid = out["image"], out["valid"]
         rng = np.random.default_rng(int(row["k"]))
-        sums, squares, count, sample = bands.image_summary(image, valid, k, rng)
+        sums, squares, count, sample = band_stats.image_summary(image, valid, k, rng)
         return {
             "sums": sums,
             "squares": squares,

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,9 +28,23 @@ from segray.train.progress import post_epoch, post_step
 
 if TYPE_CHECKING:
     from segray.models.saving import ModelCard
-    from segray.train.driver import LoopPlan
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """What every worker's loop is handed: the run's settings, the card of the model it trains,
+    how many samples there are, and where to post progress (a :class:`~segray.train.progress.Board`
+    actor, or None)."""
+
+    config: TrainConfig
+    card: ModelCard
+    params: int
+    train_count: int
+    val_count: int
+    board: Any = None
+    feed: Any = None  # a segray.train.feed TileFeed or ChipFeed: what each worker streams
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> Any:

@@ -21,7 +21,8 @@ def _bare_keras(data: str, size: int, options: dict, batch: int, epochs: int) ->
     import keras
 
     from segray import models
-    from segray.io import bands, labels
+    from segray.datasets import labels
+    from segray.io import bands
     from segray.train import losses
 
     spec = labels.DatasetSpec(root=data, size=size, val_fraction=0.2)

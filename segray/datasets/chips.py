@@ -6,7 +6,7 @@ nearest-neighbour to the scene's grid window by window) or ``.geojson .json .fgb
 in any CRS); or ``DatasetSpec.labels`` names one vector file for every scene. With
 ``DatasetSpec.stac`` the scenes are a STAC file's items (asset ``asset``) and their labels the
 items' ``labels`` assets. Only the features meeting a chip are rasterised
-(:class:`segray.io.vectors.SceneLabels`). Which chips are read is :mod:`segray.io.sampling`'s.
+(:class:`segray.io.vectors.SceneLabels`). Which chips are read is :mod:`segray.datasets.sampling`'s.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segray.datasets.sampling import Chip
 from segray.errors import DatasetError, TileError
 from segray.io import gdal, rasters, storage, vectors
 from segray.io.files import FileSystem
-from segray.io.sampling import Chip
+from segray.io.readers import Grid, RasterHeader, SceneReader
 
 if TYPE_CHECKING:
-    from segray.io.labels import DatasetSpec
+    from segray.datasets.labels import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,10 @@ def _crs_note(scene: ChipScene) -> str:
 def _scene(
     name: str, uri: str, spec: DatasetSpec, label_uri: str | None, shared: vectors.Features | None
 ) -> ChipScene:
-    with rasters.open_scene(uri, spec.fs(uri)) as ds:
-        rasters.check_scene(ds, uri, spec.bands)
-        width, height = ds.width, ds.height
-        crs = ds.crs.to_string() if ds.crs else None
-        transform = tuple(ds.transform)[:6] if ds.crs or not ds.transform.is_identity else None
+    head = _header(uri, spec)
+    rasters.check_scene(head, spec.bands)
+    width, height, crs = head.width, head.height, head.crs
+    transform = _placement(head)
     size = spec.size[0] if spec.size else 0
     if min(width, height) < size:
         raise DatasetError(f"{uri}: scene is {width}x{height}, smaller than chips of {size} px")
@@ -170,6 +170,18 @@ def _scene(
     return _with(base, labels=label_uri)
 
 
+def _header(uri: str, spec: DatasetSpec) -> RasterHeader:
+    with SceneReader(uri, spec.fs(uri)) as reader:
+        return reader.header()
+
+
+def _placement(head: RasterHeader) -> tuple[float, ...] | None:
+    """The transform as six numbers; a CRS without a transform is placed by the identity."""
+    if head.transform is not None:
+        return tuple(head.transform)[:6]
+    return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0) if head.crs else None
+
+
 def _with(scene: ChipScene, **changes: Any) -> ChipScene:
     from dataclasses import replace
 
@@ -183,25 +195,28 @@ def _affine(transform: tuple[float, ...] | None) -> Any:
 
 
 def _check_label_raster(uri: str, scene: ChipScene, spec: DatasetSpec) -> None:
+    from affine import Affine
+    from rasterio.transform import array_bounds
     from rasterio.warp import transform_bounds
 
-    with rasters.open_scene(uri, spec.fs(uri)) as ds:
-        if ds.crs is None or scene.crs is None:
-            if (ds.width, ds.height) != (scene.width, scene.height):
-                raise DatasetError(
-                    f"{uri}: labels are {ds.width}x{ds.height} without a CRS to place them, but "
-                    f"scene {scene.image} is {scene.width}x{scene.height}"
-                )
-            return
-        left, bottom, right, top = transform_bounds(ds.crs, scene.crs, *ds.bounds)
-        a, b, c, d, e, f = scene.transform or (1, 0, 0, 0, 1, 0)
-        corners = [(0, 0), (scene.width, scene.height)]
-        xs = [a * col + b * row + c for col, row in corners]
-        ys = [d * col + e * row + f for col, row in corners]
-        if right <= min(xs) or left >= max(xs) or top <= min(ys) or bottom >= max(ys):
+    head = _header(uri, spec)
+    if head.crs is None or scene.crs is None:
+        if (head.width, head.height) != (scene.width, scene.height):
             raise DatasetError(
-                f"{uri}: its labels cover none of scene {scene.image} ({_crs_note(scene)})"
+                f"{uri}: labels are {head.width}x{head.height} without a CRS to place them, but "
+                f"scene {scene.image} is {scene.width}x{scene.height}"
             )
+        return
+    bounds = array_bounds(head.height, head.width, head.transform or Affine.identity())
+    left, bottom, right, top = transform_bounds(head.crs, scene.crs, *bounds)
+    a, b, c, d, e, f = scene.transform or (1, 0, 0, 0, 1, 0)
+    corners = [(0, 0), (scene.width, scene.height)]
+    xs = [a * col + b * row + c for col, row in corners]
+    ys = [d * col + e * row + f for col, row in corners]
+    if right <= min(xs) or left >= max(xs) or top <= min(ys) or bottom >= max(ys):
+        raise DatasetError(
+            f"{uri}: its labels cover none of scene {scene.image} ({_crs_note(scene)})"
+        )
 
 
 _OPEN: dict[str, Any] = {}
@@ -211,8 +226,8 @@ _ENV: list[Any] = []  # the process's GDAL environment, once entered
 CACHE_MIB = 64
 
 
-def _opened(uri: str, fs: FileSystem) -> Any:
-    """An open dataset per URI in this process, the last few kept for the next chip, under one
+def _opened(uri: str, fs: FileSystem) -> SceneReader:
+    """A reader per URI in this process, the last few kept open for the next chip, under one
     GDAL environment with a bounded block cache."""
     if not _ENV:
         _ENV.append(gdal.env(GDAL_CACHEMAX=CACHE_MIB))
@@ -222,7 +237,7 @@ def _opened(uri: str, fs: FileSystem) -> Any:
         if len(_OPEN) >= 16:
             _STACK.close()
             _OPEN.clear()
-        _OPEN[uri] = _STACK.enter_context(rasters.open_scene(uri, fs))
+        _OPEN[uri] = _STACK.enter_context(SceneReader(uri, fs))
     return _OPEN[uri]
 
 
@@ -243,9 +258,8 @@ def read_chip(scene: ChipScene, chip: Chip, size: int, spec: DatasetSpec) -> dic
 
     window = rasters.Window(chip.row, chip.col, size, size)
     try:
-        ds = _opened(scene.image, spec.fs(scene.image))
-        pixels, valid = rasters.read_window(ds, window, spec.bands)
-        nodata = ds.nodata
+        read = _opened(scene.image, spec.fs(scene.image)).read(window, bands=spec.bands)
+        pixels, valid, nodata = read.array, read.valid, read.meta["nodata"]
     except Exception as exc:
         _OPEN.pop(scene.image, None)
         raise TileError(
@@ -275,29 +289,24 @@ def _labels(scene: ChipScene, chip: Chip, size: int, spec: DatasetSpec) -> np.nd
     if scene.vector is not None:
         return scene.vector.rasterize(chip.col, chip.row, size, size)
     assert scene.labels is not None
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-    from rasterio.windows import Window as RioWindow
-
-    window = RioWindow(chip.col, chip.row, size, size)
+    window = rasters.Window(chip.row, chip.col, size, size)
     try:
-        ds = _opened(scene.labels, spec.fs(scene.labels))
+        reader = _opened(scene.labels, spec.fs(scene.labels))
+        head = reader.header()
         same = (
-            ds.crs is None
+            head.crs is None
             or scene.crs is None
             or (
-                ds.crs.to_string() == scene.crs
-                and tuple(ds.transform)[:6] == scene.transform
-                and (ds.width, ds.height) == (scene.width, scene.height)
+                head.crs == scene.crs
+                and _placement(head) == scene.transform
+                and (head.width, head.height) == (scene.width, scene.height)
             )
         )
-        if same:
-            return ds.read(1, window=window).astype(np.uint8)
-        with WarpedVRT(
-            ds, crs=scene.crs, transform=_affine(scene.transform), width=scene.width,
-            height=scene.height, resampling=Resampling.nearest, nodata=spec.ignore_index,
-        ) as vrt:  # fmt: skip
-            return vrt.read(1, window=window).astype(np.uint8)
+        grid = None
+        if not same:  # onto the scene's grid, by nearest neighbour: class ids stay ids
+            grid = Grid(scene.crs, _affine(scene.transform), scene.width, scene.height)
+        read = reader.read(window, bands=(1,), grid=grid, fill=spec.ignore_index)
+        return read.array[..., 0].astype(np.uint8)
     except Exception as exc:
         _OPEN.pop(scene.labels, None)
         raise TileError(

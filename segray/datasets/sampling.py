@@ -2,7 +2,7 @@
 (``val_split="scenes"``) or by square blocks of every scene (``"blocks"``), a fixed grid of
 validation chips over what is held out, and training chips drawn at random clear of it, so no
 validation pixel is ever trained on. Only scene headers and label geometry are used here; the
-pixels are read by :func:`segray.io.chips.read_chip`.
+pixels are read by :func:`segray.datasets.chips.read_chip`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 from segray.errors import DatasetError
 
 if TYPE_CHECKING:
-    from segray.io.chips import ChipScene
-    from segray.io.labels import DatasetSpec
+    from segray.datasets.chips import ChipScene
+    from segray.datasets.labels import DatasetSpec
 
 
 @dataclass(frozen=True)
