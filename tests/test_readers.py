@@ -64,7 +64,7 @@ def test_a_window_with_a_margin_is_the_same_from_bytes_a_scene_and_s3(raster, wh
     np.testing.assert_array_equal(tile.array[6:, 5:, 0], array[:30, :41, 1])
     assert not tile.valid[:6].any() and not tile.valid[:, :5].any()  # beyond the edge
     assert not tile.valid[6:10, 5:11].any() and tile.valid[10:, 11:].all()  # the nodata corner
-    assert tile.transform == TRANSFORM * Affine.translation(3 - 8, 2 - 8)
+    assert tile.transform == TRANSFORM @ Affine.translation(3 - 8, 2 - 8)
     np.testing.assert_array_equal(inner.array, array[30:46, 40:56])
     assert inner.valid is None and inner.crs == CRS
 
@@ -75,7 +75,7 @@ def test_a_read_onto_another_grid_reprojects_by_nearest(raster, tmp_path):
     array, data = raster
     uri = str(tmp_path / "scene.tif")
     storage.write_bytes(uri, data)
-    shifted = Grid(CRS, TRANSFORM * Affine.translation(10, 5), 40, 30)
+    shifted = Grid(CRS, TRANSFORM @ Affine.translation(10, 5), 40, 30)
     with SceneReader(uri) as reader:
         moved = reader.read(bands=(1,), grid=shifted)
         mercator = Grid("EPSG:3857", _mercator_transform(), 60, 50)

@@ -142,8 +142,8 @@ class Manifest(Sink):
         run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         self.uri = storage.join(output, MANIFEST_DIR, f"run-{run}")
         self.model = (model_uri, model_version)
-        self.fs = fs or storage.filesystem(output)
-        self.output, self._todo = output, []
+        self.fs = fs or storage.filesystem(output)  # of the parts: a local fallback when full
+        self.output, self._output_fs, self._todo = output, self.fs, []
         self.files = files or (lambda mask: {"output_uri": mask})
         self.rows_per_part, self.flush_s = rows_per_part, flush_s
         self._flushed_at = time.monotonic()
@@ -224,7 +224,7 @@ class Manifest(Sink):
                 self.add(input_uri, "error", reason)
                 continue
             if earlier is None:
-                earlier = finished_rows(self.output, self.fs)
+                earlier = finished_rows(self.output, self._output_fs)
             fractions = earlier.get(input_uri)
             self.add(input_uri, "skipped", class_fractions=fractions, **self.files(output_uri))
 
@@ -245,10 +245,11 @@ class Manifest(Sink):
         """The files under the output once writes already under way have landed: listed until
         two listings a pause apart agree (a write task running when the job stopped takes
         under a second; none is started after)."""
-        present, deadline = set(self.fs.list_files(self.output)), time.monotonic() + limit_s
+        listing = self._output_fs.list_files
+        present, deadline = set(listing(self.output)), time.monotonic() + limit_s
         while time.monotonic() < deadline:
             time.sleep(pause_s)
-            again = set(self.fs.list_files(self.output))
+            again = set(listing(self.output))
             if again == present:
                 break
             present = again

@@ -149,7 +149,7 @@ def _read_dataset(
 ) -> Tile:
     """A window (plus margin) of an open dataset or VRT as a Tile with its own georeference;
     the part beyond the raster is read as nothing and filled."""
-    from rasterio.windows import Window as RioWindow
+    from affine import Affine
 
     from segray.io.rasters import Window, read_window
 
@@ -171,8 +171,7 @@ def _read_dataset(
             array[at], inside = read_window(src, inner, indexes)
             valid[at] = True if inside is None else inside
     crs = src.crs.to_string() if src.crs else None
-    whole = RioWindow(left, top, shape[1], shape[0])
-    transform = None if src.transform.is_identity else src.window_transform(whole)
+    transform = None if src.transform.is_identity else src.transform @ Affine.translation(left, top)
     meta = {"nodata": nodata}
     return Tile(array, uri, "tiff", crs=crs, transform=transform, meta=meta, valid=valid)
 
