@@ -643,3 +643,27 @@ def test_an_output_that_takes_no_more_writes_stops_the_job_with_its_receipt(
     assert 0 < len(done) < COUNT if fault == "disk full" else not masks
     assert_masks_correct(str(small_disk), {rel: expected[rel] for rel in masks}, s3_endpoint)
     assert not [p for p in small_disk.rglob(".tmp-*")]  # no torn write left behind
+
+
+def test_entries_that_are_no_file_are_error_rows_before_anything_opens_them(tmp_path):
+    """A named pipe among a folder's tiles once hung a job for ever, and a --manifest line can
+    name /dev/zero: the plan refuses each by what it is, the good tiles are planned."""
+    from segray.bulk.plan import plan
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.png", "b.png"):
+        (inputs / name).write_bytes(imagery.encode_png(np.zeros((SIZE, SIZE, 3), np.uint8)))
+    os.mkfifo(inputs / "c.png")
+    config = PredictConfig(model="m", input=str(inputs), output=str(tmp_path / "out"))
+    todo, done = plan(config)
+    assert [i for i, _ in todo] == [str(inputs / "a.png"), str(inputs / "b.png")]
+    ((uri, out, reason),) = done
+    assert uri == str(inputs / "c.png") and not out and "named pipe (FIFO), not a file" in reason
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{inputs / 'a.png'}\n/dev/zero\n")
+    todo, done = plan(config.replace(input="", manifest=str(listing)))
+    assert [i for i, _ in todo] == [str(inputs / "a.png")]
+    assert done == [
+        ("/dev/zero", "", "/dev/zero: a character device, not a file; refused before it is opened")
+    ]

@@ -202,3 +202,44 @@ def test_an_s3_filesystem_holds_its_endpoint_whatever_the_environment(
         assert f.read() == b"abc"
     with pytest.raises(storage.StorageError, match="a.bin"):
         storage.filesystem(uri).read_bytes(uri)
+
+
+def test_a_named_pipe_or_a_device_is_refused_at_once_never_read(tmp_path):
+    """Opening a FIFO with no writer for reading blocks for ever, /dev/zero never ends: each is
+    refused by its kind, in a thread that a hang would fail (bounded in time), and a listing's
+    entries that are no file are named before anything opens them."""
+    import socket
+    import threading
+
+    fifo, sock, tile = tmp_path / "pipe.tif", tmp_path / "s.sock", tmp_path / "a.tif"
+    os.mkfifo(fifo)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    tile.write_bytes(b"tile")
+    errors: dict[str, str] = {}
+
+    def read(uri: str) -> None:
+        try:
+            storage.read_bytes(uri)
+        except storage.StorageError as exc:
+            errors[uri] = str(exc)
+
+    threads = [
+        threading.Thread(target=read, args=(u,), daemon=True) for u in (str(fifo), "/dev/zero")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "a read of a FIFO or a device hung"
+    assert "named pipe (FIFO), not a regular file" in errors[str(fifo)]
+    assert "/dev/zero" in errors["/dev/zero"] and "character device" in errors["/dev/zero"]
+    fs = storage.filesystem(str(tmp_path))
+    found = fs.not_files([str(fifo), str(sock), str(tile), str(tmp_path), "/dev/zero", "/nope"])
+    assert found == {
+        str(fifo): "a named pipe (FIFO)",
+        str(sock): "a socket",
+        str(tmp_path): "a folder",
+        "/dev/zero": "a character device",
+    }
+    server.close()

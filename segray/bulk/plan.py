@@ -3,6 +3,7 @@ URIs), minus those whose outputs exist; the mask's URI and the files made beside
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -68,9 +69,22 @@ def candidates(config: PredictConfig) -> Iterator[Candidate]:
     links = set(config.fs(base).links(base)) if not config.manifest else set()
     for link in sorted(links):
         yield link, "", f"{link}: a symbolic link; links in a local input are not followed", None
+    uris = [uri for uri in uris if uri not in links]
+    odd = not_files(config, uris)
     for uri in uris:
-        if uri not in links:
+        if uri in odd:
+            yield uri, "", f"{uri}: {odd[uri]}, not a file; refused before it is opened", None
+        else:
             yield uri, *output_for(config, base, uri), None
+
+
+def not_files(config: PredictConfig, uris: list[str]) -> dict[str, str]:
+    """The inputs that are no regular file (a named pipe, a device, a folder), by what they
+    are: reading one could block for ever or never end."""
+    found: dict[str, str] = {}
+    for fs, group in itertools.groupby(uris, key=config.fs):
+        found.update(fs.not_files(group))
+    return found
 
 
 def stac_candidates(config: PredictConfig) -> Iterator[Candidate]:
@@ -87,6 +101,10 @@ def stac_candidates(config: PredictConfig) -> Iterator[Candidate]:
             if not reason.startswith("STAC item"):
                 reason = f"STAC item {item.id!r} ({item.href}): {reason}"
             yield f"{item.href}#{item.id}", "", reason, None
+            continue
+        odd = config.fs(uri).not_files([uri])
+        if odd:
+            yield uri, "", f"STAC item {item.id!r}: {uri}: {odd[uri]}, not a file; refused", None
             continue
         ext = os.path.splitext(uri)[1].lower()
         name = stac.safe_name(item.id)

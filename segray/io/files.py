@@ -189,6 +189,12 @@ class FileSystem(ABC):
         """Symbolic links at or below ``uri``, sorted (none where there are no links)."""
         return []
 
+    def not_files(self, uris: Iterable[str]) -> dict[str, str]:
+        """Those of ``uris`` that are no regular file, with what they are (a named pipe, a
+        socket, a device, a folder), from their metadata alone: reading one could block for
+        ever or never end. None where every object is a file."""
+        return {}
+
     def read_text(self, uri: str) -> str:
         """A UTF-8 text file or object."""
         return self.read_bytes(uri).decode("utf-8")

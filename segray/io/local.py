@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,11 +30,19 @@ class LocalFileSystem(FileSystem):
     scheme = "file"
 
     def read_bytes(self, uri: str) -> bytes:
-        try:
-            with open(parse(uri).path, "rb") as f:
-                return f.read()
+        try:  # opened without blocking: a named pipe with no writer would wait for ever
+            fd = os.open(parse(uri).path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
+        with os.fdopen(fd, "rb") as f:
+            kind = _kind(os.fstat(fd).st_mode)
+            if kind:
+                raise StorageError(f"{uri}: cannot read: {kind}, not a regular file")
+            os.set_blocking(fd, True)
+            try:
+                return f.read()
+            except OSError as exc:
+                raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         _write_local(uri, parse(uri).path, lambda f: f.write(data))
@@ -79,6 +88,17 @@ class LocalFileSystem(FileSystem):
                     pass
         return removed
 
+    def not_files(self, uris: Iterable[str]) -> dict[str, str]:
+        found = {}
+        for uri in uris:
+            try:
+                kind = _kind(os.stat(parse(uri).path).st_mode)
+            except OSError:  # missing: its read says so
+                continue
+            if kind:
+                found[uri] = kind
+        return found
+
     def links(self, uri: str) -> list[str]:
         root = parse(uri).path
         if os.path.islink(root):
@@ -91,6 +111,18 @@ class LocalFileSystem(FileSystem):
                 if os.path.islink(os.path.join(folder, n))
             ]
         return sorted(found)
+
+
+def _kind(mode: int) -> str:
+    """What a file of ``mode`` is when it is no regular file ("" when it is one)."""
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    )
+    return next((name for test, name in kinds if test(mode)), "")
 
 
 def _walk(root: str) -> Iterable[str]:
