@@ -6,19 +6,38 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install clean assets browser
+
+# The map page's library (Leaflet) from the npm registry, served by segray itself.
+LEAFLET := segray/serve/static/vendor/leaflet
+# Debian's Chromium, for the map page's test in a real browser.
+CHROMIUM := /usr/bin/chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml | $(BIN)/python $(LEAFLET)/leaflet.js
 	$(BIN)/python -m pip install -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python $(LEAFLET)/leaflet.js
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@ $(VENV)/.installed $(VENV)/.installed-devtools
+
+$(LEAFLET)/leaflet.js: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	rm -rf $(LEAFLET) && mkdir -p $(LEAFLET)
+	cp -r web/node_modules/leaflet/dist/leaflet.js web/node_modules/leaflet/dist/leaflet.css \
+		web/node_modules/leaflet/dist/images web/node_modules/leaflet/LICENSE $(LEAFLET)/
+
+assets: $(LEAFLET)/leaflet.js
+
+# Installs Chromium from Debian's packages when it is missing (as root, or through sudo).
+browser:
+	@test -x $(CHROMIUM) || { \
+		s=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$s apt-get install -y -q chromium || { $$s apt-get update -q && $$s apt-get install -y -q chromium; }; }
 
 # The moto S3 server of `make demo S3=1` (the test extra has it too).
 $(VENV)/.installed-devtools: pyproject.toml | $(BIN)/python
@@ -33,8 +52,9 @@ demo: $(VENV)/.installed $(if $(S3),$(VENV)/.installed-devtools)
 	$(BIN)/segray demo --out runs/demo $(if $(S3),--s3) $(DEMO_ARGS)
 
 # pytest exits 5 when it collects no test: say so and do not count it as a failure.
-test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+# The browser test must run here (SEGRAY_REQUIRE_BROWSER): a missing Chromium fails it.
+test: $(VENV)/.installed-test browser
+	SEGRAY_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(VENV)/.installed-test
@@ -46,4 +66,4 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix segray tests jobs
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache web/node_modules $(LEAFLET)

@@ -243,7 +243,10 @@ def serve(**kw: Any) -> None:
     from segray.serve.app import run
 
     config = from_options(ServeConfig, kw)
-    click.echo(f"serving {config.model_uri} on http://{config.host}:{config.port} (docs at /docs)")
+    root, under = f"http://{config.host}:{config.port}", ", ".join(config.allowed_sources)
+    click.echo(f"serving {config.model_uri} on {root} (docs at /docs)")
+    where = f"?url=<a GeoTIFF/COG under {under}>" if under else " (no --allow-source: none)"
+    click.echo(f"map: {root}/v1/map{where}")
     run(config)
 
 

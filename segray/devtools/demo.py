@@ -195,6 +195,8 @@ def _run(config: DemoConfig, root: str, ep: str | None) -> dict[str, Any]:
         "curves": storage.join(run, "curves.png"),
         "masks": masks,
         "scene_masks": scene_masks,
+        "scenes": storage.join(paths["scenes"], "scenes"),
+        "scene": storage.join(paths["scenes"], "scenes", "scene_000.tif"),
         "manifests": [tiles.manifest, scenes.manifest],
         "report": storage.join(report_dir, "report.md"),
         "confusion": doc["confusion_png"],
@@ -219,5 +221,8 @@ def _outputs_text(outputs: dict[str, Any], report_md: str) -> str:
         f"  scene mask: {outputs['scene_masks']}\n"
         f"  manifests:  {outputs['masks']}/_manifest, {outputs['scene_masks']}/_manifest\n"
         f"  report:     {outputs['report']} (confusion: {outputs['confusion']})\n"
-        f"  overlays:   {outputs['overlays']}/"
+        f"  overlays:   {outputs['overlays']}/\n"
+        f"\nLook at it on a map (then open the URL it prints):\n"
+        f"  segray serve --model {outputs['run']} --allow-source {outputs['scenes']}\n"
+        f"  http://127.0.0.1:8000/v1/map?url={outputs['scene']}"
     )

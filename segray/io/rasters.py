@@ -35,13 +35,16 @@ class Window:
 
 
 @contextlib.contextmanager
-def open_scene(uri: str, fs: FileSystem | None = None) -> Iterator[Any]:
+def open_scene(
+    uri: str, fs: FileSystem | None = None, drivers: Sequence[str] | None = None
+) -> Iterator[Any]:
     """Open a scene for windowed reads with rasterio, without reading it whole.
 
     Local files are opened directly; ``s3://`` objects through a Python opener backed by
     pyarrow's S3 filesystem (the endpoint and credentials of ``fs``, by default the one
     :func:`storage.filesystem` chooses), so GDAL fetches only the header and the blocks a
-    window touches, as ranged GETs.
+    window touches, as ranged GETs. ``drivers``: the GDAL drivers allowed to open it (all
+    without).
     """
     import warnings
 
@@ -51,8 +54,9 @@ def open_scene(uri: str, fs: FileSystem | None = None) -> Iterator[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         fs = fs or storage.filesystem(uri)
+        only = (drivers[0] if len(drivers) == 1 else list(drivers)) if drivers else None
         if fs.scheme == "file":
-            with gdal.ensured(), rasterio.open(storage.parse(uri).path) as ds:
+            with gdal.ensured(), rasterio.open(storage.parse(uri).path, driver=only) as ds:
                 yield ds
             return
         arrow, path = fs.arrow(uri)
@@ -63,7 +67,7 @@ def open_scene(uri: str, fs: FileSystem | None = None) -> Iterator[Any]:
             except OSError as exc:  # GDAL probes side-car files; "missing" must say so
                 raise FileNotFoundError(name) from exc
 
-        with gdal.env(GDAL_PAM_ENABLED="NO"), rasterio.open(path, opener=opener) as ds:
+        with gdal.env(GDAL_PAM_ENABLED="NO"), rasterio.open(path, driver=only, opener=opener) as ds:
             yield ds
 
 

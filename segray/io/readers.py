@@ -132,9 +132,11 @@ def _warped(ds: Any, grid: Grid, fill: float | None) -> Any:
     from rasterio.vrt import WarpedVRT
 
     nodata = fill if fill is not None else ds.nodata
+    # without a nodata value, an alpha band marks what lies outside the source as no data
     return WarpedVRT(
         ds, crs=CRS.from_user_input(grid.crs), transform=grid.transform, width=grid.width,
         height=grid.height, resampling=Resampling.nearest, nodata=nodata,
+        add_alpha=nodata is None,
     )  # fmt: skip
 
 
@@ -178,10 +180,14 @@ def _read_dataset(
 
 class SceneReader(_DatasetReads):
     """A GeoTIFF or COG opened once and read window by window, never whole: locally, or on S3
-    by ranged reads through ``fs`` (see :func:`segray.io.rasters.open_scene`)."""
+    by ranged reads through ``fs`` (see :func:`segray.io.rasters.open_scene`). ``drivers``
+    limits the GDAL drivers that may open it (a source named by a client: no VRT pointing
+    anywhere)."""
 
-    def __init__(self, uri: str, fs: FileSystem | None = None) -> None:
-        self.uri, self.fs = uri, fs
+    def __init__(
+        self, uri: str, fs: FileSystem | None = None, drivers: Sequence[str] | None = None
+    ) -> None:
+        self.uri, self.fs, self.drivers = uri, fs, drivers
         self._stack = contextlib.ExitStack()
         self._ds: Any = None
 
@@ -189,7 +195,7 @@ class SceneReader(_DatasetReads):
         if self._ds is None:
             from segray.io.rasters import open_scene
 
-            self._ds = self._stack.enter_context(open_scene(self.uri, self.fs))
+            self._ds = self._stack.enter_context(open_scene(self.uri, self.fs, self.drivers))
         return self._ds
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -38,8 +38,10 @@ from segray.inference import tiling
 from segray.io import gdal, imagery
 from segray.io.imagery import Tile
 from segray.io.readers import RasterHeader, TileReader
+from segray.serve import page
 from segray.serve.config import TOKEN_ENV, ServeConfig
 from segray.serve.http import ApiError, image_bytes, read_body, response_format, tile_error
+from segray.serve.maps import LAYERS, MapService, encode_rgba, etag
 
 DEPLOYMENT = "SegmentModel"
 _BINARY = {"type": "string", "format": "binary"}
@@ -89,6 +91,7 @@ class SegmentModel:
         self._infer_batch.set_max_batch_size(config.max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         inference.warm_up(self.model, self.card, config.max_batch_size)
+        self.maps = MapService(config, self.card, self.window, self._infer_windows)
 
     @app.get("/healthz")
     def healthz(self) -> dict:
@@ -118,13 +121,118 @@ class SegmentModel:
         return self.batch_stats()
 
     def batch_stats(self) -> dict:
-        """Batch sizes in windows run so far ``{size: count}`` and batch settings; callable by
-        handle."""
+        """Batch sizes in windows run so far ``{size: count}``, batch settings and the map
+        tiles' cache; callable by handle."""
         return {
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "max_batch_size": self.config.max_batch_size,
             "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
+            "tile_cache": self.maps.cache.stats(),
+            "map_model_runs": self.maps.model_runs,
         }
+
+    @app.get("/v1/tiles/{tms}/{z}/{x}/{name}")
+    async def map_tile(
+        self,
+        request: Request,
+        tms: str,
+        z: int = Path(ge=0, le=30),
+        x: int = Path(ge=0),
+        name: str = Path(description="{y}.png or {y}@2x.png"),
+        url: str = Query(description="GeoTIFF/COG under an allowed_sources prefix"),
+        layer: str = Query("mask", description="mask, probability, image or precomputed"),
+        class_index: int = Query(1, alias="class", description="class of layer=probability"),
+    ) -> Response:
+        """One map tile (XYZ, TiTiler's conventions) of the model over ``url``, or of the
+        source itself: PNG with transparency, ETag and Cache-Control."""
+        self._authorize(request)
+        y, size = page.tile_name(name)
+        if layer not in LAYERS:
+            raise ApiError(400, "invalid request", f"layer must be one of {LAYERS}; got {layer!r}")
+        self._check_options("probability", class_index)
+        source = await self.maps.source(url, page.tms_name(tms))
+        page.check_tile(source.tiles, z, x, y)
+        kind = (layer, class_index if layer == "probability" else None)
+        tag = etag(source.key, self.card.version, kind, z, x, y, size)
+        headers = {"ETag": tag, "Cache-Control": self._cache_control()}
+        if tag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        png = self.maps.cache.get(("png", tag))
+        if png is None:
+            if not source.tiles.intersects(z, x, y):
+                raise ApiError(404, "not found", f"tile {z}/{x}/{y} is outside the source")
+            if layer == "image":
+                rgba = await source.call(self.maps.read_image, source, z, x, y, size)
+            elif layer == "precomputed":
+                rgba = await source.call(self.maps.read_precomputed, source, z, x, y, size)
+            else:
+                seen = await self.maps.view(source, z, x, y, size)
+                render = self.maps.render_mask if layer == "mask" else self.maps.render_probability
+                args = () if layer == "mask" else (class_index,)
+                rgba = await asyncio.to_thread(render, seen, *args)
+            png = await asyncio.to_thread(encode_rgba, rgba)
+            self.maps.cache.put(("png", tag), png, len(png))
+        headers["X-Segray-Model-Version"] = self.card.version
+        return Response(png, media_type="image/png", headers=headers)
+
+    @app.get("/v1/tilejson.json")
+    async def tilejson(
+        self,
+        request: Request,
+        url: str = Query(description="GeoTIFF/COG under an allowed_sources prefix"),
+        layer: str = Query("mask"),
+        tms: str = Query("WebMercatorQuad"),
+    ) -> dict:
+        """TileJSON 3.0 of a layer over ``url``: tile URL template, bounds, zooms."""
+        self._authorize(request)
+        if layer not in LAYERS:
+            raise ApiError(400, "invalid request", f"layer must be one of {LAYERS}; got {layer!r}")
+        source = await self.maps.source(url, page.tms_name(tms))
+        model_layer = layer in ("mask", "probability")
+        minzoom = self.maps.model_minzoom(source) if model_layer else None
+        return page.tilejson(request, source, layer, minzoom, self.card)
+
+    @app.get("/v1/point")
+    async def point(
+        self,
+        request: Request,
+        url: str = Query(description="GeoTIFF/COG under an allowed_sources prefix"),
+        lon: float = Query(ge=-180, le=180),
+        lat: float = Query(ge=-90, le=90),
+        tms: str = Query("WebMercatorQuad"),
+    ) -> dict:
+        """The class the model gives a WGS84 point of ``url`` (at the source's native zoom),
+        and the class fractions of the native tile that holds it."""
+        self._authorize(request)
+        source = await self.maps.source(url, page.tms_name(tms))
+        z = source.tiles.info().maxzoom
+        x, y, row, col = source.tiles.tile_at(lon, lat, z)
+        if not source.tiles.intersects(z, x, y):
+            raise ApiError(404, "not found", f"({lon}, {lat}) is outside the source")
+        seen = await self.maps.prediction(source, x, y)
+        return page.point_doc(seen, row, col, (z, x, y), self.card)
+
+    @app.get("/v1/map")
+    def map_page(
+        self,
+        url: str = Query(""),
+        tms: str = Query("WebMercatorQuad"),
+        layer: str = Query("mask", description="the layer shown first over the image"),
+    ) -> Response:
+        """A slippy map of the image and the model's mask over ``url`` (open to all: the tiles
+        it loads ask for the token)."""
+        if layer not in LAYERS or layer == "image":
+            detail = f"layer must be mask, probability or precomputed; got {layer!r}"
+            raise ApiError(400, "invalid request", detail)
+        return page.map_page(url, page.tms_name(tms), layer, bool(self.token), self.card)
+
+    @app.get("/v1/static/{asset:path}")
+    def static(self, asset: str) -> Response:
+        """The map page's script, style and the map library (served here, no internet)."""
+        return page.asset(asset)
+
+    def _cache_control(self) -> str:
+        return "private, max-age=3600" if self.token else "public, max-age=3600"
 
     @app.post("/v1/segment", openapi_extra={"requestBody": _SEGMENT_BODY})
     async def segment(

@@ -49,6 +49,15 @@ class ServeConfig(Settings, storage.Addressed):
     chunk_timeout_s: float = setting(10.0, "Seconds the body may stall between two chunks.", gt=0)
     overlap: int = setting(OVERLAP, "Overlap of windows of images larger than the model's.", ge=0)
     blend: Blend = setting(BLEND, "How overlapping windows are joined.")
+    allowed_sources: tuple[str, ...] = setting(
+        (),
+        "Prefixes (local folders, s3://bucket/prefix/) of the rasters the map tiles may read; "
+        "none: the map routes read nothing.",
+        flag="--allow-source",
+    )
+    tile_cache_bytes: int = setting(
+        128 * 2**20, "Bytes of map tiles and native predictions a replica keeps.", ge=0
+    )
     api_token: str | None = setting(None, f"Bearer token (default: ${TOKEN_ENV}).", cli=False)
     endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
     host: str = setting("127.0.0.1", "Address to listen on (segray serve).")

@@ -1,0 +1,152 @@
+"""What the map routes answer besides tiles: tile names, TileJSON, a point's class, the map page
+and its static files (Leaflet comes from npm through ``make``; nothing is fetched from the web).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import mimetypes
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from segray import inference
+from segray.errors import ConfigError
+from segray.io.maptiles import TILE_SIZE, MapTiles, tile_matrix_set
+from segray.serve.http import ApiError
+
+STATIC = Path(__file__).parent / "static"
+#: The map library's files, put there by ``make`` from the npm package (see web/package.json).
+LEAFLET = STATIC / "vendor" / "leaflet"
+_TILE_NAME = re.compile(r"^(\d{1,9})(@2x)?\.png$")
+#: Files the static route serves: the page's own and the map library's, nothing else.
+ASSETS = (
+    "map.js",
+    "map.css",
+    "vendor/leaflet/leaflet.js",
+    "vendor/leaflet/leaflet.css",
+    *(f"vendor/leaflet/images/{n}" for n in ("layers.png", "layers-2x.png", "marker-icon.png")),
+)
+
+
+def tile_name(name: str) -> tuple[int, int]:
+    """``(y, size)`` of ``{y}.png`` (256 px) or ``{y}@2x.png`` (512 px); 400 otherwise."""
+    match = _TILE_NAME.match(name)
+    if not match:
+        detail = f"tile name must be {{y}}.png or {{y}}@2x.png; got {name!r}"
+        raise ApiError(400, "invalid request", detail)
+    return int(match.group(1)), TILE_SIZE * (2 if match.group(2) else 1)
+
+
+def tms_name(name: str) -> str:
+    """A known tile matrix set's name; 404 naming the known ones otherwise."""
+    try:
+        tile_matrix_set(name)
+    except ConfigError as err:
+        raise ApiError(404, "not found", str(err)) from None
+    return name
+
+
+def check_tile(tiles: MapTiles, z: int, x: int, y: int) -> None:
+    """404 for a z/x/y the tile matrix set does not have."""
+    try:
+        tiles.check(z, x, y)
+    except ValueError as err:
+        raise ApiError(404, "not found", str(err)) from None
+
+
+def _prefix(request: Request) -> str:
+    """Scheme, host and the app's route prefix, from the request's own URL."""
+    path = request.url.path
+    return str(request.base_url).rstrip("/") + path[: path.index("/v1/")]
+
+
+def tilejson(
+    request: Request, source: Any, layer: str, minzoom: int | None, card: Any
+) -> dict[str, Any]:
+    """TileJSON 3.0.0 of ``layer`` over ``source``."""
+    info = source.tiles.info()
+    query = f"url={quote(source.uri, safe='')}&layer={layer}"
+    template = f"{_prefix(request)}/v1/tiles/{info.tms}/{{z}}/{{x}}/{{y}}.png?{query}"
+    doc: dict[str, Any] = {
+        "tilejson": "3.0.0",
+        "name": f"{card.name} {card.version}: {layer}" if layer != "image" else source.uri,
+        "version": "1.0.0",
+        "scheme": "xyz",
+        "tiles": [template],
+        "minzoom": info.minzoom if minzoom is None else minzoom,
+        "maxzoom": info.maxzoom,
+        "bounds": list(info.bounds),
+        "center": list(info.center),
+    }
+    if layer in ("mask", "precomputed"):
+        doc["classes"] = legend(card)
+    return doc
+
+
+def legend(card: Any) -> list[dict[str, Any]]:
+    """Each class with its colour (``#rrggbb``) as the mask layers draw it."""
+    out = []
+    for index, name in enumerate(card.names()):
+        r, g, b = inference.PALETTE[index % len(inference.PALETTE)]
+        out.append({"id": index, "name": name, "color": f"#{r:02x}{g:02x}{b:02x}"})
+    return out
+
+
+def point_doc(seen: Any, row: int, col: int, tile: tuple[int, int, int], card: Any) -> dict:
+    """The class at one pixel of a native tile's prediction and the tile's class fractions."""
+    names = card.names()
+    value = int(seen.classes[row, col])
+    fractions = inference.class_fractions(seen.classes, card.num_classes)
+    doc = {
+        "tile": list(tile),
+        "pixel": [row, col],
+        "class_id": None if value == inference.NODATA else value,
+        "class_name": None if value == inference.NODATA else names[value],
+        "probability": None
+        if value == inference.NODATA
+        else round(int(seen.probabilities[row, col, value]) / inference.PROBABILITY_MAX, 4),
+        "fractions": {
+            n: None if f != f else round(f, 4) for n, f in zip(names, fractions, strict=True)
+        },  # fmt: skip
+        "model": {"name": card.name, "version": card.version},
+    }
+    return doc
+
+
+def map_page(url: str, tms: str, layer: str, token_required: bool, card: Any) -> Response:
+    """The map page over ``url``; 503 when the map library was never installed."""
+    if not (LEAFLET / "leaflet.js").is_file():
+        detail = "the map library is not installed: run 'make assets' (npm) in the segray checkout"
+        raise ApiError(503, "map unavailable", detail)
+    settings = {
+        "url": url,
+        "tms": tms,
+        "layer": layer,
+        "tokenRequired": token_required,
+        "model": {"name": card.name, "version": card.version},
+        "classes": legend(card),
+    }
+    text = (STATIC / "map.html").read_text()
+    body = text.replace("{{settings}}", html.escape(json.dumps(settings), quote=True))
+    body = body.replace("{{title}}", html.escape(f"segray: {url or 'no source'}"))
+    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": _CSP}
+    return Response(body, media_type="text/html; charset=utf-8", headers=headers)
+
+
+#: The page loads nothing from elsewhere: scripts, styles and images from this server only.
+_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'"
+
+
+def asset(name: str) -> Response:
+    """One of :data:`ASSETS` (404 for any other name: no path reaches another file)."""
+    if name not in ASSETS or not (STATIC / name).is_file():
+        raise ApiError(404, "not found", f"no static file {name!r}")
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return Response((STATIC / name).read_bytes(), media_type=media, headers=headers)
