@@ -82,6 +82,27 @@ class PredictConfig(Settings, storage.Addressed):
     footprints_crs: str = setting(
         WGS84, "CRS of the footprints: EPSG:4326 (RFC 7946), native (the tile's) or EPSG:n."
     )
+    vectors: str | None = setting(
+        None,
+        "One vector layer of the job's polygons, merged across seams: .parquet (GeoParquet), "
+        ".fgb or .gpkg, local or s3://.",
+    )
+    vector_classes: tuple[int, ...] | None = setting(
+        None, "Class ids in the vector layer (default: every class but 0, the background)."
+    )
+    vectors_crs: str = setting(
+        WGS84, "CRS of the vector layer: EPSG:4326, native (the masks') or EPSG:n."
+    )
+    min_area: float = setting(0.0, "Polygons of fewer pixels are left out of the layer.", ge=0)
+    simplify: float = setting(
+        0.5, "Tolerance in pixels of the layer's polygons' simplification (0: pixel edges).", ge=0
+    )
+    opening: int = setting(
+        0, "Radius in pixels of an opening of each class before tracing (removes specks).", ge=0
+    )
+    vector_block: int = setting(
+        1024, "Scenes are traced in square blocks of this many pixels.", ge=16, cli=False
+    )
     io_threads: int = setting(8, "Threads of each read or write task.", ge=1, cli=False)
     manifest_rows: int = setting(10_000, "Manifest rows per Parquet part.", ge=1, cli=False)
     manifest_flush_s: float = setting(
@@ -108,7 +129,16 @@ class PredictConfig(Settings, storage.Addressed):
     def _lower(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return tuple(s.lower() for s in value) if value else None
 
-    @field_validator("footprints_crs")
+    @field_validator("vectors")
+    @classmethod
+    def _layer_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            from segray.io.vectorlayer import layer_format
+
+            layer_format(value)
+        return value
+
+    @field_validator("footprints_crs", "vectors_crs")
     @classmethod
     def _known_crs(cls, value: str) -> str:
         if value == NATIVE:

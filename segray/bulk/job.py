@@ -54,6 +54,9 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
         value = getattr(config, name)
         if value is not None and not 0 <= value < card.num_classes:
             raise ConfigError(f"{name} must lie in 0..{card.num_classes - 1}; got {value}")
+    for value in config.vector_classes or ():
+        if not 0 <= value < card.num_classes:
+            raise ConfigError(f"vector_classes must lie in 0..{card.num_classes - 1}; got {value}")
     todo, done, sources = plan_sources(config)
     _check_found(config, todo, done)
     manifest = Manifest(
@@ -65,7 +68,7 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
         flush_s=config.manifest_flush_s,
         files=lambda mask: outputs(mask, config),
     )
-    sinks = (*job_sinks(config, card), manifest)
+    sinks = (*job_sinks(config, card, manifest.run_id), manifest)
     for sink in sinks:
         sink.on_write_start()
     manifest.record_settled(done, todo)

@@ -155,6 +155,11 @@ class Manifest(Sink):
         self._parts = 0
         self._written: list[tuple[str, FileSystem]] = []  # (part, where) of each part
 
+    @property
+    def run_id(self) -> str:
+        """This run's id, ``run-<UTC time>-<hex>``."""
+        return self._run
+
     def add(
         self,
         input_uri: str,

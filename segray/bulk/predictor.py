@@ -138,7 +138,12 @@ class TilePredictor(_Predictor):
         fractions = np.full((n, k), np.nan)
         masks: dict[int, np.ndarray] = {}
         c = self.config
-        wanted = {"uncertainty": c.mc_samples > 0, "labels": c.footprints is not None}
+        vectors = c.vectors is not None
+        wanted = {
+            "uncertainty": c.mc_samples > 0,
+            "labels": c.footprints is not None or vectors,
+            "confidence": vectors,
+        }
         side = {name: [b""] * n for name, on in wanted.items() if on}
         for i, out in self._render(logits).items():
             masks[i], fractions[i] = out["mask"], out["fractions"]
@@ -168,6 +173,8 @@ class TilePredictor(_Predictor):
             for j, i in enumerate(rows):
                 fractions = np.asarray(inference.class_fractions(labels[j], k))
                 out[i] = {"mask": masks[j], "fractions": fractions, "labels": labels[j]}
+                if self.config.vectors:
+                    out[i]["confidence"] = inference.render_confidence(stack[j], labels[j])
                 if uncertainty is not None:
                     out[i]["uncertainty"] = uncertainty[j]
         return out

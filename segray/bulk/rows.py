@@ -64,7 +64,8 @@ class PredictedColumns(TypedDict, total=False):
 
     class_fractions: list[float]
     uncertainty: bytes  # uint8, the mask's shape (with mc_samples)
-    labels: bytes  # uint8 class ids, the mask's shape (with footprints)
+    labels: bytes  # uint8 class ids, the mask's shape (with footprints or vectors)
+    confidence: bytes  # uint8 probability of each pixel's class, 0..254 (with vectors)
 
 
 class ResultRow(TypedDict, total=False):
@@ -86,7 +87,7 @@ class ResultRow(TypedDict, total=False):
 #: The column of a result row that stops the job (see :class:`ResultRow`).
 STOP = "stop"
 #: Predicted columns of uint8 arrays of the mask's shape, written beside it.
-SIDE_COLUMNS = ("uncertainty", "labels")
+SIDE_COLUMNS = ("uncertainty", "labels", "confidence")
 #: Columns whose values are bytes or strings: kept as numpy object arrays.
 OBJECT_COLUMNS = frozenset(
     {"input_uri", "output_uri", "error", "pixels", "dtype", "valid", "format", "crs", "status"}

@@ -300,6 +300,8 @@ class SceneWriter:
         needs_labels = any(sink.needs_labels for sink in job.sinks)
         if needs_labels and job.render["output"] != "classes":
             self.rasters["labels"] = BandWriter(folder, "labels", shape, **geo)
+        if any(sink.needs_confidence for sink in job.sinks):
+            self.rasters["confidence"] = BandWriter(folder, "confidence", shape, **geo)
         if job.uncertainty:
             tags = inference.UNCERTAINTY_TAGS
             self.rasters["uncertainty"] = BandWriter(folder, "uncertainty", shape, **geo, tags=tags)
@@ -315,6 +317,9 @@ class SceneWriter:
         self.rasters["mask"].write(top, mask[0])
         if "labels" in self.rasters:
             self.rasters["labels"].write(top, labels[0])
+        if "confidence" in self.rasters:
+            confidence = inference.render_confidence(band, labels[0])
+            self.rasters["confidence"].write(top, confidence)
 
     def finish(
         self, output_uri: str, input_uri: str, source: dict[str, str] | None = None
@@ -330,6 +335,7 @@ class SceneWriter:
             mask=LocalFile(self.rasters["mask"].cog()),
             uncertainty=LocalFile(uncertainty.cog()) if uncertainty is not None else None,
             labels=self.rasters.get("labels", self.rasters["mask"]).read,
+            confidence=self.rasters["confidence"].read if "confidence" in self.rasters else None,
             source=source,
         )
         files, uris = files_of(self.job.sinks, output)

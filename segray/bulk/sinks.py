@@ -59,6 +59,8 @@ class Output:
     uncertainty: np.ndarray | LocalFile | None = None
     #: Class ids of the mask's pixels (for vectors), or what reads them when asked.
     labels: np.ndarray | Callable[[], np.ndarray] | None = None
+    #: The probability of each pixel's class, uint8 0..254 (for the vector layer's scores).
+    confidence: np.ndarray | Callable[[], np.ndarray] | None = None
     #: The STAC item the input comes from (``href``, ``id``, ``datetime``), if any.
     source: dict[str, str] | None = None
 
@@ -67,6 +69,10 @@ class Output:
         if self.labels is None:
             raise ValueError(f"{self.uri}: no class ids were kept for this output")
         return self.labels() if callable(self.labels) else self.labels
+
+    def confidence_map(self) -> np.ndarray | None:
+        """The class probabilities, read now where they are on disk (None: not kept)."""
+        return self.confidence() if callable(self.confidence) else self.confidence
 
 
 @dataclass
@@ -77,6 +83,8 @@ class Sink:
     column: ClassVar[str | None] = None
     #: True when :meth:`files` needs the class ids of each output.
     needs_labels: ClassVar[bool] = False
+    #: True when :meth:`files` needs the probability of each pixel's class.
+    needs_confidence: ClassVar[bool] = False
 
     def on_write_start(self) -> None:
         """On the driver, before the first input is read."""
@@ -123,6 +131,39 @@ class FootprintsSink(Sink):
         like = output.like
         doc = inference.footprint_doc(output.class_ids(), like, **self.options)
         return [(footprints_uri(output.uri), json.dumps(doc).encode())]
+
+
+@dataclass
+class VectorSink(Sink):
+    """The polygons of each mask as a part beside the masks; at the end the job's one layer,
+    merged across seams, from every part (:mod:`segray.bulk.vectors`)."""
+
+    config: PredictConfig
+    card: ModelCard
+    run_id: str
+    needs_labels: ClassVar[bool] = True
+    needs_confidence: ClassVar[bool] = True
+
+    def classes(self) -> list[int]:
+        """The classes asked, by default every class but the background (0)."""
+        asked = self.config.vector_classes
+        return list(asked) if asked else list(range(1, self.card.num_classes))
+
+    def files(self, output: Output) -> list[File]:
+        from segray.bulk import vectors
+
+        data = vectors.part_bytes(self.config, output, self.classes(), self.run_id)
+        return [(vectors.part_uri(self.config, output.uri), data)]
+
+    def on_write_complete(self, masks: list[str]) -> None:
+        from segray.bulk import vectors
+
+        if not masks:
+            return
+        try:
+            vectors.build_layer(self.config, self.card, sorted(set(masks)), self.run_id)
+        except SegrayError as exc:
+            log.error("vector layer not written: %s", exc)
 
 
 @dataclass
@@ -178,8 +219,9 @@ class MaskSink(Sink):
 STALE_TEMP_S = 60.0
 
 
-def job_sinks(config: PredictConfig, card: ModelCard) -> tuple[Sink, ...]:
-    """The sinks of a job's per-input outputs, in writing order: the mask last."""
+def job_sinks(config: PredictConfig, card: ModelCard, run_id: str = "") -> tuple[Sink, ...]:
+    """The sinks of a job's per-input outputs, in writing order: the mask last (the vector
+    layer's before the STAC collection, which lists it)."""
     legend = inference.mask_legend(card, config.output_mode, config.class_index)
     sinks: list[Sink] = []
     if config.mc_samples:
@@ -187,6 +229,8 @@ def job_sinks(config: PredictConfig, card: ModelCard) -> tuple[Sink, ...]:
     options = footprint_options(config, card)
     if options is not None:
         sinks.append(FootprintsSink(options))
+    if config.vectors:
+        sinks.append(VectorSink(config, card, run_id))
     item = catalog.item_options(config, card, legend)
     if item is not None:
         sinks.append(StacItemSink(config, card, item))

@@ -155,5 +155,6 @@ def output_of(batch: dict[str, np.ndarray], i: int) -> Output:
         mask=unpack(batch["pixels"][i], shape, batch["dtype"][i]),
         uncertainty=side.get("uncertainty"),
         labels=side.get("labels"),
+        confidence=side.get("confidence"),
         source=json.loads(source or "null"),
     )

@@ -18,6 +18,7 @@ from segray.inference.render import (
     mark_nodata,
     mask_legend,
     render,
+    render_confidence,
     render_outputs,
     render_uncertainty,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "prepare",
     "render",
     "render_outputs",
+    "render_confidence",
     "render_uncertainty",
     "warm_up",
 ]

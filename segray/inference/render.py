@@ -141,6 +141,23 @@ def render_outputs(
     return render(logits, card, output, class_index, threshold), labels
 
 
+def render_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The probability of each pixel's class in ``labels`` (a binary model's 1 - p for class 0)
+    as uint8 0..254, from the logits (..., H, W, K); 0 where the logits are NaN (no data)."""
+    from segray import metrics
+
+    logits = np.asarray(logits)
+    probs = np.asarray(metrics.logits_to_probabilities(np.nan_to_num(logits, nan=0.0)))
+    if probs.shape[-1] == 1:
+        p = np.where(np.asarray(labels) == 1, probs[..., 0], 1.0 - probs[..., 0])
+    else:
+        k = np.minimum(np.asarray(labels), probs.shape[-1] - 1)[..., None].astype(np.intp)
+        p = np.take_along_axis(probs, k, axis=-1)[..., 0]
+    out = np.round(np.clip(p, 0.0, 1.0) * PROBABILITY_MAX).astype(np.uint8)
+    out[np.isnan(logits).any(axis=-1)] = 0
+    return out
+
+
 def render_uncertainty(entropy: np.ndarray) -> np.ndarray:
     """The uint8 uncertainty map of an entropy in [0, 1] (:func:`infer_mc`): round(254 x it),
     and :data:`NODATA` where the entropy is NaN (no data)."""
