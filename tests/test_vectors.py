@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+import shapely.ops
 from affine import Affine
 
 from segray.errors import ConfigError
@@ -220,3 +221,113 @@ def test_tile_and_scene_jobs_write_one_layer_merged_across_seams(
     layer = read_layer(fgb)
     assert len(layer) == count and layer["area_m2"].sum() == pytest.approx(area, rel=0.005)
     assert layer.crs.to_epsg() == 4326 and set(layer["source"]) == {scene_path}
+
+
+@pytest.mark.slow
+def test_a_layer_on_s3_as_geopackage_and_a_broken_part_is_named(
+    tiny_model, scene, s3_prefix, s3_endpoint, tmp_path, ray_local, caplog
+):
+    """Output and layer on S3 (moto over HTTP): the GeoPackage is written whole and is an asset
+    of the job's STAC collection; a part that cannot be read leaves its polygons out of the
+    rebuilt layer, with an error naming it, and the job goes on."""
+    import json
+
+    import pyogrio
+
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.job import predict
+    from segray.io import storage
+
+    _, tiles = scene
+    out = f"{s3_prefix}/vectors"
+    gpkg = f"{out}/layer.gpkg"
+    config = PredictConfig(
+        model=tiny_model, input=tiles, output=out, endpoint=s3_endpoint, vectors=gpkg
+    )
+    assert predict(config).counts["ok"] == 16
+    data = storage.read_bytes(gpkg, endpoint=s3_endpoint)
+    local = tmp_path / "layer.gpkg"
+    local.write_bytes(data)
+    layer = pyogrio.read_dataframe(local)
+    assert len(layer) > 0 and set(layer["class_id"]) == {1} and layer.crs.to_epsg() == 4326
+    collection = json.loads(storage.read_bytes(f"{out}/collection.json", endpoint=s3_endpoint))
+    assert collection["assets"]["vectors"]["href"] == "./layer.gpkg"
+
+    # a part that cannot be read as Parquet: named, its polygons left out, the rest rebuilt
+    fs = storage.filesystem(out, s3_endpoint)
+    parts = fs.list_files(f"{out}/_vectors/parts")
+    assert len(parts) == 16 and fs.list_files(f"{out}/_vectors") == parts  # staging removed
+    broken = next(p for p in parts if pyarrow_rows(fs.read_bytes(p)))
+    fs.write_bytes(broken, b"not parquet")
+    with caplog.at_level("ERROR", logger="segray.bulk.vectors"):
+        assert predict(config).counts["skipped"] == 16
+    assert broken in caplog.text and "1 part(s) unreadable" in caplog.text
+    local.write_bytes(storage.read_bytes(gpkg, endpoint=s3_endpoint))
+    assert 0 < len(pyogrio.read_dataframe(local)) < len(layer)
+
+
+def pyarrow_rows(data: bytes) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data)).num_rows
+
+
+def test_object_scores_match_one_to_one_at_iou_half_and_the_cli_reports_them(tmp_path):
+    """SpaceNet's metric: matches at IoU >= 0.5, one to one, labels reprojected to the layer's
+    CRS; ``segray eval --vectors`` writes report.json and prints the line."""
+    import pyarrow as pa
+    from click.testing import CliRunner
+    from pyproj import Transformer
+
+    from segray.cli import cli
+    from segray.io.vectorlayer import LayerWriter, layer_schema
+
+    x0, y0 = 500_000.0, 4_000_000.0
+    truth = [shapely.box(x0 + 20 * i, y0, x0 + 20 * i + 10, y0 + 10) for i in range(3)]
+    predicted = [
+        truth[0],  # IoU 1
+        shapely.box(x0 + 21, y0, x0 + 31, y0 + 10),  # IoU 9/11
+        shapely.box(x0 + 46, y0, x0 + 56, y0 + 10),  # IoU 4/16: no match
+        shapely.box(x0 + 100, y0, x0 + 110, y0 + 10),  # nothing there
+        shapely.box(x0 + 1, y0, x0 + 11, y0 + 10),  # a second one on truth[0]: not matched again
+    ]
+    rows = {
+        "geometry": [shapely.to_wkb(g) for g in predicted],
+        "class_id": [1] * 5,
+        "class_name": ["building"] * 5,
+        "area_m2": [100.0] * 5,
+        "score": [0.9] * 5,
+        "pixels": [400] * 5,
+        "source": ["s"] * 5,
+        "model_version": ["v"] * 5,
+        "run_id": ["r"] * 5,
+    }
+    layer = tmp_path / "layer.parquet"
+    writer = LayerWriter(str(layer), ".parquet", CRS)
+    writer.write(pa.table(rows, schema=layer_schema()))
+    writer.close()
+    to_wgs84 = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True)
+    features = [
+        {
+            "type": "Feature",
+            "properties": {},
+            "geometry": shapely.geometry.mapping(shapely.ops.transform(to_wgs84.transform, g)),
+        }
+        for g in truth
+    ]
+    labels = tmp_path / "labels.geojson"
+    labels.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    result = CliRunner().invoke(
+        cli, ["eval", "--vectors", str(layer), "--labels", str(labels), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert (doc["predicted"], doc["labels"], doc["matches"]) == (5, 3, 2)
+    assert doc["precision"] == pytest.approx(0.4) and doc["recall"] == pytest.approx(2 / 3)
+    assert doc["f1"] == pytest.approx(0.5) and doc["mean_match_iou"] == pytest.approx(
+        (1 + 9 / 11) / 2, abs=1e-4
+    )
+    assert "matches 2, precision 0.400" in result.output
+    missing = CliRunner().invoke(cli, ["eval", "--vectors", str(layer)])
+    assert missing.exit_code != 0 and "give labels too" in missing.output

@@ -119,6 +119,8 @@ def write_collection(
         items(),
         description=f"Masks predicted by segray with model {card.name} {card.version}".rstrip(),
     )
+    if config.vectors and out.exists(config.vectors):
+        doc.setdefault("assets", {})["vectors"] = vectors_asset(config)
     uri, text = storage.join(config.output, stac.COLLECTION_FILE), json.dumps(doc, indent=1)
     try:  # a rerun that changed nothing rewrites nothing
         unchanged = out.read_text(uri) == text
@@ -127,3 +129,25 @@ def write_collection(
     if not unchanged:
         out.write_text(uri, text)
     return uri
+
+
+#: Media types of the vector layer's formats.
+LAYER_TYPES = {
+    ".parquet": "application/vnd.apache.parquet",
+    ".geoparquet": "application/vnd.apache.parquet",
+    ".fgb": "application/vnd.flatgeobuf",
+    ".gpkg": "application/geopackage+sqlite3",
+}
+
+
+def vectors_asset(config: PredictConfig) -> dict[str, Any]:
+    """The collection's asset for the job's vector layer (relative when under the output)."""
+    uri = str(config.vectors)
+    relative = storage.relative_to(config.output, uri)
+    ext = next((e for e in LAYER_TYPES if uri.lower().endswith(e)), "")
+    return {
+        "href": f"./{relative}" if relative and not relative.startswith("..") else uri,
+        "type": LAYER_TYPES.get(ext, "application/octet-stream"),
+        "title": "Polygons of the job's masks, merged across seams",
+        "roles": ["data"],
+    }

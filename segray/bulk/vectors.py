@@ -146,11 +146,19 @@ def build_layer(config: PredictConfig, card: ModelCard, masks: Sequence[str], ru
             "left out of the layer; rerun with --overwrite to include them",
             missing,
         )
+    unreadable = [u for s in scanned for u in s["unreadable"]]
+    if unreadable:
+        log.error(
+            "vectors: %d part(s) unreadable, their polygons left out (rerun with --overwrite to "
+            "redo their masks): %s",
+            len(unreadable),
+            "; ".join(unreadable[:3]),
+        )
     crs = layer_crs(config, {c for s in scanned for c in s["crs"]})
     border = [k for k, s in enumerate(scanned) if s["border"]]
     pair = ray.remote(**opts)(pair_bucket)
     edges = ray.get([pair.remote(job, b, border) for b in range(buckets)]) if border else []
-    roots = join_ids(np.concatenate(edges) if edges else np.empty((0, 2), np.int64))
+    roots = polygons.join_ids(np.concatenate(edges) if edges else np.empty((0, 2), np.int64))
     join = ray.remote(**opts)(join_bucket)
     by_bucket = [{i: r for i, r in roots.items() if r % buckets == b} for b in range(buckets)]
     joined = ray.get([join.remote(job, b, border, by_bucket[b]) for b in range(buckets)])
@@ -189,16 +197,19 @@ def scan_parts(job: LayerJob, k: int, parts: list[str]) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    fs, tables, missing = job.fs(), [], 0
+    fs, tables, missing, unreadable = job.fs(), [], 0, []
     for uri in parts:
         try:
-            tables.append(read_table(fs, uri))
+            tables.append(read_table(fs, uri).cast(part_schema()))
         except SegrayError:
             missing += 1
+        except Exception as exc:  # a broken part leaves its polygons out, not the layer
+            unreadable.append(f"{uri}: {type(exc).__name__}: {exc}")
     table = pa.concat_tables(tables) if tables else part_schema().empty_table()
     inner = table.filter(pc.invert(table.column("border")))
     outer = table.filter(table.column("border"))
     out: dict[str, Any] = {"missing": missing, "polygons": len(table), "border": len(outer)}
+    out["unreadable"] = unreadable
     out["crs"] = set(table.column("crs").unique().to_pylist())
     layer = finished(job, inner.to_pylist())
     out["kept"] = len(layer)
@@ -273,24 +284,6 @@ def pair_bucket(job: LayerJob, b: int, chunks: list[int]) -> np.ndarray:
         for group in polygons.components([geoms[i] for i in rows], tolerance):
             pairs += [(int(ids[rows[group[0]]]), int(ids[rows[j]])) for j in group[1:]]
     return np.asarray(pairs, np.int64).reshape(-1, 2)
-
-
-def join_ids(edges: np.ndarray) -> dict[int, int]:
-    """Union-find over id pairs: each id that takes part in one, and the root of its group."""
-    parent: dict[int, int] = {}
-
-    def root(i: int) -> int:
-        parent.setdefault(i, i)
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in edges.tolist():
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {i: root(i) for i in parent}
 
 
 def join_bucket(job: LayerJob, b: int, chunks: list[int], roots: dict[int, int]) -> str | None:

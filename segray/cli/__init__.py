@@ -253,11 +253,15 @@ def serve(**kw: Any) -> None:
 @cli.command("eval")
 @config_options(EvalConfig)
 def eval_cmd(**kw: Any) -> None:
-    """Per-class IoU, Dice, pixel accuracy, confusion matrix and the worst tiles."""
-    from segray.evaluate.evaluate import evaluate
+    """Per-class IoU, Dice, pixel accuracy, confusion matrix and the worst tiles; with
+    --vectors, a layer's object-level precision, recall and F1 against --labels."""
+    from segray.evaluate.evaluate import evaluate, evaluate_layer, layer_summary
     from segray.io import storage
 
     config = from_options(EvalConfig, kw)
+    if config.vectors:
+        click.echo(layer_summary(evaluate_layer(config)))
+        return
     doc = evaluate(config)
     report = storage.join(config.report_folder, "report.md")
     click.echo(config.fs(report).read_text(report))

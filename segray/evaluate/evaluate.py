@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import numpy as np
+from pydantic import model_validator
 
 from segray.datasets.labels import Layout
 from segray.inference.run import BATCH_SIZE
@@ -24,7 +25,11 @@ from segray.settings import Settings, setting
 class EvalConfig(Settings, storage.Addressed):
     """What to evaluate, on what, and where the report goes."""
 
-    model: str = setting(help="Run folder or model.keras (local or s3://).")
+    model: str = setting("", "Run folder or model.keras (local or s3://).")
+    vectors: str | None = setting(
+        None, "Score this vector layer against --labels polygons object by object instead."
+    )
+    iou: float = setting(0.5, "IoU at which a polygon matches a label (--vectors).", gt=0, le=1)
     data: str = setting("", "Labelled collection (any --layout; or --stac).")
     out: str | None = setting(None, "Report folder (default: <model>/eval).")
     layout: Layout = setting("paired", "How images and labels are laid out.")
@@ -43,8 +48,44 @@ class EvalConfig(Settings, storage.Addressed):
 
     @property
     def report_folder(self) -> str:
-        """Where the report goes: ``out``, else ``<model>/eval``."""
-        return self.out or storage.join(self.model, "eval")
+        """Where the report goes: ``out``, else ``<model>/eval`` (``<layer>.eval`` for a layer)."""
+        if self.out:
+            return self.out
+        return f"{self.vectors}.eval" if self.vectors else storage.join(self.model, "eval")
+
+    @model_validator(mode="after")
+    def _what(self) -> EvalConfig:
+        if not (self.model or self.vectors):
+            raise ValueError("give model (to score a model) or vectors (to score a layer)")
+        if self.vectors and not self.labels:
+            raise ValueError("vectors is scored against label polygons: give labels too")
+        return self
+
+
+def evaluate_layer(config: EvalConfig) -> dict[str, Any]:
+    """Object-level precision, recall and F1 of ``config.vectors`` against ``config.labels``
+    (:mod:`.objects`); writes and returns ``report.json``."""
+    from segray.evaluate import objects
+    from segray.io.vectors import read_features
+
+    layer = objects.read_layer(str(config.vectors), config.endpoint)
+    labels = str(config.labels)
+    truth = read_features(labels, config.fs(labels), class_field=config.class_field)
+    class_id = None if config.class_field else 1
+    doc = {"layer": config.vectors, "labels": labels}
+    doc |= objects.object_scores(layer, truth, config.iou, class_id)
+    uri = storage.join(config.report_folder, "report.json")
+    config.fs(uri).write_text(uri, json.dumps(doc, indent=1))
+    return doc
+
+
+def layer_summary(doc: dict[str, Any]) -> str:
+    """One line of a layer's object scores."""
+    keys = ("predicted", "labels", "matches", "precision", "recall", "f1")
+    values = (f"{doc[k]:.3f}" if isinstance(doc[k], float) else str(doc[k]) for k in keys)
+    return f"objects at IoU >= {doc['iou_threshold']}: " + ", ".join(
+        f"{k} {v}" for k, v in zip(keys, values, strict=True)
+    )
 
 
 def _tile_score(cm: Any) -> float:

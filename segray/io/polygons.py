@@ -210,3 +210,21 @@ def _transformer(source: str, target: str) -> Any:
 
         _TRANSFORMERS[(source, target)] = fn
     return fn
+
+
+def join_ids(edges: np.ndarray) -> dict[int, int]:
+    """Union-find over id pairs: each id that takes part in one, and the root of its group."""
+    parent: dict[int, int] = {}
+
+    def root(i: int) -> int:
+        parent.setdefault(i, i)
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in edges.tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {i: root(i) for i in parent}
