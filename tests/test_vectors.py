@@ -160,7 +160,7 @@ def assert_no_seam_pieces(layer) -> None:
 
 @pytest.mark.slow
 def test_tile_and_scene_jobs_write_one_layer_merged_across_seams(
-    tiny_model, scene, tmp_path, ray_local
+    tiny_model, scene, tmp_path, ray_local, monkeypatch
 ):
     """The tile job's layer has the polygons of its mosaic traced whole, the scene job's those
     of its mask (traced in blocks of 96 px); a rerun that skips every mask rebuilds the same
@@ -168,9 +168,13 @@ def test_tile_and_scene_jobs_write_one_layer_merged_across_seams(
     import duckdb
     import pyarrow.parquet as pq
 
+    from segray.bulk import vectors
     from segray.bulk.config import PredictConfig
     from segray.bulk.job import predict
 
+    # several scan tasks, pair and join buckets, and cells of 48 px: groups cross all of them
+    for name, value in {"PARTS_PER_TASK": 5, "PARTS_PER_BUCKET": 4, "CELL_PIXELS": 48}.items():
+        monkeypatch.setattr(vectors, name, value)
     scene_path, tiles = scene
     out = tmp_path / "tiles-out"
     layer_uri = str(out / "layer.parquet")

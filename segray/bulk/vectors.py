@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 VECTORS_DIR = "_vectors"
 #: A grid cell of the pairing step is this many pixels a side.
 CELL_PIXELS = 2048
-#: Parts read by one scan task.
+#: Parts read by one scan task; parts per bucket of the pair and join steps (at most 32).
 PARTS_PER_TASK = 256
+PARTS_PER_BUCKET = 500
 
 
 def part_uri(config: PredictConfig, mask: str) -> str:
@@ -117,6 +118,7 @@ class LayerJob:
     model_version: str
     staging: str
     buckets: int
+    cell_pixels: int
 
     def fs(self) -> Any:
         return self.config.fs(self.staging)
@@ -133,8 +135,8 @@ def build_layer(config: PredictConfig, card: ModelCard, masks: Sequence[str], ru
     start = time.monotonic()
     parts = [part_uri(config, m) for m in masks]
     staging = storage.join(config.output, VECTORS_DIR, run_id)
-    buckets = max(1, min(32, len(parts) // 500))
-    job = LayerJob(config, tuple(card.names()), card.version, staging, buckets)
+    buckets = max(1, min(32, len(parts) // PARTS_PER_BUCKET))
+    job = LayerJob(config, tuple(card.names()), card.version, staging, buckets, CELL_PIXELS)
     opts = {"num_cpus": config.cpus_per_task}
     scan = ray.remote(**opts)(scan_parts)
     chunks = [parts[i : i + PARTS_PER_TASK] for i in range(0, len(parts), PARTS_PER_TASK)]
@@ -160,8 +162,10 @@ def build_layer(config: PredictConfig, card: ModelCard, masks: Sequence[str], ru
     edges = ray.get([pair.remote(job, b, border) for b in range(buckets)]) if border else []
     roots = polygons.join_ids(np.concatenate(edges) if edges else np.empty((0, 2), np.int64))
     join = ray.remote(**opts)(join_bucket)
-    by_bucket = [{i: r for i, r in roots.items() if r % buckets == b} for b in range(buckets)]
-    joined = ray.get([join.remote(job, b, border, by_bucket[b]) for b in range(buckets)])
+    ids = np.fromiter(roots, np.int64, len(roots))
+    order = np.argsort(ids)
+    table = ray.put((ids[order], np.fromiter(roots.values(), np.int64, len(roots))[order]))
+    joined = ray.get([join.remote(job, b, border, table) for b in range(buckets)])
     staged = [s["interior"] for s in scanned if s["interior"]] + [j for j in joined if j]
     uri, count = write_layer(config, staged, crs)
     log.info(
@@ -221,12 +225,12 @@ def scan_parts(job: LayerJob, k: int, parts: list[str]) -> dict[str, Any]:
         ids = (np.int64(k) << 32) + np.arange(len(outer), dtype=np.int64)
         outer = outer.append_column("id", pa.array(ids))
         write_table(fs, storage.join(job.staging, f"border-{k:05d}.parquet"), outer)
-        for b, rows in _by_bucket(outer, job.buckets).items():
+        for b, rows in _by_bucket(outer, job.buckets, job.cell_pixels).items():
             write_table(fs, storage.join(job.staging, f"cells-{k:05d}-{b:03d}.parquet"), rows)
     return out
 
 
-def _by_bucket(outer: pa.Table, buckets: int) -> dict[int, pa.Table]:
+def _by_bucket(outer: pa.Table, buckets: int, cell_pixels: int) -> dict[int, pa.Table]:
     """Border pieces listed in the bucket of every cell their extent covers, with the cell."""
     import pyarrow as pa
     import shapely
@@ -237,7 +241,7 @@ def _by_bucket(outer: pa.Table, buckets: int) -> dict[int, pa.Table]:
     classes = outer.column("class_id").to_pylist()
     rows: dict[int, tuple[list[int], list[str]]] = {}
     for i, (x0, y0, x1, y1) in enumerate(bounds):
-        size = CELL_PIXELS * res[i]
+        size = cell_pixels * res[i]
         for cx in range(int(np.floor(x0 / size)), int(np.floor(x1 / size)) + 1):
             for cy in range(int(np.floor(y0 / size)), int(np.floor(y1 / size)) + 1):
                 cell = f"{crs[i]}|{res[i]:.9g}|{classes[i]}|{cx}|{cy}"
@@ -286,7 +290,16 @@ def pair_bucket(job: LayerJob, b: int, chunks: list[int]) -> np.ndarray:
     return np.asarray(pairs, np.int64).reshape(-1, 2)
 
 
-def join_bucket(job: LayerJob, b: int, chunks: list[int], roots: dict[int, int]) -> str | None:
+def root_of(roots: tuple[np.ndarray, np.ndarray], i: int) -> int:
+    """The root of id ``i`` in sorted ``(ids, roots)`` arrays; an id in no pair is its own."""
+    ids, found = roots
+    k = int(np.searchsorted(ids, i))
+    return int(found[k]) if k < len(ids) and ids[k] == i else i
+
+
+def join_bucket(
+    job: LayerJob, b: int, chunks: list[int], roots: tuple[np.ndarray, np.ndarray]
+) -> str | None:
     """Ray task: the groups whose root falls in bucket ``b`` (pieces in no pair are their own
     group) joined into one polygon each, finished and staged; returns the staged URI."""
     import shapely
@@ -295,7 +308,7 @@ def join_bucket(job: LayerJob, b: int, chunks: list[int], roots: dict[int, int])
     for k in chunks:
         table = read_table(fs, storage.join(job.staging, f"border-{k:05d}.parquet"))
         for row in table.to_pylist():
-            row["root"] = roots.get(row["id"], row["id"])
+            row["root"] = root_of(roots, row["id"])
             if row["root"] % job.buckets == b:
                 rows.append(row)
     groups: dict[int, list[dict[str, Any]]] = {}

@@ -1,0 +1,140 @@
+"""``segray bench …``: benchmarks that print ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import click
+
+from segray.cli.options import option_for
+from segray.serve.config import ServeConfig
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that print ratios measured side by side in one run."""
+
+
+@bench.command("train")
+@click.option("--tiles", default=160, show_default=True)
+@click.option("--size", default=64, show_default=True)
+@click.option("--batch-size", "batch", default=16, show_default=True)
+@click.option("--epochs", default=4, show_default=True)
+@click.option("--base-filters", default=16, show_default=True)
+def bench_train_cmd(tiles: int, size: int, batch: int, epochs: int, base_filters: int) -> None:
+    """Ray Train (1 and 2 workers) against bare single-process Keras."""
+    from segray.devtools.bench.train import bench_train
+
+    bench_train(tiles, size, batch, epochs, base_filters, echo=click.echo)
+
+
+@bench.command("predict")
+@click.option(
+    "--tiles",
+    "sizes",
+    default="64:4000,256:300",
+    show_default=True,
+    help="Tile size and count pairs, px:count.",
+)
+@click.option("--s3/--no-s3", default=True, show_default=True, help="Also S3 → S3 (moto server).")
+@click.option("--rss-tiles", default="1000,10000", show_default=True, help="Driver RSS at these.")
+@click.option("--repeats", default=3, show_default=True, help="Job runs per case (median).")
+@click.option("--loop-tiles", default=600, show_default=True, help="Tiles the plain loop does.")
+@click.option("--concurrency", default=1, show_default=True, help="Predictor actors.")
+def bench_predict_cmd(
+    sizes: str, s3: bool, rss_tiles: str, repeats: int, loop_tiles: int, concurrency: int
+) -> None:
+    """A bulk job against a plain loop and the model alone, at 64 and 256 px, local and S3."""
+    from segray.devtools.bench.predict import bench_predict
+
+    try:
+        pairs = [tuple(int(v) for v in pair.split(":")) for pair in sizes.split(",")]
+        counts = [int(c) for c in rss_tiles.split(",") if c]
+    except ValueError:
+        raise click.BadParameter("give px:count pairs and counts as integers") from None
+    bench_predict(
+        pairs,  # type: ignore[arg-type]
+        s3=s3,
+        rss_tiles=counts,
+        repeats=repeats,
+        loop_tiles=loop_tiles,
+        job={"concurrency": concurrency},
+        echo=click.echo,
+    )
+
+
+@bench.command("scenes")
+@click.option("--size", default=4096, show_default=True, help="Scene side in pixels.")
+@click.option("--scenes", default=8, show_default=True, help="Scenes of the all-at-once job.")
+@click.option("--window", default=512, show_default=True, help="Window side in pixels.")
+@click.option("--repeats", default=1, show_default=True, help="Runs of each job (median).")
+@click.option("--concurrency", default=1, show_default=True, help="Predictor actors.")
+@click.option("--scenes-at-once", default=None, type=int, help="Scene tasks at once.")
+def bench_scenes_cmd(
+    size: int, scenes: int, window: int, repeats: int, concurrency: int, scenes_at_once: int | None
+) -> None:
+    """Scenes stitched in parallel off the driver against one at a time, with peak RSS."""
+    from segray.devtools.bench.scenes import bench_scenes
+
+    job: dict = {"concurrency": concurrency}
+    if scenes_at_once is not None:
+        job["scenes_at_once"] = scenes_at_once
+    bench_scenes(size, scenes, window, repeats=repeats, job=job, echo=click.echo)
+
+
+@bench.command("chips")
+@click.option("--scenes", default="1,4", show_default=True, help="Scene counts to compare.")
+@click.option("--size", default=4096, show_default=True, help="Scene side in pixels.")
+@click.option("--store-mib", default=96, show_default=True, help="Object store of each run.")
+@click.option("--chips", default=256, show_default=True, help="Chips of the one epoch.")
+def bench_chips_cmd(scenes: str, size: int, store_mib: int, chips: int) -> None:
+    """Training from scenes: object store peak and peak RSS against the scene count."""
+    from segray.devtools.bench.chips import bench_chips
+
+    counts = tuple(int(v) for v in scenes.split(","))
+    bench_chips(counts, size, chips=chips, store_mib=store_mib, echo=click.echo)
+
+
+@bench.command("plan")
+@click.option("--keys", default=1_000_000, show_default=True, help="Simulated inputs.")
+def bench_plan_cmd(keys: int) -> None:
+    """A job's planning step over a simulated listing: time and driver peak RSS."""
+    from segray.devtools.bench.scale import bench_plan
+
+    bench_plan(keys, echo=click.echo)
+
+
+@bench.command("serve")
+@click.option("--model", default=None, help="Model URI (default: untrained 128 px U-Net).")
+@click.option("--requests", default=200, show_default=True, help="Requests per level.")
+@click.option("--concurrency", default="1,4,16", show_default=True)
+@option_for("max_batch_size", ServeConfig.model_fields["max_batch_size"])
+@click.option("--batch-wait-ms", default=5.0, show_default=True)
+@click.option("--ceiling-seconds", default=5.0, show_default=True)
+def bench_serve_cmd(
+    model: str | None,
+    requests: int,
+    concurrency: str,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    ceiling_seconds: float,
+) -> None:
+    """Serve throughput and latency at 1/4/16 clients, batching on and off, vs the ceiling."""
+    from segray.devtools.bench.serve import bench_serve
+
+    bench_serve(
+        model_uri=model,
+        requests_per_level=requests,
+        concurrencies=tuple(int(c) for c in concurrency.split(",")),
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_ms / 1000,
+        ceiling_seconds=ceiling_seconds,
+        echo=click.echo,
+    )
+
+
+@bench.command("vectors")
+@click.option("--tiles", default="1000,10000", show_default=True, help="Tile counts to compare.")
+def bench_vectors_cmd(tiles: str) -> None:
+    """The vector layer's merge against its tracing, with driver and worker peak RSS."""
+    from segray.devtools.bench.vectors import bench_vectors
+
+    bench_vectors(tuple(int(v) for v in tiles.split(",") if v), echo=click.echo)
