@@ -290,13 +290,6 @@ def pair_bucket(job: LayerJob, b: int, chunks: list[int]) -> np.ndarray:
     return np.asarray(pairs, np.int64).reshape(-1, 2)
 
 
-def root_of(roots: tuple[np.ndarray, np.ndarray], i: int) -> int:
-    """The root of id ``i`` in sorted ``(ids, roots)`` arrays; an id in no pair is its own."""
-    ids, found = roots
-    k = int(np.searchsorted(ids, i))
-    return int(found[k]) if k < len(ids) and ids[k] == i else i
-
-
 def join_bucket(
     job: LayerJob, b: int, chunks: list[int], roots: tuple[np.ndarray, np.ndarray]
 ) -> str | None:
@@ -308,7 +301,7 @@ def join_bucket(
     for k in chunks:
         table = read_table(fs, storage.join(job.staging, f"border-{k:05d}.parquet"))
         for row in table.to_pylist():
-            row["root"] = root_of(roots, row["id"])
+            row["root"] = polygons.root_of(roots, row["id"])
             if row["root"] % job.buckets == b:
                 rows.append(row)
     groups: dict[int, list[dict[str, Any]]] = {}

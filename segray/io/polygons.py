@@ -228,3 +228,10 @@ def join_ids(edges: np.ndarray) -> dict[int, int]:
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     return {i: root(i) for i in parent}
+
+
+def root_of(roots: tuple[np.ndarray, np.ndarray], i: int) -> int:
+    """The root of id ``i`` in sorted ``(ids, roots)`` arrays; an id in no pair is its own."""
+    ids, found = roots
+    k = int(np.searchsorted(ids, i))
+    return int(found[k]) if k < len(ids) and ids[k] == i else i
