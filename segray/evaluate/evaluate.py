@@ -72,7 +72,7 @@ def evaluate_layer(config: EvalConfig) -> dict[str, Any]:
     labels = str(config.labels)
     truth = read_features(labels, config.fs(labels), class_field=config.class_field)
     class_id = None if config.class_field else 1
-    doc = {"layer": config.vectors, "labels": labels}
+    doc: dict[str, Any] = {"layer_uri": config.vectors, "labels_uri": labels}
     doc |= objects.object_scores(layer, truth, config.iou, class_id)
     uri = storage.join(config.report_folder, "report.json")
     config.fs(uri).write_text(uri, json.dumps(doc, indent=1))
