@@ -183,6 +183,7 @@ def test_tile_and_scene_jobs_write_one_layer_merged_across_seams(
         **common, input=tiles, output=str(out), vectors=layer_uri, vectors_crs="native"
     )
     assert predict(tile_config).counts["ok"] == 16
+    assert [p.name for p in (out / "_vectors").iterdir()] == ["parts"]  # staging removed
     mosaic = np.zeros((SCENE, SCENE), np.uint8)
     for path in out.glob("t_*.tif"):
         top, left = (int(v) for v in path.stem.split("_")[1:])

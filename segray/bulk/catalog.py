@@ -119,7 +119,7 @@ def write_collection(
         items(),
         description=f"Masks predicted by segray with model {card.name} {card.version}".rstrip(),
     )
-    if config.vectors and out.exists(config.vectors):
+    if config.vectors and config.fs(config.vectors).exists(config.vectors):
         doc.setdefault("assets", {})["vectors"] = vectors_asset(config)
     uri, text = storage.join(config.output, stac.COLLECTION_FILE), json.dumps(doc, indent=1)
     try:  # a rerun that changed nothing rewrites nothing

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -394,3 +395,5 @@ def _remove(job: LayerJob) -> None:
     """The staged files of this layer, once it is written."""
     for uri in (fs := job.fs()).list_files(job.staging):
         fs.delete(uri)
+    if os.path.isdir(job.staging):  # a local folder: its files are gone, it goes too
+        shutil.rmtree(job.staging, ignore_errors=True)

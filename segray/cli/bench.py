@@ -138,3 +138,13 @@ def bench_vectors_cmd(tiles: str) -> None:
     from segray.devtools.bench.vectors import bench_vectors
 
     bench_vectors(tuple(int(v) for v in tiles.split(",") if v), echo=click.echo)
+
+
+@bench.command("tiles")
+@click.option("--scene-size", default=1024, show_default=True, help="Scene side in pixels.")
+@click.option("--model-size", default=128, show_default=True, help="Model input in pixels.")
+def bench_tiles_cmd(scene_size: int, model_size: int) -> None:
+    """Map tiles through Serve (cold, warm, 16 clients) against read + model and rio-tiler."""
+    from segray.devtools.bench.tiles import bench_tiles
+
+    bench_tiles(scene_size, model_size, echo=click.echo)
