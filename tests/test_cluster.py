@@ -1,0 +1,133 @@
+"""A real multi-node Ray cluster on this machine (a head and two worker nodes, each its own
+``ray start`` process group): a bulk job loses the worker node that holds a Predictor actor midway
+and still ends with one whole mask and one manifest row per tile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segray.bulk.manifest import read_manifest, run_folders
+from segray.devtools import synth
+from segray.devtools.cluster import LocalCluster
+from segray.io import imagery, storage
+from segray.models import saving
+
+SIZE, COUNT = 32, 240
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[str, str]:
+    """A small local model and ``COUNT`` GeoTIFF tiles; returns (model, tiles) paths."""
+    import keras
+
+    from segray.models import build_model
+
+    root = tmp_path_factory.mktemp("cluster-data")
+    keras.utils.set_random_seed(3)
+    options = {"base_filters": 4, "depth": 2, "dropout": 0}
+    model = build_model("unet", 2, (SIZE, SIZE, 3), **options)
+    card = saving.ModelCard(
+        name="unet", num_classes=2, input_shape=(SIZE, SIZE, 3), options=options, dtype="uint8"
+    )
+    saving.save_model(model, card, str(root / "model"), storage.filesystem(str(root)))
+    tiles = root / "tiles"
+    tiles.mkdir()
+    for i in range(COUNT):
+        image, _ = synth.generate_tile(SIZE, synth.tile_seed(5, i), "binary")
+        row, col = divmod(i, 16)
+        data = imagery.encode_geotiff(image, synth.CRS, synth.grid_transform(row, col, SIZE))
+        (tiles / f"t_{row:02d}_{col:02d}.tif").write_bytes(data)
+    return str(root / "model"), str(tiles)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with LocalCluster(tmp_path / "cluster", head_cpus=0) as c:
+        c.add_node("node_a", num_cpus=3)
+        c.add_node("node_b", num_cpus=3)
+        c.wait_nodes(3)
+        yield c
+
+
+def masks(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*.tif") if not p.name.startswith(".tmp-")]
+
+
+def predictor_nodes(cluster: LocalCluster) -> dict[str, int]:
+    """Alive Predictor actors per node name."""
+    names = cluster.node_names()
+    found: dict[str, int] = {}
+    for actor in cluster.state("actors", "state=ALIVE"):
+        if "Predictor" in (actor.get("class_name") or ""):
+            name = names.get(actor["node_id"], "?")
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
+@pytest.mark.slow
+def test_bulk_job_loses_the_node_of_a_predictor_and_finishes(cluster, data, tmp_path):
+    import rasterio
+
+    model, tiles = data
+    out = tmp_path / "masks"
+    cmd = [
+        str(Path(sys.executable).parent / "segray"),
+        "predict",
+        "--model",
+        model,
+        "--input",
+        tiles,
+    ]
+    cmd += ["--output", str(out), "--ray-address", cluster.address, "--concurrency", "2"]
+    cmd += ["--batch-size", "2", "--tiles-per-task", "2", "--manifest-flush-s", "0.2"]
+    log = open(tmp_path / "job.log", "wb")  # noqa: SIM115
+    started = time.monotonic()
+    job = subprocess.Popen(cmd, env=cluster.env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while len(masks(out)) < 20:
+            assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job wrote no masks in time"
+            time.sleep(0.2)
+        holders = predictor_nodes(cluster)
+        on_workers = [n for n in holders if n.startswith("node_")]
+        assert on_workers, (holders, [a.get("class_name") for a in cluster.state("actors")])
+        victim_name = max(on_workers, key=holders.get)
+        victim = next(n for n in cluster.nodes if n.name == victim_name)
+        before = len(masks(out))
+        assert before < COUNT, "the job ended before the node could be lost"
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        rc = job.wait(timeout=420)
+        finished = time.monotonic()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = (tmp_path / "job.log").read_text()
+    assert rc == 0, text[-4000:]
+    print(
+        f"\nnode lost: {victim_name} held {holders}; {before}/{COUNT} masks before; "
+        f"job {finished - started:.1f} s, {finished - killed_at:.1f} s after the loss"
+    )
+    # every tile has exactly one whole mask, readable to its last pixel
+    written = sorted(p.name for p in masks(out))
+    assert written == sorted(p.name for p in Path(tiles).glob("*.tif"))
+    for p in masks(out):
+        with rasterio.open(p) as ds:
+            assert ds.shape == (SIZE, SIZE) and np.isin(ds.read(1), [0, 1]).all()
+    assert not list(out.rglob(".tmp-*"))
+    (run,) = run_folders(str(out))
+    rows = read_manifest(run).to_pylist()
+    assert len(rows) == COUNT and len({r["input_uri"] for r in rows}) == COUNT
+    assert all(r["status"] == "ok" for r in rows)
+    # a rerun predicts nothing
+    again = subprocess.run(cmd, env=cluster.env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    latest = sorted(run_folders(str(out)))[-1]
+    assert {r["status"] for r in read_manifest(latest).to_pylist()} == {"skipped"}
