@@ -131,3 +131,66 @@ def test_bulk_job_loses_the_node_of_a_predictor_and_finishes(cluster, data, tmp_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     latest = sorted(run_folders(str(out)))[-1]
     assert {r["status"] for r in read_manifest(latest).to_pylist()} == {"skipped"}
+
+
+def ray_cli(cluster: LocalCluster, *args: str, timeout: float = 120) -> str:
+    """``ray job …`` against the cluster's dashboard; retried while its job agent comes up."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", *args]
+    deadline = time.monotonic() + 120
+    while True:
+        proc = subprocess.run(
+            cmd, env=cluster.env(), capture_output=True, text=True, timeout=timeout
+        )
+        out = proc.stdout + proc.stderr
+        if "No available agent" not in out or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_ray_job_stop_midway_leaves_no_half_mask_and_the_rerun_completes(cluster, data, tmp_path):
+    import rasterio
+
+    model, tiles = data
+    out = tmp_path / "masks"
+    segray = str(Path(sys.executable).parent / "segray")
+    args = ["predict", "--model", model, "--input", tiles, "--output", str(out)]
+    args += ["--concurrency", "2", "--batch-size", "2", "--tiles-per-task", "2"]
+    address = ["--address", cluster.dashboard]
+    ray_cli(
+        cluster, "submit", *address, "--no-wait", "--submission-id", "bulk-1", "--", segray, *args
+    )
+    deadline = time.monotonic() + 300
+    while len(masks(out)) < 20:
+        assert time.monotonic() < deadline, ray_cli(cluster, "logs", *address, "bulk-1")[-3000:]
+        time.sleep(0.2)
+    ray_cli(cluster, "stop", *address, "bulk-1")
+    status = ray_cli(cluster, "status", *address, "bulk-1")
+    assert "stopped" in status.lower(), status[-2000:]
+    stopped = masks(out)
+    assert 0 < len(stopped) < COUNT, f"{len(stopped)} masks: the job was not stopped midway"
+    for p in stopped:  # every object under a final name is whole
+        with rasterio.open(p) as ds:
+            assert ds.shape == (SIZE, SIZE) and np.isin(ds.read(1), [0, 1]).all()
+    left = list(out.rglob(".tmp-*"))
+    # the rerun, on the same cluster, predicts what is missing and skips what is done
+    again = subprocess.run(
+        [segray, *args, "--ray-address", cluster.address],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert sorted(p.name for p in masks(out)) == sorted(p.name for p in Path(tiles).glob("*.tif"))
+    latest = sorted(run_folders(str(out)))[-1]
+    rows = read_manifest(latest).to_pylist()
+    assert len(rows) == COUNT and len({r["input_uri"] for r in rows}) == COUNT
+    done = sum(r["status"] == "skipped" for r in rows)
+    assert done >= len(stopped) and {r["status"] for r in rows} <= {"ok", "skipped"}
+    print(
+        f"\nray job stop: {len(stopped)}/{COUNT} whole masks when stopped, {len(left)} temporary "
+        f"files left; the rerun skipped {done} and predicted {COUNT - done}"
+    )
