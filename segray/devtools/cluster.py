@@ -153,11 +153,18 @@ class LocalCluster:
         return False
 
     def kill(self, node: Node) -> None:
-        """Lose ``node`` at once: SIGKILL to its process group (raylet, store, workers)."""
+        """Lose ``node`` at once: SIGKILL to its process group and to every process under it (the
+        raylet gives each worker a process group of its own), as a lost machine would."""
+        doomed = _descendants(node.process.pid)
         try:
             os.killpg(node.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         node.process.wait()
 
     def state(self, what: str = "nodes", *filters: str) -> list[dict[str, Any]]:
@@ -212,3 +219,23 @@ class LocalCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process under ``root`` (from /proc's parent ids), children first found first."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
