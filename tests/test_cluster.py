@@ -109,6 +109,7 @@ def test_bulk_job_loses_the_node_of_a_predictor_and_finishes(cluster, data, tmp_
     finally:
         if job.poll() is None:
             job.kill()
+        log.close()
     text = (tmp_path / "job.log").read_text()
     assert rc == 0, text[-4000:]
     print(
