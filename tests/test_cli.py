@@ -169,3 +169,40 @@ def test_own_errors_are_one_line_and_bugs_keep_their_traceback():
     assert ours_result.output.strip() == "Error: no images under /data: check --data"
     bug_result = CliRunner().invoke(group, ["bug"])
     assert isinstance(bug_result.exception, KeyError)  # not turned into a user error
+
+
+NATIVE_DEMO = r"""
+import ctypes, sys
+from segray import log
+log.filter_native_stderr()
+libc = ctypes.CDLL(None)
+def native(text):
+    data = text.encode()
+    libc.write(2, data, len(data))
+native("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+native("I0000 00:00:1796350133.471022   17815 port.cc:153] oneDNN custom operations are on.\n")
+print("python says hello", file=sys.stderr)
+native("[2026-12-04 02:11:26,099 E 17815 17815] core_worker.cc:2465: Actor with class name: ")
+native("'MapWorker' has constructor arguments in the object store and max_restarts > 0.\n")
+native("a native line of the user's own\n")
+native("no newline at the end")
+"""
+
+
+@pytest.mark.parametrize("verbosity", ["0", "1"])
+def test_native_log_lines_reach_the_terminal_only_when_verbose(verbosity):
+    env = {**__import__("os").environ, "SEGRAY_VERBOSITY": verbosity}
+    proc = subprocess.run(
+        [sys.executable, "-c", NATIVE_DEMO], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "python says hello" in lines
+    assert "a native line of the user's own" in lines and lines[-1] == "no newline at the end"
+    native = [line for line in lines if "port.cc" in line or "core_worker.cc" in line]
+    native += [line for line in lines if "absl::InitializeLog" in line]
+    if verbosity == "0":
+        assert native == [], proc.stderr
+    else:  # -v: every line, the one written in two pieces whole
+        assert len(native) == 3, proc.stderr
+        assert any(line.endswith("max_restarts > 0.") for line in native)

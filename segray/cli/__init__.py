@@ -275,6 +275,9 @@ cli.add_command(bench)
 
 def main() -> None:
     """Console-script entry point."""
+    from segray import log as segray_log
+
+    segray_log.filter_native_stderr()
     cli(prog_name="segray")
 
 
