@@ -9,6 +9,7 @@ from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend, default_overlap
 from segray.io import storage
 from segray.io.footprints import NATIVE, WGS84
+from segray.models.precision import Precision
 from segray.settings import Settings, setting
 
 
@@ -38,6 +39,9 @@ class PredictConfig(Settings, storage.Addressed):
     pattern: str | None = setting(None, "Glob on the relative path or file name.")
     suffixes: tuple[str, ...] | None = setting(None, "Input suffixes, e.g. .tif,.png.")
     batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
+    precision: Precision | None = setting(
+        None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
+    )
     tiles_per_call: int | None = setting(
         None,
         "Tiles per Predictor actor call (default: batch_size, so tiles of one window fill "

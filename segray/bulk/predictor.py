@@ -41,7 +41,9 @@ class _Predictor:
         from segray.models.layers import set_monte_carlo
 
         self.config = config
-        self.model, self.card = inference.load(config.model, config.fs(config.model), card)
+        self.model, self.card = inference.load(
+            config.model, config.fs(config.model), card, config.precision
+        )
         if config.mc_samples:  # once: every switch recompiles the model's predict function
             set_monte_carlo(self.model, True)
 

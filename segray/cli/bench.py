@@ -148,3 +148,34 @@ def bench_tiles_cmd(scene_size: int, model_size: int) -> None:
     from segray.devtools.bench.tiles import bench_tiles
 
     bench_tiles(scene_size, model_size, echo=click.echo)
+
+
+@bench.command("precision")
+@click.option("--model", "model_uri", default=None, help="Model (default: a 128 px U-Net).")
+@click.option("--data", default=None, help="Labelled tiles: mIoU in each precision.")
+@click.option("--precisions", default="fp32,bf16", show_default=True, help="fp32 first.")
+@click.option("--windows", default=128, show_default=True, help="Windows per round.")
+@click.option("--batch-size", "batch", default=16, show_default=True, help="Windows per call.")
+@click.option("--repeats", default=5, show_default=True, help="Rounds (median).")
+@click.option("--xla/--no-xla", default=True, show_default=True, help="Also with XLA on.")
+@click.option("--train-tiles", default=64, show_default=True, help="0: no training rows.")
+def bench_precision_cmd(
+    model_uri: str | None,
+    data: str | None,
+    precisions: str,
+    windows: int,
+    batch: int,
+    repeats: int,
+    xla: bool,
+    train_tiles: int,
+) -> None:
+    """fp32 against bf16/fp16: predict and train speed, XLA off and on, and accuracy."""
+    from segray.devtools.bench.precision import bench_precision
+    from segray.models.precision import PRECISIONS
+
+    chosen = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not chosen or chosen[0] != "fp32" or not set(chosen) <= set(PRECISIONS):
+        raise click.BadParameter(f"fp32 first, then any of {', '.join(PRECISIONS)}")
+    bench_precision(
+        model_uri, data, chosen, windows, batch, repeats, xla, train_tiles, echo=click.echo
+    )

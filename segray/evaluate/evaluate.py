@@ -19,6 +19,7 @@ from segray.datasets.labels import Layout
 from segray.inference.run import BATCH_SIZE
 from segray.io import imagery, storage
 from segray.log import progress
+from segray.models.precision import Precision
 from segray.settings import Settings, setting
 
 
@@ -42,6 +43,9 @@ class EvalConfig(Settings, storage.Addressed):
     )
     worst: int = setting(4, "Overlays of the k worst tiles.", ge=0)
     batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
+    precision: Precision | None = setting(
+        None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
+    )
     palette: str | None = setting(None, "Palette JSON for --layout palette.")
     endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
     limit: int | None = setting(None, "Use only the first N tiles.", ge=1, cli=False)
@@ -99,9 +103,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Score the model on every tile of ``config.data``; write and return the report."""
     from segray import metrics
     from segray.datasets import labels
-    from segray.models import saving
+    from segray.inference import run
 
-    model, card = saving.load_model(config.model, config.fs(config.model))
+    model, card = run.load(config.model, config.fs(config.model), precision=config.precision)
     spec = labels.DatasetSpec(
         root=config.data,
         layout=config.layout,

@@ -8,6 +8,7 @@ images together; ``render`` turns logits into the mask a user asked for.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,19 +23,51 @@ if TYPE_CHECKING:
     from segray.io.files import FileSystem
     from segray.models.saving import ModelCard
 
+log = logging.getLogger("segray.inference")
+
 #: Windows per model call: the default batch of bulk jobs, Serve and evaluation.
 BATCH_SIZE = 16
 
 
 def load(
-    uri: str, fs: FileSystem | None = None, card: ModelCard | None = None
+    uri: str,
+    fs: FileSystem | None = None,
+    card: ModelCard | None = None,
+    precision: str | None = None,
 ) -> tuple[Any, ModelCard]:
     """A model and its card, loaded for inference (by a Predictor actor or a Serve replica);
-    ``fs`` holds the model, a ``card`` already read is not read again."""
+    ``fs`` holds the model, a ``card`` already read is not read again. The model computes in
+    ``precision`` (default: the card's, the one it was trained in; :mod:`segray.models.
+    precision`)."""
     from segray.models import saving
 
     gpu_memory_growth()
-    return saving.load_model(uri, fs, card)
+    model, card = saving.load_model(uri, fs, card)
+    return set_precision(model, precision or card.precision), card
+
+
+def set_precision(model: Any, precision: str) -> Any:
+    """``model`` computing in ``precision``, with a note where that is slow on this hardware."""
+    from segray.models import precision as precisions
+
+    note = precisions.advice(precision, gpu=_has_gpu())
+    if note:
+        log.warning("--precision %s: %s", precision, note)
+    return precisions.with_precision(model, precision)
+
+
+def _has_gpu() -> bool:
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return any(d.platform != "cpu" for d in jax.devices())
+    return False
 
 
 def gpu_memory_growth() -> None:
@@ -130,12 +163,12 @@ def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     every size from 1 to ``batch_size`` compiles a handful of programs, not one per size.
     """
     if not hasattr(model, "predict_on_batch"):  # a plain callable
-        return np.asarray(model(x, training=False))
+        return np.asarray(model(x, training=False), np.float32)
     n = len(x)
     if _shape_specialised(model):
         bucket = min(1 << (n - 1).bit_length(), max(batch_size, n))
         x = np.concatenate([x, np.repeat(x[-1:], bucket - n, axis=0)]) if bucket > n else x
-    return np.asarray(model.predict_on_batch(x))[:n]
+    return np.asarray(model.predict_on_batch(x)).astype(np.float32, copy=False)[:n]
 
 
 def _shape_specialised(model: Any) -> bool:

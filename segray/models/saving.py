@@ -22,6 +22,7 @@ from segray.io import storage
 from segray.io.bands import BandStats, Method
 from segray.io.files import FileSystem
 from segray.io.imagery import MAX_BANDS, SUPPORTED_DTYPES
+from segray.models.precision import Precision
 from segray.settings import Settings, setting
 
 if TYPE_CHECKING:
@@ -61,6 +62,9 @@ class ModelCard(Settings):
     metrics: dict[str, Any] = setting(help="Validation metrics of its epoch.", default_factory=dict)
     epoch: int | None = setting(None, "The epoch it comes from.")
     version: str = setting("", "Hash of the model file.")
+    precision: Precision = setting(
+        "fp32", "Precision it was trained in; inference runs in it unless told otherwise."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

@@ -84,7 +84,9 @@ class SegmentModel:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.model, self.card = inference.load(config.model_uri, config.fs(config.model_uri))
+        self.model, self.card = inference.load(
+            config.model_uri, config.fs(config.model_uri), precision=config.precision
+        )
         self.window = inference.model_window(self.model)
         self.token = config.api_token or os.environ.get(TOKEN_ENV) or None
         self.batch_sizes: collections.Counter[int] = collections.Counter()

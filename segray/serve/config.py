@@ -15,6 +15,7 @@ from pydantic import model_validator
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend
 from segray.io import storage
+from segray.models.precision import Precision
 from segray.settings import Settings, setting
 
 #: Environment variable holding the bearer token that ``/v1/*`` requires (none: open).
@@ -27,6 +28,9 @@ class ServeConfig(Settings, storage.Addressed):
     model_uri: str = setting(help="Run folder, model folder or .keras file.", flag="--model")
     max_batch_size: int = setting(
         BATCH_SIZE, "Most requests a replica batches into one call.", ge=1
+    )
+    precision: Precision | None = setting(
+        None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
     )
     batch_wait_timeout_s: float = setting(0.01, "Seconds a batch waits to fill.", ge=0)
     replicas: int = setting(1, "Replicas (the minimum when autoscaling).", ge=1)

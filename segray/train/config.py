@@ -18,6 +18,7 @@ from segray.train.augment import AugmentConfig
 Optimizer = Literal["adam", "rmsprop", "sgd"]
 Schedule = Literal["constant", "cosine", "step"]
 Monitor = Literal["val_miou", "val_loss", "val_pixel_accuracy", "loss"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 #: Whether a larger value of each monitored metric is better.
 MONITOR_MODES: dict[str, Literal["max", "min"]] = {
     "val_miou": "max",
@@ -57,7 +58,12 @@ class TrainConfig(Settings, storage.Addressed):
     epochs: int = setting(20, "Epochs to train.", ge=1)
     batch_size: int = setting(16, "Global batch size (all workers together).", ge=1)
     workers: int = setting(2, "Ray Train workers.", ge=1)
-    use_gpu: bool = setting(False, "One GPU per worker, mixed precision.", flag="--gpu")
+    use_gpu: bool = setting(False, "One GPU per worker.", flag="--gpu")
+    precision: TrainPrecision = setting(
+        "auto",
+        "Arithmetic: fp32, or bf16/fp16 mixed precision (float32 weights); auto: fp16 with "
+        "--gpu, else fp32. bf16 pays on CPUs with AVX512-BF16 or AMX.",
+    )
     cpus_per_worker: float = setting(1.0, "CPUs each worker reserves.", gt=0)
     gpus_per_worker: float = setting(1.0, "GPUs each worker reserves with --gpu.", gt=0)
     optimizer: Optimizer = setting("adam", "Optimiser.")
@@ -114,6 +120,12 @@ class TrainConfig(Settings, storage.Addressed):
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         return self
+
+    def compute_precision(self) -> str:
+        """The precision the run computes in (``auto`` resolved)."""
+        if self.precision == "auto":
+            return "fp16" if self.use_gpu else "fp32"
+        return self.precision
 
     def per_worker_batch(self) -> int:
         """Samples each worker takes per step; the global batch is this × workers."""

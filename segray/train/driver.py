@@ -126,6 +126,7 @@ def _model_card(config: TrainConfig, channels: int, data: DatasetInfo) -> ModelC
         nodata=config.nodata,
         ignore_index=config.ignore_index,
         input_multiple=int(info["output_stride"]),
+        precision=config.compute_precision(),
     )
 
 

@@ -47,8 +47,9 @@ class LoopPlan:
     feed: Any = None  # a segray.train.feed TileFeed or ChipFeed: what each worker streams
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> Any:
-    """The optimiser with its learning-rate schedule."""
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, precision: str = "fp32") -> Any:
+    """The optimiser with its learning-rate schedule; under fp16, wrapped in Keras's dynamic
+    loss scaling (float16 gradients underflow without it; bfloat16 has float32's range)."""
     import keras
 
     lr: Any = cfg.learning_rate
@@ -60,10 +61,12 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> Any:
             lr, cfg.step_epochs * steps_per_epoch, cfg.step_gamma, staircase=True
         )
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
-    if cfg.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(lr)
-    return keras.optimizers.Adam(lr)
+        optimizer = keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    elif cfg.optimizer == "rmsprop":
+        optimizer = keras.optimizers.RMSprop(lr)
+    else:
+        optimizer = keras.optimizers.Adam(lr)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if precision == "fp16" else optimizer
 
 
 class Steps:
@@ -93,6 +96,8 @@ class Steps:
                     sample_weight=w * (global_batch / global_count(w)),
                     global_batch_size=global_batch,
                 )
+                if hasattr(optimizer, "scale_loss"):  # fp16: unscaled again by apply_gradients
+                    scaled = optimizer.scale_loss(scaled)
             grads = tape.gradient(scaled, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return tf.reduce_sum(per_sample * w), tf.reduce_sum(w)
@@ -200,6 +205,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import tensorflow as tf
 
+    from segray.models import precision as precisions
     from segray.train import losses
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -211,11 +217,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     feed = plan.feed  # this worker's own stream, built anew each epoch
     steps_per_epoch = max(1, -(-plan.train_count // (per_worker * world)))
     keras.utils.set_random_seed(cfg.seed)  # the same initial weights and dropout on every run
-    if cfg.use_gpu:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(precisions.policy(card.precision))
     with strategy.scope():
         model = _build(cfg, card)
-        optimizer = make_optimizer(cfg, steps_per_epoch)
+        optimizer = make_optimizer(cfg, steps_per_epoch, card.precision)
         optimizer.build(model.trainable_variables)
         state = _start(cfg, model, optimizer)
     # Each start of the loop (fresh, resumed, or restarted after a worker failure) is recorded.
