@@ -206,3 +206,28 @@ def test_native_log_lines_reach_the_terminal_only_when_verbose(verbosity):
     else:  # -v: every line, the one written in two pieces whole
         assert len(native) == 3, proc.stderr
         assert any(line.endswith("max_restarts > 0.") for line in native)
+
+
+def test_every_command_parses_with_only_its_required_options():
+    """Each command's options, parsed by click with nothing but what is required, make a valid
+    config: an option with an empty default (``--allow-source``) falls back to the config's."""
+    from segray.bulk.config import PredictConfig
+    from segray.cli.options import from_options
+    from segray.evaluate.evaluate import EvalConfig
+    from segray.serve.config import ServeConfig
+
+    cases = [
+        ("serve", ServeConfig, ["--model", "m"], {"model_uri"}),
+        ("predict", PredictConfig, ["--model", "m", "--input", "i", "--output", "o"], set()),
+        ("eval", EvalConfig, ["--model", "m", "--data", "d", "--out", "r"], set()),
+    ]
+    for name, config, args, named in cases:
+        ctx = cli.commands[name].make_context(name, list(args))
+        made = from_options(config, ctx.params)
+        given = named | {a[2:].replace("-", "_") for a in args if a.startswith("--")}
+        for field, info in config.model_fields.items():
+            if not info.is_required() and field in ctx.params and field not in given:
+                assert getattr(made, field) == info.get_default(call_default_factory=True), field
+    assert (
+        from_options(ServeConfig, {"model_uri": "m", "allowed_sources": None}).allowed_sources == ()
+    )

@@ -135,7 +135,9 @@ def from_options(
     for name, value in values.items():
         if name not in config.model_fields:
             continue
-        kind, _ = _bare(config.model_fields[name].annotation)
+        kind, optional = _bare(config.model_fields[name].annotation)
+        if value is None and not optional:  # not given (an empty tuple's option has no default)
+            continue
         if get_origin(kind) is dict or kind is dict:  # repeated KEY=VALUE pairs
             value = {**merged.get(name, {}), **dict(value)}
         merged[name] = value

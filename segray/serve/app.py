@@ -381,5 +381,8 @@ def run(config: ServeConfig, *, blocking: bool = True, name: str = "segray") -> 
     from segray.runtime import init_ray
 
     init_ray()
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(
+        http_options={"host": config.host, "port": config.port},
+        proxy_location=config.proxy_location,
+    )
     return serve.run(build_app(config), name=name, route_prefix="/", blocking=blocking)

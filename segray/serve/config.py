@@ -8,7 +8,7 @@ model_uri=… max_batch_size=16`` and a config file's ``args:`` are checked (and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import model_validator
 
@@ -17,6 +17,8 @@ from segray.inference.tiling import BLEND, OVERLAP, Blend
 from segray.io import storage
 from segray.models.precision import Precision
 from segray.settings import Settings, setting
+
+ProxyLocation = Literal["EveryNode", "HeadOnly"]
 
 #: Environment variable holding the bearer token that ``/v1/*`` requires (none: open).
 TOKEN_ENV = "SEGRAY_API_TOKEN"
@@ -35,6 +37,17 @@ class ServeConfig(Settings, storage.Addressed):
     batch_wait_timeout_s: float = setting(0.01, "Seconds a batch waits to fill.", ge=0)
     replicas: int = setting(1, "Replicas (the minimum when autoscaling).", ge=1)
     max_replicas: int | None = setting(None, "Autoscale from --replicas up to this many.", ge=1)
+    target_ongoing_requests: float | None = setting(
+        None,
+        "Ongoing requests per replica that autoscaling aims at (default: max batch size).",
+        gt=0,
+    )
+    upscale_delay_s: float = setting(30.0, "Seconds of load above target before adding.", ge=0)
+    downscale_delay_s: float = setting(600.0, "Seconds below target before removing.", ge=0)
+    proxy_location: ProxyLocation = setting(
+        "EveryNode",
+        "HTTP proxies on every node (behind a load balancer) or on the head node only.",
+    )
     num_gpus: float = setting(0.0, "GPUs per replica.", ge=0)
     num_cpus: float = setting(1.0, "CPUs per replica.", ge=0)
     max_ongoing_requests: int | None = setting(
@@ -88,7 +101,9 @@ class ServeConfig(Settings, storage.Addressed):
             options["autoscaling_config"] = {
                 "min_replicas": self.replicas,
                 "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.max_batch_size,
+                "target_ongoing_requests": self.target_ongoing_requests or self.max_batch_size,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
             }
         else:
             options["num_replicas"] = self.replicas
