@@ -200,6 +200,7 @@ def test_ray_job_stop_midway_leaves_no_half_mask_and_the_rerun_completes(cluster
     latest = sorted(run_folders(str(out)))[-1]
     rows = read_manifest(latest).to_pylist()
     assert len(rows) == COUNT and len({r["input_uri"] for r in rows}) == COUNT
+    assert not list(out.rglob(".tmp-*"))  # what the stopped writers left, swept by the rerun
     done = sum(r["status"] == "skipped" for r in rows)
     assert done >= len(stopped) and {r["status"] for r in rows} <= {"ok", "skipped"}
     print(

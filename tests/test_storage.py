@@ -64,6 +64,42 @@ def test_local_write_leaves_no_temp_files_and_survives_failure(tmp_path, monkeyp
     assert os.listdir(tmp_path / "out") == ["mask.png"]
 
 
+def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    seen: list[str] = []
+    real_fsync = os.fsync
+
+    def look(fd):  # while a write is under way: its temporary file, named by its writer
+        seen.extend(os.listdir(out))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", look)
+    storage.write_bytes(str(out / "mask.png"), b"good")
+    monkeypatch.undo()
+    (temp,) = seen
+    host, pid = temp[len(".tmp-") :].split("-", 1)[0].split(".")[:2]
+    assert int(pid) == os.getpid() and temp.endswith("-mask.png")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = out / f".tmp-{host}.{gone.stdout.strip()}.abcdefgh-tile.tif"  # a killed task's
+    live = out / f".tmp-{host}.{os.getpid()}.abcdefgh-other.tif"  # a writer at work
+    foreign = out / f".tmp-00000000.{gone.stdout.strip()}.abcdefgh-far.tif"  # another host's
+    legacy = out / ".tmp-killed-old.tif"  # says nothing of its writer: left to the age rule
+    for p in (dead, live, foreign, legacy):
+        p.write_bytes(b"half")
+    fs = storage.filesystem(str(out))
+    assert fs.remove_orphaned_temps(str(out)) == 1
+    assert not dead.exists() and live.exists() and foreign.exists() and legacy.exists()
+    assert (out / "mask.png").read_bytes() == b"good"
+
+
 def test_file_uri_and_errors(tmp_path):
     path = tmp_path / "a.bin"
     storage.write_bytes(f"file://{path}", b"abc")

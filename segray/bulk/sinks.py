@@ -194,7 +194,9 @@ class StacItemSink(Sink):
 @dataclass
 class MaskSink(Sink):
     """The mask itself, encoded like its input (GeoTIFF/COG for TIFF inputs, else PNG) with the
-    job's colour table; it goes last. At the start, what killed writers left is swept."""
+    job's colour table; it goes last. What killed writers left is swept at the start (temporary
+    files older than a minute) and, at the start and the end, every one whose writer is a process
+    of this host that is gone (the name of a temporary file says which)."""
 
     config: PredictConfig
     legend: dict[str, Any] = field(default_factory=dict)
@@ -203,10 +205,17 @@ class MaskSink(Sink):
     def on_write_start(self) -> None:
         import time
 
-        out = self.config.output
-        stale = self.config.fs(out).remove_stale_temps(out, time.time() - STALE_TEMP_S)
+        out, fs = self.config.output, self.config.fs(self.config.output)
+        stale = fs.remove_stale_temps(out, time.time() - STALE_TEMP_S)
+        stale += fs.remove_orphaned_temps(out)
         if stale:
             log.info("removed %d temporary file(s) a killed writer left in %s", stale, out)
+
+    def on_write_complete(self, masks: list[str]) -> None:
+        out = self.config.output
+        orphaned = self.config.fs(out).remove_orphaned_temps(out)
+        if orphaned:
+            log.info("removed %d temporary file(s) of writers lost during the job", orphaned)
 
     def files(self, output: Output) -> list[File]:
         if isinstance(output.mask, LocalFile):

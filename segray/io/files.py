@@ -185,6 +185,11 @@ class FileSystem(ABC):
         ``time.time()``); returns how many. None where writes are one PUT."""
         return 0
 
+    def remove_orphaned_temps(self, uri: str) -> int:
+        """Remove temporary files under ``uri`` whose writer is known to be dead (a process of
+        this host that is gone); returns how many. None where writes are one PUT."""
+        return 0
+
     def links(self, uri: str) -> list[str]:
         """Symbolic links at or below ``uri``, sorted (none where there are no links)."""
         return []

@@ -88,6 +88,21 @@ class LocalFileSystem(FileSystem):
                     pass
         return removed
 
+    def remove_orphaned_temps(self, uri: str) -> int:
+        root = parse(uri).path
+        if not os.path.isdir(root):
+            return 0
+        removed = 0
+        for path in _walk(root):
+            name = os.path.basename(path)
+            if name.startswith(TEMP_PREFIX) and _writer_gone(name):
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
     def not_files(self, uris: Iterable[str]) -> dict[str, str]:
         found = {}
         for uri in uris:
@@ -142,7 +157,7 @@ def _write_local(uri: str, target: str, fill: Callable[[Any], Any]) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
-            dir=folder, prefix=TEMP_PREFIX, suffix="-" + os.path.basename(target)
+            dir=folder, prefix=f"{TEMP_PREFIX}{_writer()}.", suffix="-" + os.path.basename(target)
         )
         # mkstemp makes the file 0600 whatever the umask: give it the mode a plain open() would
         os.fchmod(fd, 0o666 & ~_umask())
@@ -157,6 +172,34 @@ def _write_local(uri: str, target: str, fill: Callable[[Any], Any]) -> None:
         if isinstance(exc, OSError) and exc.errno in _FULL:
             raise OutputFull(f"{uri}: cannot write: {exc.strerror}") from exc
         raise
+
+
+def _writer() -> str:
+    """Who writes a temporary file: this host (a hash of its name) and process id."""
+    return f"{_host()}.{os.getpid()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _host() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _writer_gone(name: str) -> bool:
+    """True when a temporary file's name says its writer was a process of this host that is no
+    longer alive (names of other hosts, or of another form, say nothing: False)."""
+    tag = name[len(TEMP_PREFIX) :].split("-", 1)[0].split(".")
+    if len(tag) != 3 or tag[0] != _host() or not tag[1].isdigit():
+        return False
+    try:
+        os.kill(int(tag[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 @functools.lru_cache(maxsize=1)
