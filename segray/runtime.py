@@ -91,6 +91,10 @@ class Shared:
             self._value = None
         return self
 
+    def key(self) -> str:
+        """What names this value in every process: its reference (shared), else its identity."""
+        return self._ref.hex() if self._ref is not None else f"local-{id(self._value)}"
+
     def get(self) -> Any:
         """The value: this copy's, else the process's cached fetch of the reference."""
         if self._value is not None:

@@ -226,3 +226,38 @@ def test_photometric_augmentation_works_in_normalised_space_band_by_band():
     )
     ratio = stretched[:, 4:] / np.where(images[:, 4:] == 0, 1, images[:, 4:])
     assert np.all((ratio > np.exp(-0.2) - 1e-4) & (ratio < np.exp(0.2) + 1e-4))
+
+
+def test_cached_tiles_give_the_batches_the_stream_gives(binary_tiles, ray_local):
+    """A worker's cache of decoded tiles serves each epoch the rows, in the order, the stream
+    of Ray Data would serve, for every rank; a cache too small streams."""
+    from segray.datasets.labels import DatasetSpec
+    from segray.train.feed import CachedRows, tile_feed
+
+    spec = DatasetSpec(root=binary_tiles, size=32, val_fraction=0.2)
+    streamed, _ = tile_feed(spec, global_batch=4, cache_bytes=0)
+    cached, _ = tile_feed(spec, global_batch=4, cache_bytes=2**30)
+    tiny, _ = tile_feed(spec, global_batch=4, cache_bytes=1000)
+    assert not streamed.cached() and cached.cached() and not tiny.cached()
+    assert not isinstance(tiny.train(1, 0, 2), CachedRows)
+
+    def batches(shard):
+        out = []
+        for b in shard.iter_batches(batch_size=2, batch_format="numpy"):
+            out += [
+                (str(i), w, img.tobytes(), m.tobytes(), v.tobytes())
+                for i, w, img, m, v in zip(
+                    b["id"], b["weight"], b["image"], b["mask"], b["valid"], strict=True
+                )
+            ]
+        return sorted(out)  # Ray Data need not keep the order; the cache keeps the epoch's
+
+    for epoch in (1, 2):
+        for rank in (0, 1):
+            shard = cached.train(epoch, rank, 2)
+            assert isinstance(shard, CachedRows)
+            assert [r["id"] for r in shard.rows] == [
+                r["id"] for r in cached.train_rows(epoch, rank, 2)
+            ]
+            assert batches(shard) == batches(streamed.train(epoch, rank, 2))
+    assert batches(cached.val(0, 1)) == batches(streamed.val(0, 1))

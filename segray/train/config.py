@@ -93,6 +93,12 @@ class TrainConfig(Settings, storage.Addressed):
     resume: bool = setting(False, "Continue this run from its last checkpoint.")
     resume_from: str | None = setting(None, "Start from a checkpoint folder.")
     max_failures: int = setting(2, "Worker failures to recover from.", ge=0)
+    cache_mib: int = setting(
+        1024,
+        "Decoded tiles each worker keeps in memory when the whole set fits (MiB; 0: read and "
+        "decode every epoch). Layout scenes draws new chips each epoch: never cached.",
+        ge=0,
+    )
     limit: int | None = setting(None, "Use only the first N tiles.", ge=1, cli=False)
     #: Test-only switches: per-rank diagnostics files, and one injected worker crash at an epoch.
     diagnostics: bool = setting(False, "Write per-rank diagnostics.", cli=False)

@@ -184,7 +184,7 @@ def prepare(config: TrainConfig) -> LoopPlan:
             spec, config.chips_per_epoch, global_batch, config.positive_fraction
         )
     else:
-        feed, info = tile_feed(spec, global_batch)
+        feed, info = tile_feed(spec, global_batch, config.cache_mib * 2**20)
     channels = info.image_shape[2]
     card = _model_card(config, channels, info)
     model = models.build_model(

@@ -6,7 +6,10 @@ and decoded in Ray tasks, so memory holds the samples in flight, not the set. Ev
 the same number of rows (the epoch is padded with weight-0 copies to a multiple of the global
 batch), as the collective step needs, and padding counts for nothing.
 
-- :class:`TileFeed`: every tile once per epoch, in an order drawn from ``(seed, epoch)``.
+- :class:`TileFeed`: every tile once per epoch, in an order drawn from ``(seed, epoch)``. Where
+  the decoded set fits the run's ``cache_mib``, each worker decodes it once, before its first
+  epoch, and every epoch takes its rows from memory in the same order (:class:`CachedRows`): on
+  a small machine the reads of every epoch otherwise compete with the step for the same cores.
 - :class:`ChipFeed`: row ``k`` of epoch ``e`` draws its window from ``(seed, e, k)`` and reads it by
   windowed reads (:mod:`segray.datasets.chips`), so the chips are new each epoch yet the same on a
   rerun; validation chips are a fixed grid.
@@ -15,6 +18,7 @@ batch), as the collective step needs, and padding counts for nothing.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +60,7 @@ class TileFeed:
     global_batch: int
     palette: np.ndarray | None = None
     row_bytes: int = 0
+    cache_bytes: int = 0
 
     @property
     def train_samples(self) -> list[Sample]:
@@ -87,18 +92,58 @@ class TileFeed:
         rows = [_sample_row(self.val_samples[i], j < n) for j, i in enumerate(picks.tolist())]
         return rows[rank::world]
 
-    def train(self, epoch: int, rank: int, world: int) -> ray.data.Dataset:
-        """A lazy dataset of worker ``rank``'s tiles of ``epoch``."""
-        budget = stream_budget(self.global_batch // world, self.row_bytes)
-        load = functools.partial(load_tile, self.spec, self.palette)
-        return _dataset(self.train_rows(epoch, rank, world), load, budget)
+    def cached(self) -> bool:
+        """True when every decoded tile fits the cache (each worker keeps them all, by id)."""
+        every = (*self.train_samples, *self.val_samples)
+        total = self.row_bytes * len(every)
+        return 0 < total <= self.cache_bytes and len({s.id for s in every}) == len(every)
 
-    def val(self, rank: int, world: int) -> ray.data.Dataset | None:
+    def train(self, epoch: int, rank: int, world: int) -> ray.data.Dataset | CachedRows:
+        """A lazy dataset of worker ``rank``'s tiles of ``epoch`` (the cache's, once filled)."""
+        return self._rows(self.train_rows(epoch, rank, world), world)
+
+    def val(self, rank: int, world: int) -> ray.data.Dataset | CachedRows | None:
         """A lazy dataset of worker ``rank``'s validation tiles (None without validation)."""
         rows = self.val_rows(rank, world) if self.val_samples else []
-        budget = stream_budget(self.global_batch // world, self.row_bytes)
+        return self._rows(rows, world) if rows else None
+
+    def _rows(self, rows: list[dict[str, Any]], world: int) -> ray.data.Dataset | CachedRows:
         load = functools.partial(load_tile, self.spec, self.palette)
-        return _dataset(rows, load, budget) if rows else None
+        if not self.cached():
+            return _dataset(rows, load, stream_budget(self.global_batch // world, self.row_bytes))
+        key = self.samples.key()
+        if key not in _CACHE:  # the first use in this process: decode every tile, once
+            _CACHE.clear()  # one run's tiles at a time
+            every = [_sample_row(s, True) for s in (*self.train_samples, *self.val_samples)]
+            _CACHE[key] = {str(r["id"]): _kept(r) for r in _dataset(every, load).iter_rows()}
+        return CachedRows(rows, _CACHE[key])
+
+
+#: The decoded tiles of the run this process trains: sample id → image, mask, valid.
+_CACHE: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+_KEPT = ("image", "mask", "valid")
+
+
+def _kept(row: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: row[k] for k in _KEPT}
+
+
+@dataclass
+class CachedRows:
+    """An epoch's rows from a worker's cache of decoded tiles, in the epoch's order, batched as
+    a Ray Dataset's ``iter_batches`` batches them."""
+
+    rows: list[dict[str, Any]]
+    cache: dict[str, dict[str, np.ndarray]]
+
+    def iter_batches(self, *, batch_size: int, **_: Any) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self.rows), batch_size):
+            part = self.rows[start : start + batch_size]
+            tiles = [self.cache[str(r["id"])] for r in part]
+            batch = {k: np.stack([t[k] for t in tiles]) for k in _KEPT}
+            batch["weight"] = np.asarray([r["weight"] for r in part], np.float32)
+            batch["id"] = np.asarray([r["id"] for r in part], dtype=object)
+            yield batch
 
 
 def load_tile(spec: DatasetSpec, palette: np.ndarray | None, row: dict[str, Any]) -> dict[str, Any]:
@@ -117,14 +162,17 @@ def _sample_row(sample: Sample, real: bool) -> dict[str, Any]:
     }
 
 
-def tile_feed(spec: DatasetSpec, global_batch: int) -> tuple[TileFeed, DatasetInfo]:
+def tile_feed(
+    spec: DatasetSpec, global_batch: int, cache_bytes: int = 0
+) -> tuple[TileFeed, DatasetInfo]:
     """List, split and check the tiles (each read once, none kept) and summarise them."""
     from segray.train.data import scan
 
     train_s, val_s, info = scan(spec)
     palette = load_palette(spec) if spec.layout == "palette" else None
     samples = Shared((train_s, val_s)).share()
-    return TileFeed(samples, spec, global_batch, palette, row_bytes(info)), info
+    feed = TileFeed(samples, spec, global_batch, palette, row_bytes(info), cache_bytes)
+    return feed, info
 
 
 @dataclass
