@@ -1,8 +1,8 @@
-"""Training data streamed to the workers through Ray Data, never materialised: tiles, or chips of
-large scenes.
+"""Training data streamed to the workers through Ray Data: tiles, or chips of large scenes.
 
 Each worker builds, for each epoch, a lazy Ray Dataset of its own share of the epoch's rows, read
-and decoded in Ray tasks, so memory holds the samples in flight, not the set. Every worker takes
+and decoded in Ray tasks, so memory holds the samples in flight, not the set (unless a tile set
+is small enough for the cache below). Every worker takes
 the same number of rows (the epoch is padded with weight-0 copies to a multiple of the global
 batch), as the collective step needs, and padding counts for nothing.
 
