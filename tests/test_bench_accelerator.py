@@ -78,3 +78,9 @@ def test_missing_model_is_named(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert str(tmp_path / "nowhere") in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_unknown_precision_is_named() -> None:
+    done = _bench("--precisions", "fp32,int8", "--windows", "1")
+    assert done.returncode == 2
+    assert "--precisions" in done.stderr and "int8" in done.stderr

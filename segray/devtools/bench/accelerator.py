@@ -4,7 +4,7 @@ Made for the lent GPU machine, which has JAX (and PyTorch, CuPy) but neither Ten
 this module imports only the standard library, numpy, keras and segray's model zoo (which imports
 keras alone), so it runs on the JAX backend with nothing else installed. From the repository root::
 
-    pip install --no-index --find-links wheels/ keras   # the keras wheel, carried
+    pip install --no-index --find-links wheels/ keras   # keras and its pure-Python deps, carried
     KERAS_BACKEND=jax python -m segray.devtools.bench.accelerator \\
         --model runs/demo/run/model.keras --json $OUT/accelerator.json
 
@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-filters", type=int, default=32, help="U-Net width without --model")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
+    from segray.models.precision import PRECISIONS
+
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        parser.error(f"--precisions takes {', '.join(PRECISIONS)}; got {args.precisions!r}")
     for name in ("windows", "batch", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
