@@ -68,6 +68,38 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     return ray
 
 
+def join_cluster(address: str | None = None) -> Any:
+    """Join a running Ray cluster — ``address``, else ``RAY_ADDRESS``, else the one ``ray start``
+    left on this machine — and never start one: what lives there (a Predictor pool) must outlive
+    this process. Returns ``ray``."""
+    import ray
+
+    from segray.errors import ConfigError
+
+    if ray.is_initialized():
+        return ray
+    where = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        _listening(where)  # Ray would retry an address where nothing listens for minutes
+        return init_ray(address=where)
+    except OSError as exc:  # ConnectionError, or a timeout
+        raise ConfigError(
+            f"no running Ray cluster at {where} (Predictor pools live on one): start it with "
+            f"`ray start --head`, or give --ray-address / RAY_ADDRESS ({exc})"
+        ) from None
+
+
+def _listening(address: str, timeout: float = 5.0) -> None:
+    """Raise :class:`ConnectionError` at once when nothing listens at a ``host:port`` address."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", or a client URL: Ray's own lookup
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
+
+
 #: Values fetched from Ray's object store by :class:`Shared`, the most recent kept per process.
 _RESOLVED: OrderedDict[str, Any] = OrderedDict()
 RESOLVED_KEPT = 8

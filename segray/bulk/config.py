@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import field_validator, model_validator
 
 from segray.inference.render import Output
@@ -116,6 +118,11 @@ class PredictConfig(Settings, storage.Addressed):
         True, "Write <name>.json (a STAC item) beside each mask, collection.json at the root."
     )
     ray_address: str | None = setting(None, "Ray cluster (default: RAY_ADDRESS, else local).")
+    pool: str | None = setting(
+        None,
+        "A named Predictor pool on the cluster (segray pool start) instead of the job's own "
+        "actors: no model load, no Keras import in the job.",
+    )
 
     def overlap_for(self, window: tuple[int, int] | None) -> int:
         """The overlap of windows of this size: ``overlap``, else the default for the size
@@ -132,6 +139,11 @@ class PredictConfig(Settings, storage.Addressed):
     @classmethod
     def _lower(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return tuple(s.lower() for s in value) if value else None
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_name(cls, value: str | None) -> str | None:
+        return checked_pool_name(value)
 
     @field_validator("vectors")
     @classmethod
@@ -171,3 +183,26 @@ class PredictConfig(Settings, storage.Addressed):
                 f"overlap must lie in 0..window-1 ({self.window - 1}); got {self.overlap}"
             )
         return self
+
+
+def checked_pool_name(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+        raise ValueError(f"a pool name is 1-64 letters, digits, '_', '.' or '-'; got {value!r}")
+    return value
+
+
+class PoolConfig(Settings, storage.Addressed):
+    """A named Predictor pool: ``size`` detached actors that load ``model`` once and predict for
+    every job given ``--pool`` (:mod:`segray.bulk.pool`)."""
+
+    model: str = setting(help="Run folder, model folder or .keras file (local or s3://).")
+    size: int = setting(1, "Predictor actors of the pool.", ge=1)
+    precision: Precision | None = setting(
+        None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
+    )
+    cpus_per_actor: float = setting(1.0, "CPUs each actor holds.", gt=0)
+    gpus_per_actor: float = setting(0.0, "GPUs each actor holds.", ge=0)
+    endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
+    ray_address: str | None = setting(
+        None, "A running Ray cluster (default: RAY_ADDRESS, else the one started on this machine)."
+    )

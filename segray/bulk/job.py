@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from segray.bulk import stages
+from segray.bulk import pool, stages
 from segray.bulk.config import PredictConfig
 from segray.bulk.manifest import Manifest, PredictResult
 from segray.bulk.plan import outputs, plan_sources
@@ -59,6 +59,10 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
             raise ConfigError(f"vector_classes must lie in 0..{card.num_classes - 1}; got {value}")
     todo, done, sources = plan_sources(config)
     _check_found(config, todo, done)
+    actors = None
+    if todo and config.pool:  # refused before anything is written
+        _init_ray(config)
+        actors = pool.attach(config, card)
     manifest = Manifest(
         config.output,
         config.model,
@@ -78,7 +82,7 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
         _init_ray(config)
         unit = "scene" if config.scene else "tile"
         log.info("predicting %d %s(s), %d settled already", len(todo), unit, len(done))
-        blocks = _blocks(todo, config, card, sinks[:-1], sources)
+        blocks = _blocks(todo, config, card, sinks[:-1], sources, actors)
         with progress(len(todo), f"{unit}s", unit) as bar:
             for block in blocks:
                 for sink in sinks:
@@ -121,12 +125,13 @@ def _blocks(
     card: ModelCard,
     sinks: tuple[Sink, ...],
     sources: dict[str, dict[str, str]],
+    actors: list | None,
 ) -> Generator[dict[str, Any], None, None]:
     """Manifest rows as they are written, a block at a time: a batch of tiles, or one scene."""
     if not config.scene:
-        yield from _run_tiles(todo, config, card, sinks, sources)
+        yield from _run_tiles(todo, config, card, sinks, sources, actors)
         return
-    scenes = _run_scenes(todo, config, card, sinks, sources)
+    scenes = _run_scenes(todo, config, card, sinks, sources, actors)
     try:
         for row in scenes:
             row.setdefault(STOP, "")
@@ -142,9 +147,11 @@ BLOCK_COLUMNS = ("input_uri", "status", "error", "output_uri", "class_fractions"
 def _init_ray(config: PredictConfig) -> None:
     import ray
 
-    from segray.runtime import init_ray
+    from segray.runtime import init_ray, join_cluster
 
-    if not ray.is_initialized():
+    if config.pool:  # the pool lives on a running cluster: join it, never start one
+        join_cluster(config.ray_address)
+    elif not ray.is_initialized():
         init_ray(address=config.ray_address)
 
 
@@ -157,7 +164,9 @@ def _run_tiles(
     card: ModelCard,
     sinks: tuple[Sink, ...],
     sources: dict[str, dict[str, str]],
+    actors: list | None = None,
 ) -> Iterable[dict]:
+    """Read, predict (on ``actors``, a pool's, else the job's own actor pool), write."""
     import ray.data
 
     items = [
@@ -169,7 +178,16 @@ def _run_tiles(
     cpus = config.cpus_per_task
     read = {"config": config}
     ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
-    ds = _predict_stage(ds, config, card, TilePredictor)
+    if actors:
+        ds = ds.map_batches(
+            pool.on_pool,
+            batch_size=config.actor_batch(),
+            fn_kwargs={"actors": actors, "config": config},
+            num_cpus=pool.FORWARD_CPUS,
+            concurrency=2 * len(actors),
+        )
+    else:
+        ds = _predict_stage(ds, config, card, TilePredictor)
     write = {"config": config, "sinks": sinks}
     ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -181,10 +199,12 @@ def _run_scenes(
     card: ModelCard,
     sinks: tuple[Sink, ...],
     sources: dict[str, dict[str, str]],
+    actors: list | None = None,
 ) -> Generator[dict[str, Any], None, None]:
-    """Scenes stitched and written by tasks of their own, several at once (:mod:`.scenes`)."""
+    """Scenes stitched and written by tasks of their own, several at once (:mod:`.scenes`), on
+    ``actors`` (a pool's) or the job's own."""
     job = SceneJob(config, card, scene_window(config, card), render_options(config), sinks)
-    return run_scenes(todo, job, sources)
+    return run_scenes(todo, job, sources, actors)
 
 
 def scene_window(config: PredictConfig, card: ModelCard) -> tuple[int, int]:

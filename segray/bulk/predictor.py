@@ -35,17 +35,22 @@ def render_options(config: PredictConfig) -> dict[str, Any]:
 class _Predictor:
     """What both predictors share: the model, its card, and the logits of a batch of rows."""
 
-    def __init__(self, config: PredictConfig, card: ModelCard | None = None) -> None:
-        """Load the model of ``config``; ``card``: its card as the driver read it (not read
-        again)."""
-        from segray.models.layers import set_monte_carlo
-
+    def __init__(
+        self, config: PredictConfig, card: ModelCard | None = None, model: Any = None
+    ) -> None:
+        """Load the model of ``config`` (``card``: its card as the driver read it, not read
+        again), or predict with ``model``, loaded already with its ``card`` (a pool's,
+        :mod:`segray.bulk.pool`, which switches Monte-Carlo dropout for the job itself)."""
         self.config = config
-        self.model, self.card = inference.load(
-            config.model, config.fs(config.model), card, config.precision
-        )
-        if config.mc_samples:  # once: every switch recompiles the model's predict function
-            set_monte_carlo(self.model, True)
+        if model is None:
+            model, card = inference.load(
+                config.model, config.fs(config.model), card, config.precision
+            )
+            if config.mc_samples:  # once: every switch recompiles the model's predict function
+                from segray.models.layers import set_monte_carlo  # imports Keras: after load
+
+                set_monte_carlo(model, True)
+        self.model, self.card = model, card
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Predict every row without an error; rows that fail here get one."""

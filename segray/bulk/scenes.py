@@ -30,7 +30,7 @@ import numpy as np
 
 from segray import inference
 from segray.bulk.config import PredictConfig
-from segray.bulk.predictor import WindowPredictor
+from segray.bulk.pool import own_actors
 from segray.bulk.rows import STOP, objects, pack, pack_valid, unpack
 from segray.bulk.sinks import LocalFile, Output, Sink, files_of, legend_of, write_files
 from segray.errors import OutputFull, SegrayError, TileError
@@ -83,22 +83,11 @@ class SceneJob:
         return self.config.mc_samples > 0
 
 
-class ScenePredictor:
-    """A Ray actor around :class:`WindowPredictor`: loads the model once, predicts window
-    batches sent by any scene task."""
-
-    def __init__(self, config: PredictConfig, card: ModelCard | None = None) -> None:
-        self._predict = WindowPredictor(config, card)
-
-    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._predict(batch)
-
-    def ready(self) -> bool:
-        return True
-
-
 def run_scenes(
-    todo: list[tuple[str, str]], job: SceneJob, sources: dict[str, dict[str, str]] | None = None
+    todo: list[tuple[str, str]],
+    job: SceneJob,
+    sources: dict[str, dict[str, str]] | None = None,
+    actors: list | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Manifest rows of the scenes in ``todo`` (``(input, output)`` URIs), as they finish;
     ``sources``: the STAC item of each output (:func:`segray.bulk.plan.plan_sources`).
@@ -109,16 +98,9 @@ def run_scenes(
     import ray
 
     c = job.config
-    actor = ray.remote(ScenePredictor).options(
-        num_cpus=c.cpus_per_actor,
-        num_gpus=c.gpus_per_actor or None,
-        max_restarts=2,
-        max_task_retries=2,
-    )
-    predictors = [actor.remote(c, job.card) for _ in range(c.concurrency)]
     # the model loaded before any scene task takes a CPU: tasks waiting on actors that cannot be
     # placed would hold the CPUs those actors need; and a model that cannot load fails the job
-    ray.get([one.ready.remote() for one in predictors])
+    predictors = actors or own_actors(c, job.card)
     task = ray.remote(stitch_scene).options(num_cpus=c.cpus_per_task, max_retries=1)
     at_once = c.scenes_at_once or 2 * c.concurrency
     queue = collections.deque(enumerate(todo))
@@ -140,7 +122,7 @@ def run_scenes(
     finally:
         for ref in running:
             ray.cancel(ref)
-        for one in predictors:
+        for one in predictors if not actors else ():  # a pool's outlive the job
             ray.kill(one)
 
 
@@ -237,7 +219,8 @@ def _predicted(
     in_flight: collections.deque = collections.deque()
     for k, batch in enumerate(batches):
         predictor = predictors[(index + k) % len(predictors)]
-        in_flight.append((batch, predictor.predict.remote(_read_batch(scene, batch, job))))
+        ref = predictor.windows.remote(job.config, _read_batch(scene, batch, job))
+        in_flight.append((batch, ref))
         if len(in_flight) >= BATCHES_AHEAD:
             yield from _logits(*in_flight.popleft(), ray.get)
     while in_flight:

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from segray.bulk.config import PredictConfig
+from segray.bulk.config import PoolConfig, PredictConfig, checked_pool_name
 from segray.cli.options import config_options, from_options, given, option_for
 from segray.datasets.labels import DatasetSpec
 from segray.devtools import synth as synth_data
@@ -248,6 +248,68 @@ def serve(**kw: Any) -> None:
     where = f"?url=<a GeoTIFF/COG under {under}>" if under else " (no --allow-source: none)"
     click.echo(f"map: {root}/v1/map{where}")
     run(config)
+
+
+@cli.group()
+def pool() -> None:
+    """Named Predictor pools on a running Ray cluster: a model loaded once for many jobs."""
+
+
+@pool.command("start")
+@click.argument("name")
+@config_options(PoolConfig)
+def pool_start(name: str, **kw: Any) -> None:
+    """Start pool NAME (kept if it holds this model already); then: segray predict --pool NAME."""
+    import time
+
+    from segray.bulk import pool as pools
+    from segray.runtime import join_cluster
+
+    config = from_options(PoolConfig, kw)
+    _pool_name(name)
+    join_cluster(config.ray_address)
+    start = time.monotonic()
+    info = pools.start_pool(name, config)
+    click.echo(f"{info.summary()}; ready in {time.monotonic() - start:.1f} s")
+    click.echo(f"use it: segray predict --pool {name} --model {config.model} …")
+
+
+@pool.command("list")
+@click.option("--ray-address", default=None, help="A running Ray cluster (default: RAY_ADDRESS).")
+def pool_list(ray_address: str | None) -> None:
+    """The pools on the cluster: model, version, precision, actors."""
+    from segray.bulk import pool as pools
+    from segray.runtime import join_cluster
+
+    join_cluster(ray_address)
+    found = pools.list_pools()
+    for info in found:
+        click.echo(info.summary())
+    if not found:
+        click.echo("no pool on this cluster (segray pool start NAME --model URI)")
+
+
+@pool.command("stop")
+@click.argument("name")
+@click.option("--ray-address", default=None, help="A running Ray cluster (default: RAY_ADDRESS).")
+def pool_stop(name: str, ray_address: str | None) -> None:
+    """End pool NAME's actors."""
+    from segray.bulk import pool as pools
+    from segray.runtime import join_cluster
+
+    _pool_name(name)
+    join_cluster(ray_address)
+    count = pools.stop_pool(name)
+    if not count:
+        raise click.ClickException(f"no pool {name!r} on this cluster (see segray pool list)")
+    click.echo(f"pool {name}: {count} actor(s) stopped")
+
+
+def _pool_name(name: str) -> None:
+    try:
+        checked_pool_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
 
 
 @cli.command("eval")

@@ -1,0 +1,248 @@
+"""Predictor actors: a job's own, or a named pool on a running cluster that loads a model once.
+
+:class:`PredictorActor` loads a model once and predicts batches of tiles or scene windows for
+whichever job sends them, with that job's settings. A scene job starts its own; ``segray pool
+start NAME --model URI`` starts a pool of detached ones (named ``segray-pool:NAME:i`` in Ray
+namespace ``segray``) that outlive the command, and every ``segray predict --pool NAME`` sends its
+batches there instead of starting Predictors: the job imports no Keras and loads no model, so its
+first masks come as soon as its first read task has run. A pool holds one model version in one
+precision; a job whose card has another version, or that asks for another precision, is refused
+with both named. Its actors restart where they die (``max_restarts=-1``: a lost node), and Monte-
+Carlo dropout is switched on a job's first batch that asks for it, off on the next that does not
+(each switch recompiles the model's call: jobs that differ there are best given pools of their own).
+``segray pool list`` shows what each pool holds, ``segray pool stop NAME`` ends one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segray import inference
+from segray.bulk.predictor import TilePredictor, WindowPredictor
+from segray.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from segray.bulk.config import PoolConfig, PredictConfig
+    from segray.models.saving import ModelCard
+
+#: The Ray namespace of every pool's actors, so that any job's driver finds them by name.
+NAMESPACE = "segray"
+PREFIX = "segray-pool"
+#: CPUs a job's task holds while it hands a batch to a pool actor and waits for its masks.
+FORWARD_CPUS = 0.1
+
+
+def actor_name(pool: str, index: int) -> str:
+    return f"{PREFIX}:{pool}:{index}"
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What a pool holds, as its first actor reports it."""
+
+    name: str
+    size: int
+    model: str
+    version: str
+    precision: str
+    batches: int
+    started: float
+
+    def summary(self) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return (
+            f"{self.name}: {self.size} actor(s) of {self.model} (version {self.version}, "
+            f"{self.precision}), up since {since}, {self.batches} batch(es) predicted by actor 0"
+        )
+
+
+class PredictorActor:
+    """A Ray actor: the model of ``settings`` (a :class:`PredictConfig` or :class:`PoolConfig`)
+    loaded once, then batches of any job predicted with that job's :class:`PredictConfig`."""
+
+    def __init__(
+        self, settings: PredictConfig | PoolConfig, card: ModelCard, pool: str = ""
+    ) -> None:
+        uri = settings.model
+        self.model, self.card = inference.load(uri, settings.fs(uri), card, settings.precision)
+        self._monte_carlo = False
+        self._info = {
+            "name": pool,
+            "model": uri,
+            "version": self.card.version,
+            "precision": settings.precision or self.card.precision,
+            "batches": 0,
+            "started": time.time(),
+            "pid": os.getpid(),
+        }
+
+    def _bound(self, kind: type, config: PredictConfig) -> Any:
+        wanted = config.mc_samples > 0
+        if wanted != self._monte_carlo:
+            from segray.models.layers import set_monte_carlo
+
+            set_monte_carlo(self.model, wanted)
+            self._monte_carlo = wanted
+        self._info["batches"] += 1
+        return kind(config, self.card, self.model)
+
+    def tiles(self, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decoded tiles → their masks (:class:`TilePredictor`)."""
+        return self._bound(TilePredictor, config)(batch)
+
+    def windows(self, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict:
+        """Scene windows → their logits (:class:`WindowPredictor`)."""
+        return self._bound(WindowPredictor, config)(batch)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def ready(self) -> bool:
+        return True
+
+
+def own_actors(config: PredictConfig, card: ModelCard) -> list:
+    """``config.concurrency`` Predictor actors of one job, their models loaded (a model that
+    cannot load fails the job here)."""
+    import ray
+
+    actor = ray.remote(PredictorActor).options(
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor or None,
+        max_restarts=2,
+        max_task_retries=2,
+    )
+    actors = [actor.remote(config, card) for _ in range(config.concurrency)]
+    ray.get([one.ready.remote() for one in actors])
+    return actors
+
+
+# --- named pools ---------------------------------------------------------------------------------
+
+
+def _pool_actors(name: str) -> list:
+    """The live actors of pool ``name``, in index order (empty: no such pool)."""
+    import ray
+
+    found = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        pool, _, index = entry["name"].removeprefix(f"{PREFIX}:").rpartition(":")
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(PREFIX) and pool == name:
+            found.append((int(index), entry["name"]))
+    handles = []
+    for _, actor in sorted(found):
+        try:
+            handles.append(ray.get_actor(actor, namespace=NAMESPACE))
+        except ValueError:  # ended since it was listed
+            continue
+    return handles
+
+
+def _info(name: str, actors: list) -> PoolInfo:
+    import ray
+
+    info = ray.get(actors[0].describe.remote())
+    keys = ("model", "version", "precision", "batches", "started")
+    return PoolInfo(name=name, size=len(actors), **{k: info[k] for k in keys})
+
+
+def start_pool(name: str, settings: PoolConfig) -> PoolInfo:
+    """Start pool ``name`` of ``settings.size`` detached actors and wait until each has loaded
+    the model; a pool of that name holding the same model version and precision is kept."""
+    import ray
+
+    from segray.models import saving
+
+    card = saving.load_card(settings.model, settings.fs(settings.model))
+    precision = settings.precision or card.precision
+    running = _pool_actors(name)
+    if running:
+        info = _info(name, running)
+        if (info.version, info.precision) == (card.version, precision):
+            return info
+        raise ConfigError(
+            f"pool {name!r} holds {info.model} (version {info.version}, {info.precision}), not "
+            f"{settings.model} (version {card.version}, {precision}): stop it first "
+            f"(segray pool stop {name}) or name another pool"
+        )
+    actor = ray.remote(PredictorActor)
+    options = {
+        "lifetime": "detached",
+        "namespace": NAMESPACE,
+        "num_cpus": settings.cpus_per_actor,
+        "num_gpus": settings.gpus_per_actor or None,
+        "max_restarts": -1,
+        "max_task_retries": 2,
+        "scheduling_strategy": "SPREAD",
+    }
+    actors = [
+        actor.options(name=actor_name(name, i), **options).remote(settings, card, name)
+        for i in range(settings.size)
+    ]
+    try:
+        ray.get([one.ready.remote() for one in actors])
+    except Exception as exc:
+        for one in actors:
+            ray.kill(one, no_restart=True)
+        raise ModelError(f"pool {name!r}: {settings.model} could not be loaded: {exc}") from exc
+    return _info(name, actors)
+
+
+def list_pools() -> list[PoolInfo]:
+    """Every pool on the cluster."""
+    import ray
+
+    names = set()
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{PREFIX}:"):
+            names.add(entry["name"].removeprefix(f"{PREFIX}:").rpartition(":")[0])
+    pools = [(name, _pool_actors(name)) for name in sorted(names)]
+    return [_info(name, actors) for name, actors in pools if actors]
+
+
+def stop_pool(name: str) -> int:
+    """End pool ``name``'s actors; returns how many there were (0: no such pool)."""
+    import ray
+
+    actors = _pool_actors(name)
+    for one in actors:
+        ray.kill(one, no_restart=True)
+    return len(actors)
+
+
+def attach(config: PredictConfig, card: ModelCard) -> list:
+    """The actors of pool ``config.pool``, checked to hold the job's model version in the job's
+    precision."""
+    actors = _pool_actors(str(config.pool))
+    if not actors:
+        raise ConfigError(
+            f"no pool {config.pool!r} on this Ray cluster: start it with "
+            f"`segray pool start {config.pool} --model {config.model}` (see `segray pool list`)"
+        )
+    info = _info(str(config.pool), actors)
+    precision = config.precision or card.precision
+    if (info.version, info.precision) != (card.version, precision):
+        raise ConfigError(
+            f"pool {config.pool!r} holds {info.model} (version {info.version}, "
+            f"{info.precision}); this job asks for {config.model} (version {card.version}, "
+            f"{precision}): start a pool for it, or run without --pool"
+        )
+    return actors
+
+
+_turn = itertools.count(random.randrange(1 << 16))
+
+
+def on_pool(batch: dict[str, np.ndarray], actors: list, config: PredictConfig) -> dict:
+    """A Ray Data task: ``batch`` predicted by the pool's actors, taken in turn."""
+    import ray
+
+    actor = actors[next(_turn) % len(actors)]
+    return ray.get(actor.tiles.remote(config, batch))
