@@ -166,28 +166,23 @@ def _run_tiles(
     sources: dict[str, dict[str, str]],
     actors: list | None = None,
 ) -> Iterable[dict]:
-    """Read, predict (on ``actors``, a pool's, else the job's own actor pool), write."""
-    import ray.data
-
+    """Read, predict, write: on Ray Data with the job's own actor pool, or on ``actors``, a
+    pool's (:func:`segray.bulk.pool.run_tiles`)."""
     items = [
         {"input_uri": i, "output_uri": o, "source": json.dumps(sources[o]) if o in sources else ""}
         for i, o in todo
     ]
+    if actors:
+        yield from pool.run_tiles(items, config, sinks, actors, card.num_classes)
+        return
+    import ray.data
+
     blocks = max(1, math.ceil(len(items) / config.tiles_per_task))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     cpus = config.cpus_per_task
     read = {"config": config}
     ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
-    if actors:
-        ds = ds.map_batches(
-            pool.on_pool,
-            batch_size=config.actor_batch(),
-            fn_kwargs={"actors": actors, "config": config},
-            num_cpus=pool.FORWARD_CPUS,
-            concurrency=2 * len(actors),
-        )
-    else:
-        ds = _predict_stage(ds, config, card, TilePredictor)
+    ds = _predict_stage(ds, config, card, TilePredictor)
     write = {"config": config, "sinks": sinks}
     ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")

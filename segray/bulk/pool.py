@@ -4,8 +4,10 @@
 whichever job sends them, with that job's settings. A scene job starts its own; ``segray pool
 start NAME --model URI`` starts a pool of detached ones (named ``segray-pool:NAME:i`` in Ray
 namespace ``segray``) that outlive the command, and every ``segray predict --pool NAME`` sends its
-batches there instead of starting Predictors: the job imports no Keras and loads no model, so its
-first masks come as soon as its first read task has run. A pool holds one model version in one
+blocks there instead of starting Predictors: each actor reads, predicts and writes a block of
+tiles (in threads of its own, one model call at a time), so the job imports no Keras, loads no
+model and starts no worker process, and its first masks come as soon as it has joined Ray and
+listed its inputs. A pool holds one model version in one
 precision; a job whose card has another version, or that asks for another precision, is refused
 with both named. Its actors restart where they die (``max_restarts=-1``: a lost node), and Monte-
 Carlo dropout is switched on a job's first batch that asks for it, off on the next that does not
@@ -15,10 +17,11 @@ Carlo dropout is switched on a job's first batch that asks for it, off on the ne
 
 from __future__ import annotations
 
-import itertools
+import collections
 import os
-import random
+import threading
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,17 +29,20 @@ import numpy as np
 
 from segray import inference
 from segray.bulk.predictor import TilePredictor, WindowPredictor
+from segray.bulk.rows import STOP, objects
 from segray.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from segray.bulk.config import PoolConfig, PredictConfig
+    from segray.bulk.sinks import Sink
     from segray.models.saving import ModelCard
 
 #: The Ray namespace of every pool's actors, so that any job's driver finds them by name.
 NAMESPACE = "segray"
 PREFIX = "segray-pool"
-#: CPUs a job's task holds while it hands a batch to a pool actor and waits for its masks.
-FORWARD_CPUS = 0.1
+#: Blocks a pool actor works on at once (its ``io`` concurrency group): reads and writes of some
+#: while the model runs on another.
+IO_THREADS = 4
 
 
 def actor_name(pool: str, index: int) -> str:
@@ -72,7 +78,12 @@ class PredictorActor:
     ) -> None:
         uri = settings.model
         self.model, self.card = inference.load(uri, settings.fs(uri), card, settings.precision)
+        if pool:  # what a job's first block needs, ready before any job comes
+            from segray.bulk import stages  # noqa: F401  (the readers and writers)
+
+            inference.warm_up(self.model, self.card)
         self._monte_carlo = False
+        self._model_lock = threading.Lock()  # one model call at a time, whichever thread asks
         self._info = {
             "name": pool,
             "model": uri,
@@ -83,23 +94,42 @@ class PredictorActor:
             "pid": os.getpid(),
         }
 
-    def _bound(self, kind: type, config: PredictConfig) -> Any:
-        wanted = config.mc_samples > 0
-        if wanted != self._monte_carlo:
-            from segray.models.layers import set_monte_carlo
+    def _predict(self, kind: type, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict:
+        with self._model_lock:
+            wanted = config.mc_samples > 0
+            if wanted != self._monte_carlo:
+                from segray.models.layers import set_monte_carlo
 
-            set_monte_carlo(self.model, wanted)
-            self._monte_carlo = wanted
-        self._info["batches"] += 1
-        return kind(config, self.card, self.model)
+                set_monte_carlo(self.model, wanted)
+                self._monte_carlo = wanted
+            self._info["batches"] += 1
+            return kind(config, self.card, self.model)(batch)
 
     def tiles(self, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decoded tiles → their masks (:class:`TilePredictor`)."""
-        return self._bound(TilePredictor, config)(batch)
+        return self._predict(TilePredictor, config, batch)
 
     def windows(self, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict:
         """Scene windows → their logits (:class:`WindowPredictor`)."""
-        return self._bound(WindowPredictor, config)(batch)
+        return self._predict(WindowPredictor, config, batch)
+
+    def process(
+        self, config: PredictConfig, sinks: Sequence[Sink], batch: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """A block of a pooled tile job, end to end: read and decode, predict (``actor_batch()``
+        tiles a model call), write through ``sinks``; returns its manifest rows. Runs in the
+        actor's ``io`` threads, so that one block's reads and writes overlap another's model
+        calls."""
+        from segray.bulk import stages
+
+        read = stages.read_tiles(batch, config)
+        n, size = len(read["input_uri"]), config.actor_batch()
+        parts = [
+            self.tiles(config, {k: v[i : i + size] for k, v in read.items()})
+            for i in range(0, n, size)
+        ]
+        predicted = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        return stages.write_masks(predicted, config, sinks)
 
     def describe(self) -> dict[str, Any]:
         return dict(self._info)
@@ -172,7 +202,7 @@ def start_pool(name: str, settings: PoolConfig) -> PoolInfo:
             f"{settings.model} (version {card.version}, {precision}): stop it first "
             f"(segray pool stop {name}) or name another pool"
         )
-    actor = ray.remote(PredictorActor)
+    actor = ray.remote(concurrency_groups={"io": IO_THREADS})(PredictorActor)
     options = {
         "lifetime": "detached",
         "namespace": NAMESPACE,
@@ -237,12 +267,56 @@ def attach(config: PredictConfig, card: ModelCard) -> list:
     return actors
 
 
-_turn = itertools.count(random.randrange(1 << 16))
-
-
-def on_pool(batch: dict[str, np.ndarray], actors: list, config: PredictConfig) -> dict:
-    """A Ray Data task: ``batch`` predicted by the pool's actors, taken in turn."""
+def run_tiles(
+    items: list[dict[str, str]],
+    config: PredictConfig,
+    sinks: Sequence[Sink],
+    actors: list,
+    num_classes: int,
+) -> Generator[dict[str, np.ndarray], None, None]:
+    """The manifest rows of a pooled tile job, a block at a time: blocks of ``tiles_per_task``
+    tiles go to the pool's actors in turn (:meth:`PredictorActor.process`), at most
+    :data:`IO_THREADS` in flight on each; a block whose actor call fails becomes error rows (a
+    rerun predicts them). No Ray Data here: its tasks would need worker processes of this job,
+    seconds to start, where the pool's actors are up already. Closing the generator cancels the
+    calls still running."""
     import ray
 
-    actor = actors[next(_turn) % len(actors)]
-    return ray.get(actor.tiles.remote(config, batch))
+    size = config.tiles_per_task
+    queue = collections.deque(items[i : i + size] for i in range(0, len(items), size))
+    running: dict[Any, list[dict[str, str]]] = {}
+    turn = 0
+    try:
+        while queue or running:
+            while queue and len(running) < IO_THREADS * len(actors):
+                block = queue.popleft()
+                call = actors[turn % len(actors)].process.options(concurrency_group="io")
+                running[call.remote(config, sinks, _columns(block))] = block
+                turn += 1
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                block = running.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except Exception as exc:  # the actor died past its retries: these tiles' error
+                    yield _failed(block, f"pool {config.pool!r}: {exc}", num_classes)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+
+
+def _columns(block: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    return {k: objects([row[k] for row in block]) for k in block[0]}
+
+
+def _failed(block: list[dict[str, str]], reason: str, num_classes: int) -> dict[str, np.ndarray]:
+    n = len(block)
+    empty = ("output_uri", "uncertainty_uri", "footprints_uri", "item_uri", STOP)
+    return {
+        "input_uri": objects([row["input_uri"] for row in block]),
+        "status": objects(["error"] * n),
+        "error": objects([f"{row['input_uri']}: {reason}" for row in block]),
+        **{k: objects([""] * n) for k in empty},
+        "class_fractions": np.full((n, num_classes), np.nan),
+        "seconds": np.zeros(n),
+    }
