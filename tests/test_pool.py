@@ -88,7 +88,7 @@ def test_jobs_on_a_pool_write_what_their_own_actors_write(ray_local, data, tmp_p
         info = pool.start_pool("unit", PoolConfig(model=first, size=2))
         assert (info.size, info.batches) == (2, 0)
         actors = pool._pool_actors("unit")
-        pids = {ray_local.get(a.describe.remote())["pid"] for a in actors}
+        pids = {pool.describe(a)["pid"] for a in actors}
 
         own = predict(_job(first, tiles, tmp_path / "own"))
         pooled = predict(_job(first, tiles, tmp_path / "pooled", pool="unit"))
@@ -109,7 +109,7 @@ def test_jobs_on_a_pool_write_what_their_own_actors_write(ray_local, data, tmp_p
         assert mc.ok and len(list((tmp_path / "mc").rglob("*.uncertainty.tif"))) == COUNT
 
         # the same processes served every job, the model loaded once each
-        after = [ray_local.get(a.describe.remote()) for a in pool._pool_actors("unit")]
+        after = [pool.describe(a) for a in pool._pool_actors("unit")]
         assert {a["pid"] for a in after} == pids
         assert sum(a["batches"] for a in after) >= 3 * COUNT // 4
         listed = {p.name: p for p in pool.list_pools()}
@@ -224,3 +224,56 @@ def test_a_predictor_imports_keras_without_sklearn_or_pyplot(data, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "keras"
+
+
+@pytest.mark.slow
+def test_a_pool_actor_lost_mid_job_restarts_and_every_tile_ends_whole(ray_local, data, tmp_path):
+    import threading
+
+    from segray.bulk.manifest import read_manifest, run_folders
+
+    first, _, _, _ = data
+    tiles = tmp_path / "many"
+    tiles.mkdir()
+    image, _ = synth.generate_tile(SIZE, synth.tile_seed(5, 0), "binary")
+    count = 160
+    for i in range(count):
+        where = synth.grid_transform(*divmod(i, 16), SIZE)
+        (tiles / f"m{i:03d}.tif").write_bytes(imagery.encode_geotiff(image, synth.CRS, where))
+    out = tmp_path / "masks"
+    config = PredictConfig(
+        model=first, input=str(tiles), output=str(out), batch_size=2, tiles_per_task=2, pool="lost"
+    )
+    try:
+        pool.start_pool("lost", PoolConfig(model=first))
+        before = pool.describe(pool._pool_actors("lost")[0])["pid"]
+        results: list = []
+        job = threading.Thread(target=lambda: results.append(predict(config)))
+        job.start()
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("m*.tif"))) < 10:
+            assert time.monotonic() < deadline and job.is_alive(), "no masks"
+            time.sleep(0.05)
+        written = len(list(out.glob("m*.tif")))
+        ray_local.kill(pool._pool_actors("lost")[0], no_restart=False)
+        job.join(timeout=300)
+        assert not job.is_alive() and results, "the job did not end"
+        (result,) = results
+        print(f"\nactor killed at {written}/{count} masks: {result.counts}")
+        assert written < count, "the job ended before the actor could be lost"
+        (run,) = run_folders(str(out))
+        rows = read_manifest(run).to_pylist()
+        assert len(rows) == count and len({r["input_uri"] for r in rows}) == count
+        ok = [r for r in rows if r["status"] == "ok"]
+        for row in ok:  # every mask a row calls written is whole
+            with rasterio.open(row["output_uri"]) as ds:
+                assert ds.read(1).shape == (SIZE, SIZE)
+        assert not list(out.rglob(".tmp-*"))
+        after = pool.describe(pool._pool_actors("lost")[0])["pid"]
+        assert after != before  # restarted, model loaded again
+        if len(ok) < count:  # calls past their retries: error rows, done by the rerun
+            again = predict(config)
+            assert again.counts.get("ok") == count - len(ok)
+    finally:
+        pool.stop_pool("lost")
+    assert len(list(out.glob("m*.tif"))) == count

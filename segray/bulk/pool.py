@@ -175,10 +175,16 @@ def _pool_actors(name: str) -> list:
     return handles
 
 
-def _info(name: str, actors: list) -> PoolInfo:
+def describe(actor: Any) -> dict[str, Any]:
+    """What a pool's actor reports: model, version, precision, batches, started, pid."""
     import ray
 
-    info = ray.get(actors[0].describe.remote())
+    return ray.get(actor.describe.options(concurrency_group="control").remote())
+
+
+def _info(name: str, actors: list) -> PoolInfo:
+
+    info = describe(actors[0])
     keys = ("model", "version", "precision", "batches", "started")
     return PoolInfo(name=name, size=len(actors), **{k: info[k] for k in keys})
 
@@ -202,7 +208,9 @@ def start_pool(name: str, settings: PoolConfig) -> PoolInfo:
             f"{settings.model} (version {card.version}, {precision}): stop it first "
             f"(segray pool stop {name}) or name another pool"
         )
-    actor = ray.remote(concurrency_groups={"io": IO_THREADS})(PredictorActor)
+    # "control": answers what the pool holds while the other groups are busy predicting
+    groups = {"io": IO_THREADS, "control": 1}
+    actor = ray.remote(concurrency_groups=groups)(PredictorActor)
     options = {
         "lifetime": "detached",
         "namespace": NAMESPACE,
