@@ -92,8 +92,9 @@ def run_scenes(
     """Manifest rows of the scenes in ``todo`` (``(input, output)`` URIs), as they finish;
     ``sources``: the STAC item of each output (:func:`segray.bulk.plan.plan_sources`).
 
-    Starts ``concurrency`` Predictor actors, then keeps ``scenes_at_once`` scene tasks running;
-    closing the generator cancels the tasks still running and ends the actors.
+    Starts ``concurrency`` Predictor actors (or uses ``actors``, a pool's), then keeps
+    ``scenes_at_once`` scene tasks running (default: 2 per actor); closing the generator cancels
+    the tasks still running and ends the job's own actors.
     """
     import ray
 
@@ -102,7 +103,7 @@ def run_scenes(
     # placed would hold the CPUs those actors need; and a model that cannot load fails the job
     predictors = actors or own_actors(c, job.card)
     task = ray.remote(stitch_scene).options(num_cpus=c.cpus_per_task, max_retries=1)
-    at_once = c.scenes_at_once or 2 * c.concurrency
+    at_once = c.scenes_at_once or 2 * len(predictors)
     queue = collections.deque(enumerate(todo))
     running: dict[Any, str] = {}
     try:
