@@ -179,3 +179,41 @@ def bench_precision_cmd(
     bench_precision(
         model_uri, data, chosen, windows, batch, repeats, xla, train_tiles, echo=click.echo
     )
+
+
+@bench.command("startup")
+@click.option("--tiles", default=200, show_default=True, help="Tiles of each job.")
+@click.option("--size", default=64, show_default=True, help="Tile and model size in pixels.")
+@click.option("--repeats", default=3, show_default=True, help="Runs of each side (median).")
+def bench_startup_cmd(tiles: int, size: int, repeats: int) -> None:
+    """Seconds to a job's first mask as whole processes: from nothing, on a running cluster, on
+    a pool, against a plain loop."""
+    from segray.devtools.bench.startup import bench_startup
+
+    bench_startup(tiles, size, repeats, echo=click.echo)
+
+
+@bench.command("recipe")
+@click.option("--targets", default="water,shrubland", show_default=True, help="Rare targets.")
+@click.option("--seeds", default=3, show_default=True, help="Seeds per recipe (median).")
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--batch-size", "batch", default=16, show_default=True)
+@click.option("--recipes", default=None, help="Recipe keys, comma-separated (default: all).")
+@click.option("--quick", is_flag=True, help="Water, 1 seed, 2 epochs: the anchor and the default.")
+def bench_recipe_cmd(
+    targets: str, seeds: int, epochs: int, batch: int, recipes: str | None, quick: bool
+) -> None:
+    """Recipes for a rare class on real Landsat tiles: held-out IoU against plain Keras."""
+    from segray.devtools.bench.recipe import QUICK, RECIPES, TARGETS, bench_recipe
+
+    chosen = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    keys = {r.key for r in RECIPES}
+    if set(names) - set(TARGETS) or set(chosen or ()) - keys:
+        raise click.BadParameter(
+            f"targets: any of {', '.join(TARGETS)}; recipes: any of {', '.join(sorted(keys))}"
+        )
+    if quick:
+        bench_recipe(**QUICK, batch=batch, echo=click.echo)  # type: ignore[arg-type]
+    else:
+        bench_recipe(names, seeds, epochs, batch, chosen, echo=click.echo)

@@ -73,7 +73,17 @@ class TrainConfig(Settings, storage.Addressed):
     step_epochs: int = setting(10, "Epochs between steps of the step schedule.", ge=1)
     step_gamma: float = setting(0.1, "Factor of each step of the step schedule.", gt=0)
     loss: str = setting("ce+dice", "Loss, e.g. 0.7*ce+0.3*dice, focal, jaccard.")
-    class_weights: tuple[float, ...] | None = setting(None, "Per-class loss weights, e.g. 1,4.")
+    class_weights: tuple[float, ...] | None = setting(
+        None, "Per-class loss weights, e.g. 1,4 (two classes, none given: see --class-balance)."
+    )
+    class_balance: float = setting(
+        0.5,
+        "Two-class runs without --class-weights weigh each class by its share of the training "
+        "pixels to the power -this, mean pixel weight 1 (0: unweighted, 0.5: square root of "
+        "inverse frequency, 1: inverse frequency). config.yaml records the weights used.",
+        ge=0,
+        le=1,
+    )
     augment: AugmentConfig = setting(AugmentConfig(), "Augmentation.", cli=False)
     monitor: Monitor = setting("val_miou", "Metric that picks the best epoch.")
     patience: int | None = setting(None, "Stop after this many epochs without improvement.", ge=1)

@@ -37,6 +37,14 @@ class DatasetInfo:
     class_pixels: list[int] = field(default_factory=list)
     dtype: str = "uint8"
     stats: BandStats | None = None
+    #: Pixels per class id in the training split alone (None: ``class_pixels`` are all training).
+    train_class_pixels: list[int] | None = None
+
+    def training_class_pixels(self) -> list[int]:
+        """Pixels per class id in the training split."""
+        return list(
+            self.class_pixels if self.train_class_pixels is None else self.train_class_pixels
+        )
 
     def class_fractions(self) -> list[float]:
         """Fraction of all mask pixels in each class id."""
@@ -172,6 +180,7 @@ def scan(spec: DatasetSpec) -> tuple[list[Sample], list[Sample], DatasetInfo]:
     train_s, val_s = split_samples(samples, spec.val_fraction, spec.seed)
     _, info = check(to_ray_dataset(train_s, spec), "training set", spec.ignore_index)
     if val_s:
+        info.train_class_pixels = list(info.class_pixels)
         _, val_info = check(to_ray_dataset(val_s, spec), "validation set", spec.ignore_index)
         if val_info.image_shape != info.image_shape:
             raise DatasetError(
@@ -189,4 +198,6 @@ def scan(spec: DatasetSpec) -> tuple[list[Sample], list[Sample], DatasetInfo]:
         ]
         info.max_class = max(info.max_class, val_info.max_class)
     info.class_pixels = info.class_pixels[: info.max_class + 1]
+    if info.train_class_pixels is not None:
+        info.train_class_pixels = info.train_class_pixels[: info.max_class + 1]
     return train_s, val_s, info

@@ -143,7 +143,8 @@ def _check_run_folder(config: TrainConfig) -> None:
 
 def prepare(config: TrainConfig) -> LoopPlan:
     """Every check that can run on the driver (the data read once, none kept); returns the loop
-    plan, whose ``feed`` tells each worker what to stream.
+    plan, whose ``feed`` tells each worker what to stream and whose ``config`` holds the class
+    weights the run trains with (:func:`balanced`).
 
     Raises :class:`~segray.errors.SegrayError` kinds (config, model, dataset) naming the problem.
     """
@@ -185,6 +186,7 @@ def prepare(config: TrainConfig) -> LoopPlan:
         )
     else:
         feed, info = tile_feed(spec, global_batch, config.cache_mib * 2**20)
+    config = balanced(config, info)
     channels = info.image_shape[2]
     card = _model_card(config, channels, info)
     model = models.build_model(
@@ -203,6 +205,27 @@ def prepare(config: TrainConfig) -> LoopPlan:
         val_count=feed.val_total,
         feed=feed,
     )
+
+
+def balanced(config: TrainConfig, info: DatasetInfo) -> TrainConfig:
+    """The config with the class weights the run trains with: a two-class run given none weighs
+    each class by its share of the training pixels to the power ``-class_balance``
+    (:func:`~segray.train.losses.frequency_weights`); ``segray bench recipe`` measured why."""
+    from segray.train import losses
+
+    if config.class_weights is not None or config.num_classes != 2 or not config.class_balance:
+        return config
+    counts = (info.training_class_pixels() + [0, 0])[:2]
+    if not all(counts):  # one class alone: nothing to balance
+        return config
+    weights = losses.frequency_weights(counts, config.class_balance)
+    log.info(
+        "class weights %s: training pixels %.2f%% class 1, class balance %g",
+        ", ".join(f"{w:g}" for w in weights),
+        100 * counts[1] / sum(counts),
+        config.class_balance,
+    )
+    return config.replace(class_weights=weights)
 
 
 def save_config(config: TrainConfig) -> str:
@@ -238,6 +261,7 @@ def train(config: TrainConfig) -> TrainResult:
     init_ray()
     start = time.monotonic()
     plan = prepare(config)  # the data stay where they are: each worker streams its share
+    config = plan.config  # with the class weights it resolved
     save_config(config)
     global_batch = config.per_worker_batch() * config.workers
     resources = {"CPU": config.cpus_per_worker}

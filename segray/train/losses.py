@@ -18,6 +18,9 @@ Per-class weights (``class_weights``, one per class including background):
 - Dice and Jaccard (multiclass): the per-class scores are averaged with these weights,
   ``sum(w_c * d_c) / sum(w_c)``. For two classes these scores cover the foreground only, so the
   weights have no effect there.
+
+`frequency_weights` derives such weights from a training set's class pixel counts; training uses
+them for two-class runs given none (``TrainConfig.class_balance``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,27 @@ _OPTIONS = {
 def list_losses() -> list[str]:
     """The loss names `build_loss` accepts."""
     return list(LOSSES)
+
+
+def frequency_weights(class_pixels: Sequence[int], power: float = 0.5) -> tuple[float, ...]:
+    """Per-class weights ``∝ share ** -power`` from pixel counts, scaled so that the mean weight
+    of a pixel is 1 (the loss keeps its size).
+
+    ``power`` 1 is inverse frequency (every class adds the same total weight), 0.5 its square
+    root, 0 no weighting. A class with no pixel gets the largest weight of the others.
+    """
+    counts = np.asarray(class_pixels, dtype=np.float64)
+    if counts.ndim != 1 or counts.size < 2 or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"class_pixels must be >= 2 counts >= 0, not all 0; got {class_pixels}")
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"power must be in [0, 1]; got {power}")
+    share = counts / counts.sum()
+    present = share > 0
+    weights = np.ones_like(share)
+    weights[present] = share[present] ** -power
+    weights /= float(np.sum(share * weights))
+    weights[~present] = weights[present].max()
+    return tuple(round(float(w), 6) for w in weights)
 
 
 # ---- shared preparation ------------------------------------------------------------------------
