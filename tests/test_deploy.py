@@ -73,6 +73,18 @@ def test_rayservice_embeds_serve_yaml_with_gpu_replicas():
     assert replicas * deployment["ray_actor_options"]["num_gpus"] <= max_pods * gpus
 
 
+def test_rayservice_pods_run_the_haproxy_ingress():
+    """Serve reads its ingress from each process's environment, so every pod must set it."""
+    from segray.serve.ingress import HAPROXY_ENV
+
+    cluster = load("rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert env.items() >= HAPROXY_ENV.items(), container["name"]
+
+
 def test_rayjobs_entrypoints_exist_parse_and_fit_the_cluster():
     from segray.cli import cli
 

@@ -161,9 +161,11 @@ def post(url: str, data: bytes, **kwargs) -> requests.Response:
 
 
 def test_bench_serve_smoke(ray_local, model_dir):
-    """Runs before the module's Serve starts: the bench starts and shuts down its own."""
+    """Runs before the module's Serve starts; each ingress runs in a child with its own Ray."""
     from segray.devtools.bench.serve import bench_serve
+    from segray.serve.ingress import haproxy_binary
 
+    both = haproxy_binary() is not None
     lines: list[str] = []
     result = bench_serve(
         model_dir,
@@ -171,12 +173,26 @@ def test_bench_serve_smoke(ray_local, model_dir):
         concurrencies=(1, 2),
         max_batch_size=4,
         ceiling_seconds=0.2,
+        ingresses=("proxy", "haproxy") if both else ("proxy",),
         echo=lines.append,
     )
-    assert result["ceiling_images_per_s"] > 0 and result["ratio_to_ceiling"] > 0
-    assert set(result["runs"]) == {"batching", "no_batching"}
-    assert all(f["errors"] == 0 for run in result["runs"].values() for f in run.values())
-    assert "x ceiling" in lines[-1] or "x ceiling" in "\n".join(lines)
+    assert result["ceiling_images_per_s"] > 0
+    for name, figures in result["ingresses"].items():
+        assert figures["ingress"] == name and figures["ratio_to_ceiling"] > 0
+        assert set(figures["runs"]) == {"batching", "no_batching"}
+        assert all(f["errors"] == 0 for run in figures["runs"].values() for f in run.values())
+        assert all(f["requests"] == 4 for run in figures["runs"].values() for f in run.values())
+    report = "\n".join(lines)
+    assert "x ceiling" in report and "Little's law floor" in report
+    assert ("haproxy / proxy throughput" in report) == both
+
+
+def test_bench_serve_refuses_an_unknown_ingress():
+    from segray.devtools.bench.serve import bench_serve
+    from segray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--ingress: 'nginx'"):
+        bench_serve(ingresses=("proxy", "nginx"))
 
 
 def test_health_model_and_docs(url):

@@ -107,17 +107,27 @@ def bench_plan_cmd(keys: int) -> None:
 @click.option("--requests", default=200, show_default=True, help="Requests per level.")
 @click.option("--concurrency", default="1,4,16", show_default=True)
 @option_for("max_batch_size", ServeConfig.model_fields["max_batch_size"])
-@click.option("--batch-wait-ms", default=5.0, show_default=True)
+@click.option("--batch-wait-ms", type=float, default=None, help="Default: segray serve's.")
 @click.option("--ceiling-seconds", default=5.0, show_default=True)
+@click.option(
+    "--ingress",
+    default="proxy,haproxy",
+    show_default=True,
+    help="Ingresses to compare, each with its own Ray (segray serve --ingress).",
+)
+@click.option("--rounds", default=1, show_default=True, help="Rounds; figures are medians.")
 def bench_serve_cmd(
     model: str | None,
     requests: int,
     concurrency: str,
     max_batch_size: int,
-    batch_wait_ms: float,
+    batch_wait_ms: float | None,
     ceiling_seconds: float,
+    ingress: str,
+    rounds: int,
 ) -> None:
-    """Serve throughput and latency at 1/4/16 clients, batching on and off, vs the ceiling."""
+    """Serve throughput and latency at 1/4/16 clients, batching on and off, per ingress, vs the
+    model's ceiling."""
     from segray.devtools.bench.serve import bench_serve
 
     bench_serve(
@@ -125,8 +135,10 @@ def bench_serve_cmd(
         requests_per_level=requests,
         concurrencies=tuple(int(c) for c in concurrency.split(",")),
         max_batch_size=max_batch_size,
-        batch_wait_timeout_s=batch_wait_ms / 1000,
+        batch_wait_timeout_s=None if batch_wait_ms is None else batch_wait_ms / 1000,
         ceiling_seconds=ceiling_seconds,
+        ingresses=tuple(i.strip() for i in ingress.split(",") if i.strip()),
+        rounds=rounds,
         echo=click.echo,
     )
 

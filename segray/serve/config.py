@@ -16,6 +16,7 @@ from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend
 from segray.io import storage
 from segray.models.precision import Precision
+from segray.serve.ingress import Ingress
 from segray.settings import Settings, setting
 
 ProxyLocation = Literal["EveryNode", "HeadOnly"]
@@ -47,6 +48,12 @@ class ServeConfig(Settings, storage.Addressed):
     proxy_location: ProxyLocation = setting(
         "EveryNode",
         "HTTP proxies on every node (behind a load balancer) or on the head node only.",
+    )
+    ingress: Ingress = setting(
+        "haproxy",
+        "haproxy: HAProxy forwards the port to the replicas' own HTTP servers (Serve's "
+        "throughput mode; proxy where no HAProxy is installed); proxy: Serve's Python proxy. "
+        "Set for a Ray that segray serve starts; a running cluster keeps its own.",
     )
     num_gpus: float = setting(0.0, "GPUs per replica.", ge=0)
     num_cpus: float = setting(1.0, "CPUs per replica.", ge=0)

@@ -150,3 +150,25 @@ def asset(name: str) -> Response:
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     headers = {"Cache-Control": "public, max-age=86400"}
     return Response((STATIC / name).read_bytes(), media_type=media, headers=headers)
+
+
+def segment_doc(
+    tile: Any, logits: Any, card: Any, class_index: int | None, threshold: float | None
+) -> dict:
+    """The JSON answer of ``/v1/segment``: shape, model, class fractions, CRS and, for a
+    ``class``, its polygons (as bulk ``--footprints`` writes them)."""
+    names = card.names()
+    mask = inference.render(logits, card, "classes", threshold=threshold)[0]
+    fractions = inference.class_fractions(mask, card.num_classes)
+    doc: dict[str, Any] = {
+        "shape": list(mask.shape),
+        "model": {"name": card.name, "version": card.version},
+        "classes": names,
+        # no data pixels are in no class; a tile of no data at all has no fractions (null)
+        "fractions": {n: None if f != f else f for n, f in zip(names, fractions, strict=True)},
+        "crs": tile.crs if tile.georeferenced else None,
+    }
+    if class_index is not None:
+        doc["class"] = class_index
+        doc["polygons"] = inference.footprint_doc(mask, tile, class_index, names[class_index])
+    return doc
