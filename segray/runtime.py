@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 #: Environment variables handed from the driver to Ray workers: where S3 is and how long to wait
@@ -25,6 +27,12 @@ FORWARDED_ENV = (
 )
 #: Variables that must never reach a runtime environment.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: Ray Train settings where this process started its own Ray: one machine, which no autoscaler
+#: drains, so Ray Train's preemption watcher (an actor polling for drains, 1-3 s of CPU to start
+#: beside the first epochs) has nothing to watch. Ray Train reads them when ``fit()`` starts.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+_started_here = False
 
 
 def forwarded_env() -> dict[str, str]:
@@ -60,12 +68,34 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     kwargs.setdefault("configure_logging", False)
     for key, value in log.ray_init_options().items():
         kwargs.setdefault(key, value)
-    if address is None:
+    global _started_here
+    if address is None:  # with num_cpus given, ray.init refuses to join a running instance
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env or None, **kwargs)
     else:
         ray.init(address=address, runtime_env=runtime_env or None, **kwargs)
+    _started_here = address is None
     log.quiet_ray()
     return ray
+
+
+def started_here() -> bool:
+    """True when :func:`init_ray` started the Ray this process is connected to (a one-machine
+    instance of its own), False when it joined one."""
+    return _started_here
+
+
+@contextmanager
+def train_env() -> Iterator[None]:
+    """The environment Ray Train reads at ``fit()``: :data:`LOCAL_TRAIN_ENV` on a Ray this process
+    started (what the user set wins), nothing on a joined cluster; restored on the way out."""
+    local = LOCAL_TRAIN_ENV if _started_here else {}
+    added = {k: v for k, v in local.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def join_cluster(address: str | None = None) -> Any:

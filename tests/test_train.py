@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,6 +53,13 @@ def diagnostics(out: str, epoch: int, workers: int) -> list[dict]:
     ]
 
 
+def actor_classes(ray) -> set[str]:
+    """The classes of every actor the Ray instance has held, from its actor table."""
+    from ray._private import state
+
+    return {a["ActorClassName"] for a in state.actors().values()}
+
+
 @pytest.mark.slow
 def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     binary_tiles, tmp_path, ray_local
@@ -75,6 +83,8 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     for name in ("model.keras", "model.json", "metrics.csv", "curves.png", "last/model.keras"):
         assert storage.exists(f"{out}/{name}"), name
     assert len(storage.read_text(f"{out}/metrics.csv").strip().splitlines()) == 3
+    # on the Ray this process started, Ray Train ran no preemption watcher (runtime.train_env)
+    assert "PreemptionWatcher" not in actor_classes(ray_local)
     card = saving.load_card(out)
     assert card.dtype == "uint8" and card.scale == 255  # the pixel type it was trained on
     curves = imagery.decode(storage.read_bytes(f"{out}/curves.png"))
@@ -261,3 +271,37 @@ def test_cached_tiles_give_the_batches_the_stream_gives(binary_tiles, ray_local)
             ]
             assert batches(shard) == batches(streamed.train(epoch, rank, 2))
     assert batches(cached.val(0, 1)) == batches(streamed.val(0, 1))
+
+
+def test_step_progress_is_posted_at_most_every_interval_and_always_at_the_epoch_end(monkeypatch):
+    from segray.train import progress
+
+    posted: list[tuple] = []
+    board = SimpleNamespace(step=SimpleNamespace(remote=lambda *a: posted.append(a)))
+    clock = iter([0.0, 0.1, 0.2, 0.6, 0.7, 0.8])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    post = progress.StepPoster(board, every=0.5)
+    sent = [post(1, step, 6) for step in range(1, 7)]
+    assert sent == [True, False, False, True, False, True]  # 0.0, 0.6, and the last step
+    assert posted == [(1, 1, 6), (1, 4, 6), (1, 6, 6)]
+    assert progress.StepPoster(None)(1, 6, 6) is False  # no board, nothing posted
+
+
+def test_train_env_only_on_a_ray_this_process_started_and_the_users_setting_wins(monkeypatch):
+    import os
+
+    from segray import runtime
+
+    key, value = next(iter(runtime.LOCAL_TRAIN_ENV.items()))
+    monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(runtime, "_started_here", False)
+    with runtime.train_env():
+        assert key not in os.environ  # a joined cluster keeps Ray Train's defaults
+    monkeypatch.setattr(runtime, "_started_here", True)
+    with runtime.train_env():
+        assert os.environ[key] == value
+    assert key not in os.environ  # restored on the way out
+    monkeypatch.setenv(key, "1")
+    with runtime.train_env():
+        assert os.environ[key] == "1"
+    assert os.environ[key] == "1"

@@ -19,11 +19,24 @@ def bench() -> None:
 @click.option("--batch-size", "batch", default=16, show_default=True)
 @click.option("--epochs", default=4, show_default=True)
 @click.option("--base-filters", default=16, show_default=True)
-def bench_train_cmd(tiles: int, size: int, batch: int, epochs: int, base_filters: int) -> None:
-    """Ray Train (1 and 2 workers) against bare single-process Keras."""
+@click.option("--rounds", default=1, show_default=True, help="Rounds of the sides (median).")
+@click.option(
+    "--sides",
+    default="bare,step,ray1_streamed,ray1,ray2",
+    show_default=True,
+    help="Trainings of each round, in turn.",
+)
+def bench_train_cmd(
+    tiles: int, size: int, batch: int, epochs: int, base_filters: int, rounds: int, sides: str
+) -> None:
+    """Ray Train (1 and 2 workers) against bare Keras and segray's step alone."""
     from segray.devtools.bench.train import bench_train
 
-    bench_train(tiles, size, batch, epochs, base_filters, echo=click.echo)
+    chosen = tuple(s.strip() for s in sides.split(",") if s.strip())
+    try:
+        bench_train(tiles, size, batch, epochs, base_filters, rounds, chosen, echo=click.echo)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @bench.command("predict")

@@ -254,7 +254,7 @@ def train(config: TrainConfig) -> TrainResult:
     from ray.train import ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from segray.runtime import init_ray
+    from segray.runtime import init_ray, train_env
     from segray.train.loop import train_loop
     from segray.train.progress import Board, follow
 
@@ -294,8 +294,9 @@ def train(config: TrainConfig) -> TrainResult:
             outcome["error"] = exc
 
     runner = threading.Thread(target=fit, name="segray-train-fit", daemon=True)
-    runner.start()
-    follow(board, runner, config.epochs)
+    with train_env():
+        runner.start()
+        follow(board, runner, config.epochs)
     if "error" in outcome:
         raise outcome["error"]
     return _finish(config, outcome["result"], time.monotonic() - start)

@@ -24,7 +24,7 @@ from segray.io import storage
 from segray.train import checkpoints
 from segray.train.augment import Photometry, augment_batch
 from segray.train.config import MONITOR_MODES, TrainConfig
-from segray.train.progress import post_epoch, post_step
+from segray.train.progress import StepPoster, post_epoch
 
 if TYPE_CHECKING:
     from segray.models.saving import ModelCard
@@ -264,7 +264,7 @@ def _train_epoch(
     board, epoch, steps_per_epoch = where
     rng = np.random.default_rng([cfg.seed, epoch, rank])
     sums, ids, start = [], [], time.monotonic()
-    photometry = Photometry.of(card)
+    photometry, post_step = Photometry.of(card), StepPoster(board)
     for step, (images, masks, weights, batch_ids, valid) in enumerate(
         _batches(shard, per_worker, card), 1
     ):
@@ -272,7 +272,7 @@ def _train_epoch(
         # keep the step's outputs as tensors: converting each one would sync every step
         sums.append(steps.train(images, masks.astype(np.int32), weights.astype(np.float32)))
         ids.extend(str(i) for i, w in zip(batch_ids, weights, strict=True) if w > 0)
-        post_step(board, epoch, step, steps_per_epoch)
+        post_step(epoch, step, steps_per_epoch)
     total = sum(float(loss_sum) for loss_sum, _ in sums)
     count = sum(float(n) for _, n in sums)
     seconds = time.monotonic() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import ray
@@ -36,10 +37,24 @@ class Board:
         return self.state
 
 
-def post_step(board: Any, epoch: int, step: int, steps: int) -> None:
-    """Fire-and-forget progress from a worker (no-op without a board)."""
-    if board is not None:
-        board.step.remote(epoch, step, steps)
+class StepPoster:
+    """Fire-and-forget step progress from a worker to the board, at most one post per
+    ``every`` seconds (the driver looks no more often) and always the epoch's last step: a call
+    per step would cost the step's process and the board's a Ray call each, on the same cores."""
+
+    def __init__(self, board: Any, every: float = POLL_SECONDS) -> None:
+        self.board, self.every, self.last = board, every, -float("inf")
+
+    def __call__(self, epoch: int, step: int, steps: int) -> bool:
+        """Post ``step`` of ``steps`` when it is time; True when it was posted."""
+        if self.board is None:
+            return False
+        now = time.monotonic()
+        if step < steps and now - self.last < self.every:
+            return False
+        self.last = now
+        self.board.step.remote(epoch, step, steps)
+        return True
 
 
 def post_epoch(board: Any, row: dict[str, float]) -> None:
