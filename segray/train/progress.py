@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -42,14 +43,16 @@ class StepPoster:
     ``every`` seconds (the driver looks no more often) and always the epoch's last step: a call
     per step would cost the step's process and the board's a Ray call each, on the same cores."""
 
-    def __init__(self, board: Any, every: float = POLL_SECONDS) -> None:
-        self.board, self.every, self.last = board, every, -float("inf")
+    def __init__(
+        self, board: Any, every: float = POLL_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.board, self.every, self.clock, self.last = board, every, clock, -float("inf")
 
     def __call__(self, epoch: int, step: int, steps: int) -> bool:
         """Post ``step`` of ``steps`` when it is time; True when it was posted."""
         if self.board is None:
             return False
-        now = time.monotonic()
+        now = self.clock()
         if step < steps and now - self.last < self.every:
             return False
         self.last = now
