@@ -88,7 +88,7 @@ def started_here() -> bool:
 def train_env() -> Iterator[None]:
     """The environment Ray Train reads at ``fit()``: :data:`LOCAL_TRAIN_ENV` on a Ray this process
     started (what the user set wins), nothing on a joined cluster; restored on the way out."""
-    local = LOCAL_TRAIN_ENV if _started_here else {}
+    local = LOCAL_TRAIN_ENV if started_here() else {}
     added = {k: v for k, v in local.items() if k not in os.environ}
     os.environ.update(added)
     try:

@@ -24,7 +24,7 @@ def bench() -> None:
     "--sides",
     default="bare,step,ray1_streamed,ray1,ray2",
     show_default=True,
-    help="Trainings of each round, in turn.",
+    help="Trainings of each round, in turn: bare, step, ray1_streamed, ray1, ray2.",
 )
 def bench_train_cmd(
     tiles: int, size: int, batch: int, epochs: int, base_filters: int, rounds: int, sides: str

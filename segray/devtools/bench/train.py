@@ -145,7 +145,7 @@ def bench_train(
     sides: tuple[str, ...] | None = None,
     echo: Any = print,
 ) -> dict[str, Any]:
-    """Run the trainings (``sides``, keys of :data:`SIDES`; default all four) ``rounds`` times in
+    """Run the trainings (``sides``, keys of :data:`SIDES`; default all of them) ``rounds`` times in
     turn and print img/s and the ratios (medians of the rounds'); returns the figures, each
     side's rates of every round under ``rounds``."""
     from segray.devtools import synth
