@@ -172,3 +172,56 @@ def test_mask_legend_says_what_each_kind_of_mask_holds():
     probability = inference.mask_legend(c, "probability", 1)
     assert "palette" not in probability  # a continuous value, not classes
     assert probability["tags"] == {"PROBABILITY_OF": "a", "SCALE": str(1 / 254)}
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    from segray import metrics
+
+    return np.asarray(metrics.logits_to_probabilities(logits))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_tta_averages_each_view_turned_back_and_is_equivariant(classes):
+    from segray.inference import tta
+
+    model = models.build_model("unet", classes, (32, 32, 3), base_filters=4, depth=2)
+    c = card(num_classes=classes)
+    x = np.random.default_rng(2).random((3, 32, 32, 3), dtype=np.float32)
+    plain = inference.infer(model, x, c)
+    results = {}
+    for mode, views in (("flips", 4), ("d4", 8)):
+        out = results[mode] = inference.infer(model, x, c, batch_size=5, tta=mode)
+        assert out.shape == plain.shape and len(tta.symmetries(mode)) == views
+        by_hand = np.mean(
+            [
+                _probabilities(tta.undo(inference.infer(model, tta.apply(x, s), c), s))
+                for s in tta.symmetries(mode)
+            ],
+            axis=0,
+        )
+        np.testing.assert_allclose(_probabilities(out), by_hand, atol=1e-5)
+        assert np.abs(_probabilities(out) - _probabilities(plain)).max() > 1e-3  # not symmetric
+    # the d4 average does not depend on how the image lies: turned input, turned output
+    for s in tta.symmetries("d4"):
+        turned = inference.infer(model, np.ascontiguousarray(tta.apply(x, s)), c, tta="d4")
+        np.testing.assert_allclose(turned, tta.apply(results["d4"], s), atol=1e-4)
+    with pytest.raises(ValueError, match="tta: expected one of none, flips, d4"):
+        inference.infer(model, x, c, tta="rot90")
+
+
+def test_tta_on_windows_that_are_not_square():
+    from segray.inference import tta
+
+    flexible = models.build_model("unet", 2, (32, 32, 3), base_filters=4, depth=2)
+    x = np.random.default_rng(3).random((2, 32, 20, 3), dtype=np.float32)
+    out = inference.infer(flexible, x, card(), tta="d4")  # padded to a square, cropped back
+    assert out.shape == (2, 32, 20, 1)
+    s = (2, True)  # up-down: keeps the shape
+    flipped = inference.infer(flexible, np.ascontiguousarray(tta.apply(x, s)), card(), tta="d4")
+    np.testing.assert_allclose(
+        _probabilities(flipped), _probabilities(tta.apply(out, s)), atol=1e-4
+    )
+    fixed = models.build_model("unet", 2, (32, 24, 3), base_filters=4, depth=2)
+    with pytest.raises(ValueError, match="cannot turn by a quarter; use --tta flips"):
+        inference.infer(fixed, x, card(), tta="d4")
+    assert inference.infer(fixed, x, card(), tta="flips").shape == (2, 32, 20, 1)

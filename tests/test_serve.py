@@ -106,7 +106,8 @@ def secure_url(url, model_dir, s3_endpoint) -> str:
 @pytest.fixture(scope="module")
 def uint16_url(url, tmp_path_factory) -> tuple[str, str]:
     """A third app at /u16: an untrained 4-band model of uint16 data, standardised by the
-    statistics in its card (as training on ``synth --dtype uint16 --bands 4`` writes it)."""
+    statistics in its card (as training on ``synth --dtype uint16 --bands 4`` writes it),
+    served with test-time augmentation over the 8 symmetries of the square."""
     from ray import serve as ray_serve
 
     from segray.datasets import stats as band_stats
@@ -129,7 +130,7 @@ def uint16_url(url, tmp_path_factory) -> tuple[str, str]:
     )
     saving.save_model(model, card, folder)
     ray_serve.run(
-        serve.build_app(ServeConfig(model_uri=folder, num_cpus=0.5)),
+        serve.build_app(ServeConfig(model_uri=folder, num_cpus=0.5, tta="d4")),
         name="segray-u16",
         route_prefix="/u16",
     )
@@ -400,6 +401,7 @@ def test_bulk_predict_gives_the_same_masks(url, model_dir, tmp_path):
 
 
 def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, tmp_path):
+    """With test-time augmentation (d4) on all three paths, which changes the masks."""
     from segray.bulk.config import PredictConfig
     from segray.bulk.job import predict
     from segray.datasets import labels
@@ -410,23 +412,29 @@ def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, t
     synth.write_collection(
         str(folder), "geotiff", count=6, size=SIZE, mode="binary", bands=4, dtype="uint16"
     )
-    out = tmp_path / "out"
-    assert predict(PredictConfig(model=model_dir, input=str(folder / "images"), output=str(out))).ok
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    job = PredictConfig(model=model_dir, input=str(folder / "images"), output=str(out), tta="d4")
+    assert predict(job).ok
+    assert predict(job.replace(output=str(plain), tta="none")).ok
     spec = labels.DatasetSpec(root=str(folder), num_classes=2, val_fraction=0.0)
     samples = {s.id: s for s in labels.find_samples(spec)}
     model, card = saving.load_model(model_dir)
-    edged = 0
+    edged = changed = 0
     for name in sorted(samples):
         data = (folder / "images" / f"{name}.tif").read_bytes()
         bulk = imagery.decode((out / f"{name}.tif").read_bytes()).array[..., 0]
+        without = imagery.decode((plain / f"{name}.tif").read_bytes()).array[..., 0]
+        changed += int(np.sum(bulk != without))
         served = png_mask(post(address, data))
-        (evaluated,) = predict_rows(model, card, [labels.load_sample(samples[name], spec)])
+        row = labels.load_sample(samples[name], spec)
+        (evaluated,) = predict_rows(model, card, [row], tta="d4")
         np.testing.assert_array_equal(served, bulk)
         np.testing.assert_array_equal(evaluated, bulk)
         nodata = (imagery.decode(data).array == 0).all(-1)
         np.testing.assert_array_equal(bulk == 255, nodata)  # no data in, 255 out
         edged += bool(nodata.any())
     assert edged  # at least one tile had a no-data corner
+    assert changed  # the augmentation changed some pixels: the paths agree on it, not by chance
     eight_bit = post(address, tile_png(3, SIZE, 4))
     assert eight_bit.status_code == 415
     assert "uint8" in eight_bit.text and "uint16" in eight_bit.text

@@ -83,6 +83,11 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     for name in ("model.keras", "model.json", "metrics.csv", "curves.png", "last/model.keras"):
         assert storage.exists(f"{out}/{name}"), name
     assert len(storage.read_text(f"{out}/metrics.csv").strip().splitlines()) == 3
+    # a two-class run's best epoch is its positive class's best validation IoU, recorded as such
+    assert result.monitor == "val_iou_1" and "val_f1_1" in result.history[-1]
+    scores = [h["val_iou_1"] for h in result.history]
+    assert result.history[result.best_epoch - 1]["val_iou_1"] == max(scores)
+    assert "monitor: val_iou_1" in storage.read_text(f"{out}/config.yaml")
     # on the Ray this process started, Ray Train ran no preemption watcher (runtime.train_env)
     classes = actor_classes(ray_local)
     assert "TrainController" in classes and "PreemptionWatcher" not in classes
@@ -188,6 +193,14 @@ def test_bad_input_refused_before_workers_start(binary_tiles, tmp_path):
         tiny_config(binary_tiles, out, batch_size=5, workers=2)
     with pytest.raises(ConfigError, match="optimizer: Input should be 'adam', 'rmsprop' or 'sgd'"):
         tiny_config(binary_tiles, out, optimizer="adamw")
+    with pytest.raises(ConfigError, match="monitor val_iou_2: class 2 does not exist in 2 classes"):
+        tiny_config(binary_tiles, out, monitor="val_iou_2")
+    with pytest.raises(ConfigError, match="monitor 'miou': expected one of val_miou, .*val_f1_K"):
+        tiny_config(binary_tiles, out, monitor="miou")
+    with pytest.raises(ConfigError, match="monitor val_f1_1 needs validation tiles"):
+        tiny_config(binary_tiles, out, monitor="val_f1_1", val_fraction=0)
+    assert tiny_config(binary_tiles, out, num_classes=3).monitor == "val_miou"
+    assert tiny_config(binary_tiles, out, val_fraction=0).monitor == "loss"
     with pytest.raises(ConfigError, match="loss: unknown loss 'dicey'"):
         prepare(tiny_config(binary_tiles, out, loss="ce+dicey"))
     with pytest.raises(DatasetError, match="no images under"):

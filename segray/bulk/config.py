@@ -9,6 +9,8 @@ from pydantic import field_validator, model_validator
 from segray.inference.render import Output
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend, default_overlap
+from segray.inference.tta import HELP as TTA_HELP
+from segray.inference.tta import TTA
 from segray.io import storage
 from segray.io.footprints import NATIVE, WGS84
 from segray.models.precision import Precision
@@ -82,6 +84,7 @@ class PredictConfig(Settings, storage.Addressed):
     mc_samples: int = setting(
         0, "Monte-Carlo dropout passes; writes <name>.uncertainty.<ext> beside each mask.", ge=0
     )
+    tta: TTA = setting("none", TTA_HELP)
     footprints: int | None = setting(
         None, "Class id to vectorise; writes <name>.geojson beside each mask.", ge=0
     )

@@ -103,6 +103,7 @@ class _Predictor:
             c.blend,
             c.batch_size,
             c.mc_samples,
+            c.tta,
         )
         out = {}
         for i, result in zip(prepared, results, strict=True):

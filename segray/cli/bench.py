@@ -218,6 +218,61 @@ def bench_startup_cmd(tiles: int, size: int, repeats: int) -> None:
     bench_startup(tiles, size, repeats, echo=click.echo)
 
 
+@bench.command("accuracy")
+@click.option(
+    "--datasets",
+    default="nc-water,vegas-roads,osbs-trees",
+    show_default=True,
+    help="Real datasets of tests/data/real: nc-water, vegas-roads, osbs-trees.",
+)
+@click.option(
+    "--sides",
+    default="keras,segray-1w,segray-2w",
+    show_default=True,
+    help="keras (plain fit, the anchor), segray-1w, segray-2w.",
+)
+@click.option("--seeds", default=3, show_default=True, help="Seeds per side (median).")
+@click.option("--epochs", default=40, show_default=True)
+@click.option("--batch-size", "batch", default=16, show_default=True)
+@click.option("--base-filters", default=16, show_default=True, help="The U-Net's width.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A training setting over segray's defaults (segray sides), e.g. --set monitor=val_miou.",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(["none", "flips", "d4"]),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation of every side's held-out predictions.",
+)
+def bench_accuracy_cmd(
+    datasets: str,
+    sides: str,
+    seeds: int,
+    epochs: int,
+    batch: int,
+    base_filters: int,
+    sets: tuple[str, ...],
+    tta: str,
+) -> None:
+    """segray's training against a plain Keras fit: rare-class IoU on held-out real tiles."""
+    from segray.devtools.bench.accuracy import bench_accuracy, parse_sets
+
+    names = tuple(d.strip() for d in datasets.split(",") if d.strip())
+    chosen = tuple(s.strip() for s in sides.split(",") if s.strip())
+    try:
+        overrides = parse_sets(sets)
+        bench_accuracy(
+            names, chosen, seeds, epochs, batch, base_filters, overrides, tta, echo=click.echo
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @bench.command("recipe")
 @click.option("--targets", default="water,shrubland", show_default=True, help="Rare targets.")
 @click.option("--seeds", default=3, show_default=True, help="Seeds per recipe (median).")

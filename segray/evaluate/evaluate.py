@@ -17,6 +17,8 @@ from pydantic import model_validator
 
 from segray.datasets.labels import Layout
 from segray.inference.run import BATCH_SIZE
+from segray.inference.tta import HELP as TTA_HELP
+from segray.inference.tta import TTA
 from segray.io import imagery, storage
 from segray.log import progress
 from segray.models.precision import Precision
@@ -43,6 +45,7 @@ class EvalConfig(Settings, storage.Addressed):
     )
     worst: int = setting(4, "Overlays of the k worst tiles.", ge=0)
     batch_size: int = setting(BATCH_SIZE, "Windows per model call.", ge=1)
+    tta: TTA = setting("none", TTA_HELP)
     precision: Precision | None = setting(
         None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
     )
@@ -129,7 +132,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         for start in range(0, len(items), config.batch_size):
             batch = items[start : start + config.batch_size]
             rows = [load(item) for item in batch]
-            for row, pred in zip(rows, predict_rows(model, card, rows), strict=True):
+            preds = predict_rows(model, card, rows, config.batch_size, config.tta)
+            for row, pred in zip(rows, preds, strict=True):
                 cm = metrics.ConfusionMatrix(card.num_classes).update(row["mask"], pred)
                 total.merge(cm)
                 scored.append((_tile_score(cm.matrix), row["id"], {**row, "pred": pred}))
@@ -176,15 +180,22 @@ def _run_settings(config: EvalConfig) -> dict[str, Any]:
     return doc
 
 
-def predict_rows(model: Any, card: Any, rows: list[dict[str, Any]]) -> list[np.ndarray]:
+def predict_rows(
+    model: Any,
+    card: Any,
+    rows: list[dict[str, Any]],
+    batch_size: int = BATCH_SIZE,
+    tta: str = "none",
+) -> list[np.ndarray]:
     """Class masks for decoded rows through the path bulk prediction takes: prepare, windows of
-    the model's size (any tile size), batched inference, stitch, render."""
+    the model's size (any tile size), batched inference (with ``tta``), stitch, render."""
     from segray import inference
 
     tiles = [imagery.Tile(r["image"], r["id"], valid=r.get("valid")) for r in rows]
     images = [inference.prepare(tile, card) for tile in tiles]
     masks = []
-    for tile, logits in zip(tiles, inference.infer_images(model, images, card), strict=True):
+    results = inference.infer_images(model, images, card, batch_size=batch_size, tta=tta)
+    for tile, logits in zip(tiles, results, strict=True):
         if isinstance(logits, Exception):
             raise logits
         masks.append(inference.render(inference.mark_nodata(logits, tile.valid)[None], card)[0])

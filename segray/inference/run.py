@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray.errors import TileError
+from segray.inference import tta as augment
 from segray.inference.tiling import BLEND, OVERLAP, cut_windows, join_windows, pad_to
 from segray.io import bands, imagery
 from segray.io.imagery import Tile
@@ -138,23 +139,63 @@ def model_window(model: Any) -> tuple[int, int] | None:
 
 
 def infer(
-    model: Any, batch: np.ndarray, card: ModelCard, batch_size: int = BATCH_SIZE
+    model: Any,
+    batch: np.ndarray,
+    card: ModelCard,
+    batch_size: int = BATCH_SIZE,
+    tta: str = "none",
 ) -> np.ndarray:
     """Logits (B, H, W, K) as numpy for a prepared float32 batch no larger than the model input.
 
     Smaller images are padded up to the model's size and the logits cropped back; larger images
     go through :func:`segray.inference.tiling.cut_windows` first (bulk and Serve do this). At most
-    ``batch_size`` images go to the model per call.
+    ``batch_size`` images go to the model per call. With ``tta`` (:mod:`segray.inference.tta`),
+    the logits are those of the class probabilities averaged over the batch's flips or turns.
     """
     batch = np.asarray(batch, np.float32)
     h, w = batch.shape[1:3]
     size = model_size(model, card, h, w)
     if h > size[0] or w > size[1]:
         raise ValueError(f"a {h}x{w} batch is larger than the model input {size}: tile it first")
+    views = augment.symmetries(tta)
+    if augment.needs_square(tta) and size[0] != size[1]:
+        if model_window(model) is not None:
+            raise ValueError(
+                f"tta {tta}: the model's {size[0]}x{size[1]} input cannot turn by a quarter; "
+                "use --tta flips"
+            )
+        size = (max(size), max(size))
     x = pad_to(batch, size)
     step = max(1, batch_size)
-    parts = [_predict(model, x[i : i + step], step) for i in range(0, len(x), step)]
-    return np.concatenate(parts)[:, :h, :w, :]
+    if len(views) > 1:  # every view of the batch in the same calls, then turned back
+        x = np.concatenate([augment.apply(x, view) for view in views])
+    logits = np.concatenate(
+        [_predict(model, x[i : i + step], step) for i in range(0, len(x), step)]
+    )
+    if len(views) > 1:
+        parts = np.split(logits, len(views))
+        probs = sum(
+            _probabilities(augment.undo(part, view))
+            for part, view in zip(parts, views, strict=True)
+        )
+        logits = _logits_of(probs / len(views))
+    return logits[:, :h, :w, :]
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    from segray import metrics
+
+    return np.asarray(metrics.logits_to_probabilities(logits), np.float32)
+
+
+def _logits_of(p: np.ndarray) -> np.ndarray:
+    """Logits whose probabilities are ``p`` (log p for softmax, logit p for one sigmoid channel),
+    so :func:`render` applies the one threshold rule to averaged predictions unchanged."""
+    eps = 1e-7
+    p = np.clip(p, eps, 1 - eps)
+    if p.shape[-1] == 1:
+        return np.log(p / (1 - p)).astype(np.float32)
+    return np.log(p).astype(np.float32)
 
 
 def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -194,13 +235,14 @@ def infer_stacks(
     card: ModelCard,
     batch_size: int = BATCH_SIZE,
     mc_samples: int = 0,
+    tta: str = "none",
 ) -> list[np.ndarray | Exception]:
     """Logits of many window stacks (n_i, h, w, C), each the windows of one image, in few calls.
 
     Stacks of one shape share model calls of up to ``batch_size`` windows. A shape group that
     fails gives each of its stacks the exception instead of logits, so one bad image spoils no
     other. With ``mc_samples`` > 0 (:func:`infer_mc`), each result has one more channel, last: the
-    uncertainty, which is then stitched with the logits.
+    uncertainty, which is then stitched with the logits. ``tta``: see :func:`infer`.
     """
     groups: dict[tuple, list[int]] = {}
     for i, stack in enumerate(stacks):
@@ -210,10 +252,10 @@ def infer_stacks(
         windows = np.concatenate([stacks[i] for i in rows])
         try:
             if mc_samples:
-                logits, entropy = infer_mc(model, windows, card, mc_samples, batch_size)
+                logits, entropy = infer_mc(model, windows, card, mc_samples, batch_size, tta)
                 logits = np.concatenate([logits, entropy[..., None]], axis=-1)
             else:
-                logits = infer(model, windows, card, batch_size)
+                logits = infer(model, windows, card, batch_size, tta)
         except Exception as exc:  # handed to the caller, per image: one bad image spoils no other
             for i in rows:
                 out[i] = exc
@@ -225,7 +267,12 @@ def infer_stacks(
 
 
 def infer_mc(
-    model: Any, batch: np.ndarray, card: ModelCard, samples: int, batch_size: int = BATCH_SIZE
+    model: Any,
+    batch: np.ndarray,
+    card: ModelCard,
+    samples: int,
+    batch_size: int = BATCH_SIZE,
+    tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Monte-Carlo dropout: ``samples`` stochastic passes → (logits of the mean, uncertainty).
 
@@ -237,7 +284,6 @@ def infer_mc(
     Monte-Carlo mode is switched on for the call and back off after, unless it was on already: a
     bulk job switches it on once, since every switch recompiles the model's predict function.
     """
-    from segray import metrics
     from segray.models.layers import monte_carlo_layers, set_monte_carlo
 
     if samples < 1:
@@ -250,8 +296,7 @@ def infer_mc(
         set_monte_carlo(model, True)
     try:
         total = sum(
-            np.asarray(metrics.logits_to_probabilities(infer(model, batch, card, batch_size)))
-            for _ in range(samples)
+            _probabilities(infer(model, batch, card, batch_size, tta)) for _ in range(samples)
         )
     finally:
         if layers and not was_on:
@@ -261,9 +306,9 @@ def infer_mc(
     if p.shape[-1] == 1:
         q = p[..., 0]
         entropy = -(q * np.log(q) + (1 - q) * np.log(1 - q)) / np.log(2)
-        return np.log(q / (1 - q))[..., None], entropy.astype(np.float32)
-    entropy = -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
-    return np.log(p), entropy.astype(np.float32)
+    else:
+        entropy = -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
+    return _logits_of(p), entropy.astype(np.float32)
 
 
 def monte_carlo_enabled(model: Any) -> bool:
@@ -281,13 +326,16 @@ def infer_images(
     blend: str = BLEND,
     batch_size: int = BATCH_SIZE,
     mc_samples: int = 0,
+    tta: str = "none",
 ) -> list[np.ndarray | Exception]:
     """Logits (H, W, K) of prepared images of any size: cut into model-sized windows, the windows
     of all images run in few batched calls, stitched back. An image whose shape group fails gets
     the exception instead (with ``mc_samples``, the uncertainty is one more, last channel)."""
     window = model_window(model)
     cuts = [cut_windows(image, window, overlap) for image in images]
-    stacks = infer_stacks(model, [windows for windows, _ in cuts], card, batch_size, mc_samples)
+    stacks = infer_stacks(
+        model, [windows for windows, _ in cuts], card, batch_size, mc_samples, tta
+    )
     return [
         result if isinstance(result, Exception) else join_windows(result, layout, blend)
         for (_, layout), result in zip(cuts, stacks, strict=True)

@@ -342,7 +342,12 @@ class SegmentModel:
     async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray | Exception]:
         self.batch_sizes[window_count(items)] += 1
         return await asyncio.to_thread(
-            inference.infer_stacks, self.model, items, self.card, self.config.max_batch_size
+            inference.infer_stacks,
+            self.model,
+            items,
+            self.card,
+            self.config.max_batch_size,
+            tta=self.config.tta,
         )
 
     def _respond(

@@ -14,6 +14,8 @@ from pydantic import model_validator
 
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend
+from segray.inference.tta import HELP as TTA_HELP
+from segray.inference.tta import TTA
 from segray.io import storage
 from segray.models.precision import Precision
 from segray.serve.ingress import Ingress
@@ -73,6 +75,7 @@ class ServeConfig(Settings, storage.Addressed):
     chunk_timeout_s: float = setting(10.0, "Seconds the body may stall between two chunks.", gt=0)
     overlap: int = setting(OVERLAP, "Overlap of windows of images larger than the model's.", ge=0)
     blend: Blend = setting(BLEND, "How overlapping windows are joined.")
+    tta: TTA = setting("none", TTA_HELP + " Map tiles too.")
     allowed_sources: tuple[str, ...] = setting(
         (),
         "Prefixes (local folders, s3://bucket/prefix/) of the rasters the map tiles may read; "

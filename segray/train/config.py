@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+import re
+from typing import Any, Literal
 
 from pydantic import model_validator
 
@@ -17,16 +18,31 @@ from segray.train.augment import AugmentConfig
 
 Optimizer = Literal["adam", "rmsprop", "sgd"]
 Schedule = Literal["constant", "cosine", "step"]
-Monitor = Literal["val_miou", "val_loss", "val_pixel_accuracy", "loss"]
 TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
-#: Whether a larger value of each monitored metric is better.
+#: Whether a larger value of each monitored metric is better; besides these, every class's
+#: validation IoU and F1 (``val_iou_<k>``, ``val_f1_<k>``), larger better.
 MONITOR_MODES: dict[str, Literal["max", "min"]] = {
     "val_miou": "max",
     "val_loss": "min",
     "val_pixel_accuracy": "max",
     "loss": "min",
 }
-assert set(MONITOR_MODES) == set(get_args(Monitor))
+PER_CLASS = re.compile(r"val_(iou|f1)_(\d+)")
+
+
+def monitor_mode(name: str) -> Literal["max", "min"]:
+    """Whether a larger value of the monitored metric ``name`` is better."""
+    return MONITOR_MODES.get(name, "max")
+
+
+def default_monitor(num_classes: int, val_fraction: float) -> str:
+    """The metric that picks the best epoch when none is given: a two-class run's positive
+    class's IoU (``val_iou_1``: mean IoU lets background's 0.97 hide a rare class at 0.05, and
+    picked an early epoch of a collapsed seed), else mean IoU; the training loss without a
+    validation split."""
+    if not val_fraction:
+        return "loss"
+    return "val_iou_1" if num_classes == 2 else "val_miou"
 
 
 class TrainConfig(Settings, storage.Addressed):
@@ -85,7 +101,12 @@ class TrainConfig(Settings, storage.Addressed):
         le=1,
     )
     augment: AugmentConfig = setting(AugmentConfig(), "Augmentation.", cli=False)
-    monitor: Monitor = setting("val_miou", "Metric that picks the best epoch.")
+    monitor: str | None = setting(
+        None,
+        "Metric that picks the best epoch (and early stopping): val_miou, val_loss, "
+        "val_pixel_accuracy, loss, or a class's val_iou_K / val_f1_K (default: val_iou_1 for two "
+        "classes, else val_miou; loss without validation). config.yaml records the one used.",
+    )
     patience: int | None = setting(None, "Stop after this many epochs without improvement.", ge=1)
     val_fraction: float = setting(0.2, "Share of tiles held out for validation.", ge=0, lt=1)
     labels: str | None = setting(None, "One vector file labelling every scene (layout scenes).")
@@ -114,8 +135,38 @@ class TrainConfig(Settings, storage.Addressed):
     diagnostics: bool = setting(False, "Write per-rank diagnostics.", cli=False)
     fail_at_epoch: int | None = setting(None, "Kill the last worker once at this epoch.", cli=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _monitor(cls, data: Any) -> Any:
+        """Resolve the default monitor from the classes and split, so config.yaml records it."""
+        if isinstance(data, dict) and data.get("monitor") is None:
+            fields = cls.model_fields
+            classes = data.get("num_classes", fields["num_classes"].default)
+            val = data.get("val_fraction", fields["val_fraction"].default)
+            try:
+                data = {**data, "monitor": default_monitor(int(classes), float(val))}
+            except (TypeError, ValueError):
+                pass  # the fields' own checks name the bad value
+        return data
+
     @model_validator(mode="after")
     def _fits(self) -> TrainConfig:
+        per_class = PER_CLASS.fullmatch(self.monitor or "")
+        if self.monitor not in MONITOR_MODES and not per_class:
+            raise ValueError(
+                f"monitor {self.monitor!r}: expected one of {', '.join(MONITOR_MODES)}, "
+                "val_iou_K or val_f1_K"
+            )
+        if per_class and int(per_class.group(2)) >= self.num_classes:
+            raise ValueError(
+                f"monitor {self.monitor}: class {per_class.group(2)} does not exist in "
+                f"{self.num_classes} classes (0..{self.num_classes - 1})"
+            )
+        if self.monitor != "loss" and not self.val_fraction and self.layout != "scenes":
+            raise ValueError(
+                f"monitor {self.monitor} needs validation tiles: set val_fraction above 0, "
+                "or monitor loss"
+            )
         if self.batch_size < self.workers:
             raise ValueError(
                 f"batch size {self.batch_size} is smaller than the number of workers "

@@ -24,7 +24,7 @@ from segray.io import storage
 from segray.io.files import FileSystem
 from segray.models.saving import ModelCard
 from segray.train import checkpoints
-from segray.train.config import MONITOR_MODES, TrainConfig
+from segray.train.config import TrainConfig, monitor_mode
 from segray.train.data import DatasetInfo
 from segray.train.feed import ChipFeed, TileFeed, scene_feed, tile_feed
 from segray.train.history import history_csv, plot_curves
@@ -48,11 +48,15 @@ class TrainResult:
     epochs: int = 0
     #: Per resumed start: the checkpoint it went on from and the newer ones passed over (why).
     restored: list[dict[str, Any]] = field(default_factory=list)
+    #: The metric that picked the best epoch.
+    monitor: str = "val_miou"
 
     def summary(self) -> str:
         """A line or two for people: what ran, the best epoch, where the run folder is."""
         best = self.best
         val = f", val mIoU {best['val_miou']:.3f}" if "val_miou" in best else ""
+        if self.monitor in best and self.monitor not in ("val_miou", "loss"):
+            val += f", {self.monitor} {best[self.monitor]:.3f}"
         loss = f"loss {best['loss']:.4f}" if "loss" in best else ""
         stopped = ""
         if self.epochs and self.epochs_run < self.epochs:
@@ -95,7 +99,7 @@ def _run_config(config: TrainConfig) -> Any:
         checkpoint_config=CheckpointConfig(
             num_to_keep=2,
             checkpoint_score_attribute=config.monitor,
-            checkpoint_score_order=MONITOR_MODES[config.monitor],
+            checkpoint_score_order=monitor_mode(config.monitor),
         ),
     )
 
@@ -317,7 +321,7 @@ def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:
     checkpoints.copy_checkpoint(best_ckpt, config.out, out)
     checkpoints.copy_checkpoint(last, storage.join(config.out, "last"), out)
     out.write_text(storage.join(config.out, "metrics.csv"), history_csv(history))
-    out.write_bytes(storage.join(config.out, "curves.png"), plot_curves(history))
+    out.write_bytes(storage.join(config.out, "curves.png"), plot_curves(history, config.monitor))
     best_state = checkpoints.read_state(best_ckpt)
     best = history[best_state["epoch"] - 1] if history else {}
     return TrainResult(
@@ -330,6 +334,7 @@ def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:
         history=history,
         seconds=seconds,
         epochs=config.epochs,
+        monitor=config.monitor or "val_miou",
     )
 
 
@@ -337,4 +342,4 @@ def _score(metrics: dict[str, Any], monitor: str) -> float:
     value = float(metrics.get(monitor, math.nan))
     if math.isnan(value):
         return -math.inf
-    return value if MONITOR_MODES[monitor] == "max" else -value
+    return value if monitor_mode(monitor) == "max" else -value

@@ -15,8 +15,9 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
-def plot_curves(history: list[dict[str, float]]) -> bytes:
-    """``curves.png``: training and validation loss, and validation mean IoU, per epoch."""
+def plot_curves(history: list[dict[str, float]], monitor: str | None = None) -> bytes:
+    """``curves.png``: training and validation loss, and validation mean IoU (and the monitored
+    class's IoU or F1), per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,6 +29,9 @@ def plot_curves(history: list[dict[str, float]]) -> bytes:
     if history and "val_loss" in history[0]:
         ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss")
         ax2.plot(epochs, [h["val_miou"] for h in history], "o-", color="C2", label="val mIoU")
+    if monitor and monitor.startswith("val_") and monitor != "val_miou" and history:
+        if monitor in history[0] and monitor != "val_loss":
+            ax2.plot(epochs, [h[monitor] for h in history], "o-", color="C3", label=monitor)
     ax1.set_xlabel("epoch")
     ax1.legend()
     ax2.set_xlabel("epoch")

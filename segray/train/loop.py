@@ -23,7 +23,7 @@ import numpy as np
 from segray.io import storage
 from segray.train import checkpoints
 from segray.train.augment import Photometry, augment_batch
-from segray.train.config import MONITOR_MODES, TrainConfig
+from segray.train.config import TrainConfig, monitor_mode
 from segray.train.progress import StepPoster, post_epoch
 
 if TYPE_CHECKING:
@@ -144,12 +144,13 @@ def _stacked(column: np.ndarray) -> np.ndarray:
 def _summary(cm: np.ndarray) -> dict[str, float]:
     from segray import metrics
 
-    ious = metrics.iou_per_class(cm)
+    ious, f1s = metrics.iou_per_class(cm), metrics.dice_per_class(cm)
     out = {
         "val_miou": float(metrics.mean_iou(cm)),
         "val_pixel_accuracy": float(metrics.pixel_accuracy(cm)),
     }
     out.update({f"val_iou_{i}": float(v) for i, v in enumerate(ious)})
+    out.update({f"val_f1_{i}": float(v) for i, v in enumerate(f1s)})
     return out
 
 
@@ -295,10 +296,13 @@ def _validate(steps: Steps, shard: Any, per_worker: int, card: ModelCard) -> dic
 
 def _advance(state: dict[str, Any], row: dict[str, float], cfg: TrainConfig) -> dict[str, Any]:
     """Record an epoch and update the early-stopping bookkeeping (identical on every worker)."""
-    value = row.get(cfg.monitor, float("nan"))
-    better = state["best"] is None or (
-        value > state["best"] if MONITOR_MODES[cfg.monitor] == "max" else value < state["best"]
-    )
+    value, best = row.get(cfg.monitor, float("nan")), state["best"]
+    if np.isnan(value):  # e.g. a class neither present nor predicted: never better than a number
+        better = best is None
+    elif best is None or np.isnan(best):
+        better = True
+    else:
+        better = value > best if monitor_mode(cfg.monitor) == "max" else value < best
     return {
         **state,
         "epoch": row["epoch"],
