@@ -121,6 +121,16 @@ class TrainConfig(Settings, storage.Addressed):
     block_size: int | None = setting(None, "Held-out block size in pixels (default 4 chips).", ge=1)
     seed: int = setting(0, "Seed of the split, initial weights and augmentation.")
     endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")
+    tracking_uri: str | None = setting(
+        None,
+        "MLflow tracking server (http://host:port) or store: logs settings, per-epoch metrics, "
+        "the run folder's files and the best model, and registers it. A server that is down "
+        "never fails the run.",
+    )
+    experiment: str = setting("segray", "MLflow experiment of the run (with --tracking-uri).")
+    registered_model: str | None = setting(
+        None, "MLflow registered model the best model becomes a version of (default: experiment)."
+    )
     resume: bool = setting(False, "Continue this run from its last checkpoint.")
     resume_from: str | None = setting(None, "Start from a checkpoint folder.")
     max_failures: int = setting(2, "Worker failures to recover from.", ge=0)

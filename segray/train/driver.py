@@ -50,6 +50,9 @@ class TrainResult:
     restored: list[dict[str, Any]] = field(default_factory=list)
     #: The metric that picked the best epoch.
     monitor: str = "val_miou"
+    #: With --tracking-uri: the MLflow run id and the registered model version (name/version).
+    mlflow_run: str | None = None
+    mlflow_model: str | None = None
 
     def summary(self) -> str:
         """A line or two for people: what ran, the best epoch, where the run folder is."""
@@ -68,11 +71,18 @@ class TrainResult:
             if last["passed_over"]:
                 resumed += f" (passed over: {'; '.join(last['passed_over'])})"
             resumed += "\n"
-        return resumed + (
-            f"trained epochs {self.starts[-1]}..{self.epochs_run} in {self.seconds:.0f} s"
-            f"{stopped}; best epoch {self.best_epoch}: {loss}{val}\n"
-            f"run folder: {self.out} "
-            "(model.keras, model.json, config.yaml, metrics.csv, curves.png)"
+        tracked = ""
+        if self.mlflow_model:
+            tracked = f"\nMLflow: run {self.mlflow_run}, model {self.mlflow_model}"
+        return (
+            resumed
+            + (
+                f"trained epochs {self.starts[-1]}..{self.epochs_run} in {self.seconds:.0f} s"
+                f"{stopped}; best epoch {self.best_epoch}: {loss}{val}\n"
+                f"run folder: {self.out} "
+                "(model.keras, model.json, config.yaml, metrics.csv, curves.png)"
+            )
+            + tracked
         )
 
 
@@ -259,6 +269,7 @@ def train(config: TrainConfig) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
 
     from segray.runtime import init_ray, train_env
+    from segray.train import tracking
     from segray.train.loop import train_loop
     from segray.train.progress import Board, follow
 
@@ -267,6 +278,10 @@ def train(config: TrainConfig) -> TrainResult:
     plan = prepare(config)  # the data stay where they are: each worker streams its share
     config = plan.config  # with the class weights it resolved
     save_config(config)
+    tracker = tracking.tracker_for(config.tracking_uri, config.experiment, config.registered_model)
+    if tracker is not None:
+        tags = {"segray.out": config.out, "segray.model": config.model}
+        tracker.start(_run_paths(config.out)[1], config.to_dict(), tags)
     global_batch = config.per_worker_batch() * config.workers
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
@@ -300,10 +315,21 @@ def train(config: TrainConfig) -> TrainResult:
     runner = threading.Thread(target=fit, name="segray-train-fit", daemon=True)
     with train_env():
         runner.start()
-        follow(board, runner, config.epochs)
-    if "error" in outcome:
-        raise outcome["error"]
-    return _finish(config, outcome["result"], time.monotonic() - start)
+        follow(board, runner, config.epochs, tracker.epochs if tracker else None)
+    try:
+        if "error" in outcome:
+            raise outcome["error"]
+        result = _finish(config, outcome["result"], time.monotonic() - start)
+    except BaseException:
+        if tracker is not None:
+            tracker.fail()
+        raise
+    if tracker is not None:
+        tracker.epochs(result.history)  # any the board had not shown yet
+        summary = {"best_epoch": result.best_epoch, "monitor": result.monitor}
+        result.mlflow_model = tracker.finish(config.out, config.fs(config.out), summary)
+        result.mlflow_run = tracker.run_id if result.mlflow_model else None
+    return result
 
 
 def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:

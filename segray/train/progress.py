@@ -77,9 +77,15 @@ def epoch_line(row: dict[str, float], epochs: int) -> str:
     return f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}{val}, {speed}"
 
 
-def follow(board: Any, runner: threading.Thread, epochs: int) -> None:
+def follow(
+    board: Any,
+    runner: threading.Thread,
+    epochs: int,
+    on_epochs: Callable[[list[dict[str, float]]], None] | None = None,
+) -> None:
     """Draw an epoch bar and a step bar from the board until ``runner`` (the fit) ends; each
-    finished epoch is one log line where no bar is drawn (the bar's postfix shows it otherwise)."""
+    finished epoch is one log line where no bar is drawn (the bar's postfix shows it otherwise),
+    and the new epochs' rows go to ``on_epochs`` (experiment tracking)."""
     seen = 0
     with progress(epochs, "epochs", "epoch") as epoch_bar, progress(None, "steps", "step") as steps:
         bars = not epoch_bar.disable
@@ -97,6 +103,8 @@ def follow(board: Any, runner: threading.Thread, epochs: int) -> None:
                 log.log(logging.DEBUG if bars else logging.INFO, epoch_line(row, epochs))
                 epoch_bar.n = int(row["epoch"])
                 epoch_bar.set_postfix_str(_postfix(row))
+            if on_epochs is not None and state["rows"][seen:]:
+                on_epochs(state["rows"][seen:])
             seen = len(state["rows"])
 
 
