@@ -27,6 +27,7 @@ from segray.evaluate.evaluate import EvalConfig
 from segray.serve.config import ServeConfig
 from segray.train.augment import AugmentConfig
 from segray.train.config import TrainConfig
+from segray.train.tune import TuneConfig as TuneSettings
 
 log = logging.getLogger("segray.cli")
 
@@ -186,6 +187,42 @@ def models(num_classes: int, size: int, channels: int) -> None:
     for row in rows:
         params = f"{row['params']:,}" if row.get("params") is not None else row.get("error", "")
         click.echo(f"{row['name']:<22} {row['family']:<10} {row['output_stride']:>6} {params:>12}")
+
+
+@cli.command()
+@click.option("--config", "config_file", default=None, help="A run's config.yaml to start from.")
+@click.option(
+    "--space",
+    "space",
+    multiple=True,
+    metavar="KEY=DIST:ARGS",
+    help="A setting's distribution: choice/grid (comma list), uniform/loguniform/randint "
+    "(low:high), e.g. --space learning_rate=loguniform:1e-4:1e-2 --space loss=choice:ce,ce+dice.",
+)
+@config_options(TuneSettings)
+@config_options(TrainConfig, optional=("data", "out"), skip=("resume", "resume_from"))
+@click.pass_context
+def tune(ctx: click.Context, config_file: str | None, space: tuple[str, ...], **kw: Any) -> None:
+    """Search a training recipe with Ray Tune: each trial a segray training run, ASHA stopping
+    the laggards; the best becomes <out>/best, every trial is listed in <out>/trials.csv.
+
+    The training options are the base every trial starts from (--out is the search folder);
+    --space flags and --space-file say what the trials vary.
+    """
+    from segray.io import storage
+    from segray.train.driver import load_config
+    from segray.train.tune import tune as run_search
+
+    search = from_options(TuneSettings, kw)
+    kw.pop("resume", None)
+    where = storage.filesystem(config_file, kw.get("endpoint")) if config_file else None
+    base = load_config(config_file, where) if config_file else None
+    if base:
+        base.pop("resume", None), base.pop("resume_from", None)
+    values = given(ctx, kw) if base is not None else kw
+    result = run_search(from_options(TrainConfig, values, base), search, space)
+    click.echo(result.table())
+    click.echo(f"best: {result.out}/best (trials: {result.out}/trials.csv)")
 
 
 @cli.command()

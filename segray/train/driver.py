@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,8 +264,11 @@ def load_config(uri: str, fs: FileSystem | None = None) -> dict[str, Any]:
     return doc
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` on ``config.workers`` Ray Train workers and write the run folder."""
+def train(
+    config: TrainConfig, on_epochs: Callable[[list[dict[str, float]]], None] | None = None
+) -> TrainResult:
+    """Train ``config.model`` on ``config.workers`` Ray Train workers and write the run folder;
+    each finished epoch's metrics also go to ``on_epochs`` (``segray tune`` reports them)."""
     from ray.train import ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -315,7 +319,7 @@ def train(config: TrainConfig) -> TrainResult:
     runner = threading.Thread(target=fit, name="segray-train-fit", daemon=True)
     with train_env():
         runner.start()
-        follow(board, runner, config.epochs, tracker.epochs if tracker else None)
+        follow(board, runner, config.epochs, _both(tracker.epochs if tracker else None, on_epochs))
     try:
         if "error" in outcome:
             raise outcome["error"]
@@ -330,6 +334,14 @@ def train(config: TrainConfig) -> TrainResult:
         result.mlflow_model = tracker.finish(config.out, config.fs(config.out), summary)
         result.mlflow_run = tracker.run_id if result.mlflow_model else None
     return result
+
+
+def _both(*hooks: Callable[[list[dict[str, float]]], None] | None) -> Any:
+    """One epoch hook calling each of ``hooks`` that is set (None when none is)."""
+    chosen = [hook for hook in hooks if hook is not None]
+    if not chosen:
+        return None
+    return lambda rows: [hook(rows) for hook in chosen]
 
 
 def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:

@@ -241,7 +241,6 @@ def train_loop(loop: dict[str, Any]) -> None:
         state = _advance(state, row, cfg)
         if cfg.diagnostics:
             _write_diagnostics(cfg, epoch, rank, ids, model, per_worker * world)
-        post_epoch(board, row)
         ckpt = None
         if rank == 0:
             card = card.replace(metrics=row, epoch=epoch)
@@ -249,6 +248,8 @@ def train_loop(loop: dict[str, Any]) -> None:
             ckpt = ray.train.Checkpoint.from_directory(folder)
         name = checkpoints.checkpoint_name(epoch, len(state["starts"]))
         ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=name)
+        # posted once its checkpoint is in the run folder: a trial Tune stops at this epoch has it
+        post_epoch(board, {**row, "placement_group": _placement_group()} if board else row)
         if state["bad_epochs"] and cfg.patience and state["bad_epochs"] >= cfg.patience:
             break  # early stopping: the driver tells from the history
 
@@ -310,6 +311,15 @@ def _advance(state: dict[str, Any], row: dict[str, float], cfg: TrainConfig) -> 
         "best": value if better else state["best"],
         "bad_epochs": 0 if better else state["bad_epochs"] + 1,
     }
+
+
+def _placement_group() -> str | None:
+    """The id of the placement group this worker runs in (Ray Train's), for ``segray tune`` to
+    release when Tune stops the trial before Ray Train could."""
+    import ray.util
+
+    group = ray.util.get_current_placement_group()
+    return group.id.hex() if group is not None else None
 
 
 def _maybe_fail(cfg: TrainConfig, epoch: int, rank: int) -> None:

@@ -1,0 +1,146 @@
+"""``segray tune``: a real Ray Tune search of segray training runs, ASHA stopping trials, a lost
+driver resumed, the best trial an ordinary run folder, and nothing left holding the CPUs."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segray import inference
+from segray.devtools import synth
+from segray.errors import ConfigError
+from segray.io import imagery
+from segray.models import saving
+from segray.train import checkpoints
+from segray.train import tune as search
+from segray.train.config import TrainConfig
+
+FLAGS = ["learning_rate=grid:0.001,0.003,0.03,0.1"]
+
+
+def test_space_flags_and_files_are_checked():
+    doc = search.space_from_flags(["learning_rate=loguniform:1e-4:1e-2", "loss=choice:ce,ce+dice"])
+    assert doc == {
+        "learning_rate": {"loguniform": [1e-4, 1e-2]},
+        "loss": {"choice": ["ce", "ce+dice"]},
+    }
+    space = search.parse_space({**doc, "batch_size": {"grid": [4, 8]}, "epochs": 3})
+    assert set(space) == {"learning_rate", "loss", "batch_size", "epochs"} and space["epochs"] == 3
+    with pytest.raises(ConfigError, match="--space 'lr=log:1:2': give KEY=DIST:ARGS"):
+        search.space_from_flags(["lr=log:1:2"])
+    with pytest.raises(ConfigError, match="'lr' is not a training setting a trial may set"):
+        search.parse_space({"lr": {"choice": [1]}})
+    with pytest.raises(ConfigError, match="'data' is not a training setting a trial may set"):
+        search.parse_space({"data": {"choice": ["a", "b"]}})
+    with pytest.raises(ConfigError, match="uniform takes \\[low, high\\]"):
+        search.parse_space({"class_balance": {"uniform": [0.1]}})
+    with pytest.raises(ConfigError, match="give one of choice, grid"):
+        search.parse_space({"class_balance": {"normal": [0, 1]}})
+    with pytest.raises(ConfigError, match="give a search space"):
+        search.load_space(search.TuneConfig())
+    base = TrainConfig(data="d", out="o", workers=2, batch_size=4)
+    assert search.concurrency(base, 4.0) == 1 and search.concurrency(base, 12.0) == 4
+
+
+@pytest.mark.slow
+def test_a_search_stops_laggards_resumes_after_its_driver_is_lost_and_keeps_the_best(
+    tmp_path, ray_local
+):
+    data = str(tmp_path / "tiles")
+    synth.write_collection(data, count=16, size=32, mode="binary", seed=5)
+    out = tmp_path / "search"
+    options = [
+        f"--data={data}",
+        f"--out={out}",
+        "--size=32",
+        "--epochs=3",
+        "--batch-size=4",
+        "--workers=1",
+        "--model-option=base_filters=4",
+        "--model-option=depth=2",
+        "--val-fraction=0.25",
+        "--trials=1",
+        "--grace-epochs=1",
+        "--reduction-factor=2",
+        "--max-concurrent=1",
+    ]
+    command = [str(Path(sys.executable).with_name("segray")), "tune", *options]
+    command += [f"--space={flag}" for flag in FLAGS]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = out / "trials"
+    deadline = time.monotonic() + 300
+    # the driver is lost once a trial has a checkpoint
+    while not any(checkpoints.has_checkpoints(str(t), None) for t in _folders(trials)):
+        assert driver.poll() is None, "the search ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no trial reached its first checkpoint"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    interrupted = {t.name for t in _folders(trials)}
+    with pytest.raises(ConfigError, match="already holds a search: pass --resume"):
+        search.tune(_base(data, out), search.TuneConfig(trials=1), FLAGS)
+
+    result = search.tune(
+        _base(data, out),
+        search.TuneConfig(
+            trials=1, grace_epochs=1, reduction_factor=2, max_concurrent=1, resume=True
+        ),
+        FLAGS,
+    )
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4 and {r["learning_rate"] for r in rows} == {
+        "0.001",
+        "0.003",
+        "0.03",
+        "0.1",
+    }
+    assert interrupted <= {r["trial"] for r in rows}  # the interrupted trials went on
+    starts = []
+    for trial in _folders(trials):
+        newest = checkpoints.complete_checkpoints(str(trial), None)[0]
+        state = checkpoints.read_state(checkpoints.checkpoint_from_uri(newest, None))
+        starts.append(state["starts"])
+    assert any(len(s) > 1 for s in starts), starts  # one went on from its own checkpoint
+    epochs = [int(r["epochs"]) for r in rows]
+    assert max(epochs) == 3 and sum(epochs) < 4 * 3  # ASHA stopped at least one trial early
+    assert {r["state"] for r in rows if int(r["epochs"]) < 3} == {"stopped"}
+    scores = [float(r["val_iou_1"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and result.best["trial"] == rows[0]["trial"]
+    # the best trial is an ordinary run folder that prediction takes as it is
+    best = out / "best"
+    model, card = saving.load_model(str(best))
+    assert f"learning_rate: {float(rows[0]['learning_rate'])}" in (best / "config.yaml").read_text()
+    image = imagery.decode((Path(data) / "images" / "tile_00000.png").read_bytes())
+    x = inference.prepare(image, card)[None]
+    assert inference.render(inference.infer(model, x, card), card).shape == (1, 32, 32)
+    # no trial left Ray Train's workers holding CPUs
+    ray = ray_local
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.5)
+    assert np.isfinite(result.best["best"])
+
+
+def _folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def _base(data: str, out: Path) -> TrainConfig:
+    return TrainConfig(
+        data=data,
+        out=str(out),
+        size=32,
+        epochs=3,
+        batch_size=4,
+        workers=1,
+        model_options={"base_filters": 4, "depth": 2},
+        val_fraction=0.25,
+    )
