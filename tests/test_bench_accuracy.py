@@ -70,3 +70,19 @@ def test_cli_refuses_an_unknown_setting_as_a_usage_error():
 
     result = CliRunner().invoke(cli, ["bench", "accuracy", "--set", "nope=1"])
     assert result.exit_code == 2 and "--set 'nope=1'" in result.output
+
+
+def test_table_gives_the_augmented_rows_and_their_cost():
+    results = {
+        "nc-water": {
+            "keras": [(0.2, 0.3), (0.3, 0.4)],
+            "keras seconds": [(1.0, 0.0), (2.0, 0.0)],
+            "keras+d4": [(0.25, 0.35), (0.35, 0.45)],
+            "keras seconds+d4": [(8.0, 0.0), (14.0, 0.0)],
+        }
+    }
+    lines = accuracy.table(results)
+    assert not any("seconds" in line.split()[1] for line in lines if line.startswith("nc-water "))
+    row = next(line for line in lines if line.split()[:2] == ["nc-water", "keras+d4"])
+    assert "0.300" in row and " 1.20 " in row  # 0.30 / 0.25
+    assert "nc-water keras: scoring with --tta d4 takes 7.5x" in lines  # median of 8 and 7

@@ -12,10 +12,11 @@ same epochs and global batch, by:
   with segray's defaults (validation split, best epoch, class balance, augmentation) and any
   ``--set`` overrides; the run's ``model.keras`` is scored, the model a user gets.
 
-Every model predicts the held-out tiles through segray's shared inference path (with ``--tta``,
-averaged over flips); the table gives the rare class's IoU and F1 there, the median and spread
-over seeds, and each median's ratio to the anchor's. A seed is flagged as collapsed when its IoU
-is below 0.7 × its side's median.
+Every model predicts the held-out tiles through segray's shared inference path; with ``--tta``
+each model is scored a second time with test-time augmentation (rows ``<side>+<tta>``), and the
+seconds of both scorings give its cost. The table gives the rare class's IoU and F1 there, the
+median and spread over seeds, and each median's ratio to the anchor's. A seed is flagged as
+collapsed when its IoU is below 0.7 × its side's median.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def keras_side(
     test: Sequence[dict[str, Any]],
     run: Mapping[str, Any],
     out: str,
-) -> tuple[float, float]:
+) -> dict[str, tuple[float, float]]:
     """Plain Keras: the same U-Net, ``compile(adam 1e-3, bce + dice)`` + ``fit`` on every
     training tile, inputs by the card segray would write for them, no-data pixels weighted 0."""
     import keras
@@ -197,15 +198,30 @@ def keras_side(
     model.fit(
         x, y, sample_weight=w.mean((1, 2)), batch_size=run["batch"], epochs=run["epochs"], verbose=0
     )
-    return score(model, card, test, run["tta"])
+    return scores(model, card, test, run)
+
+
+def scores(
+    model: Any, card: Any, test: Sequence[dict[str, Any]], run: Mapping[str, Any]
+) -> dict[str, tuple[float, float]]:
+    """IoU and F1 without test-time augmentation and (``run['tta']``) with it, and the seconds
+    each scoring took (`` seconds`` and `` seconds+<tta>``, as IoU, F1 = seconds, 0)."""
+    out: dict[str, tuple[float, float]] = {}
+    for mode in dict.fromkeys(("none", run["tta"])):
+        score(model, card, test[:2], mode)  # compiled before it is timed
+        start = time.perf_counter()
+        key = "" if mode == "none" else f"+{mode}"
+        out[key] = score(model, card, test, mode)
+        out[f" seconds{key}"] = (time.perf_counter() - start, 0.0)
+    return out
 
 
 def segray_side(
     train_dir: str, test: Sequence[dict[str, Any]], run: Mapping[str, Any], workers: int, out: str
-) -> tuple[float, float, dict[str, Any]]:
+) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
     """``segray.train.driver.train`` with the defaults and ``run['fields']``; the run's
-    ``model.keras`` (its best epoch) scores the held-out tiles. Returns IoU, F1 and what the run
-    chose (best epoch, epochs run, the monitor)."""
+    ``model.keras`` (its best epoch) scores the held-out tiles (:func:`scores`). Returns the
+    scores and what the run chose (best epoch, epochs run)."""
     from segray.models import saving
     from segray.train.driver import train
 
@@ -215,8 +231,10 @@ def segray_side(
     )
     result = train(cfg)
     model, card = saving.load_model(out)
-    iou, f1 = score(model, card, test, run["tta"])
-    return iou, f1, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+    return scores(model, card, test, run), {
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+    }
 
 
 def summary(runs: Sequence[tuple[float, float]]) -> dict[str, Any]:
@@ -236,12 +254,22 @@ def table(results: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]]) ->
     """Lines of the table: per dataset and side the median IoU and F1, the spread, the ratio to
     the anchor, and the IoU of each seed (``!`` marks a collapsed seed)."""
     lines = [
-        f"{'dataset':<12} {'side':<10} {'IoU':>6} {'F1':>6} {'min-max':>12} {'x keras':>8}  "
+        f"{'dataset':<12} {'side':<16} {'IoU':>6} {'F1':>6} {'min-max':>12} {'x keras':>8}  "
         "IoU per seed"
     ]
+    costs = []
     for name, by_side in results.items():
         anchor = summary(by_side[ANCHOR])["iou"] if by_side.get(ANCHOR) else None
         for side, runs in by_side.items():
+            if " seconds" in side:  # the cost of test-time augmentation: its seconds / none's
+                base, _, mode = side.partition(" seconds+")
+                if mode and by_side.get(f"{base} seconds"):
+                    plain = by_side[f"{base} seconds"]
+                    ratio = statistics.median(
+                        t / max(p, 1e-9) for (t, _), (p, _) in zip(runs, plain, strict=True)
+                    )
+                    costs.append(f"{name} {base}: scoring with --tta {mode} takes {ratio:.1f}x")
+                continue
             if not runs:
                 continue
             s = summary(runs)
@@ -251,9 +279,10 @@ def table(results: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]]) ->
             )
             spread = f"{s['lo']:.3f}-{s['hi']:.3f}"
             lines.append(
-                f"{name:<12} {side:<10} {s['iou']:>6.3f} {s['f1']:>6.3f} {spread:>12} "
+                f"{name:<12} {side:<16} {s['iou']:>6.3f} {s['f1']:>6.3f} {spread:>12} "
                 f"{ratio:>8}  {each}"
             )
+    lines.extend(costs)
     lines.append(
         f"(median over seeds; x keras = median IoU / the plain fit's; ! = below {COLLAPSE} x "
         "its side's median)"
@@ -313,7 +342,7 @@ def bench_accuracy(
                 f"{name}: {data.what}; {len(rows)} training tiles ({target_share(rows):.1%} "
                 f"target), {len(test)} held out ({target_share(test):.1%})"
             )
-            results[name] = {side: [] for side in sides}
+            results[name] = {}
             chosen[name] = {side: [] for side in sides if side != ANCHOR}
             for seed in range(seeds):
                 run = {
@@ -329,15 +358,22 @@ def bench_accuracy(
                     start = time.monotonic()
                     out = f"{tmp}/{name}-s{seed}-{side}"
                     if side == ANCHOR:
-                        iou, f1 = keras_side(train_dir, rows, test, run, out)
+                        got = keras_side(train_dir, rows, test, run, out)
                         note = ""
                     else:
-                        iou, f1, picked = segray_side(train_dir, test, run, int(side[-2]), out)
+                        got, picked = segray_side(train_dir, test, run, int(side[-2]), out)
                         chosen[name][side].append(picked)
                         note = f" (best epoch {picked['best_epoch']}/{picked['epochs_run']})"
-                    results[name][side].append((iou, f1))
+                    for key, value in got.items():
+                        results[name].setdefault(f"{side}{key}", []).append(value)
+                    iou, f1 = got[""]
+                    extra = ""
+                    if f"+{tta}" in got:
+                        t_iou, t_f1 = got[f"+{tta}"]
+                        cost = got[f" seconds+{tta}"][0] / max(got[" seconds"][0], 1e-9)
+                        extra = f"; +{tta} IoU {t_iou:.3f} F1 {t_f1:.3f} ({cost:.1f}x the seconds)"
                     echo(
-                        f"  seed {seed} {side}: IoU {iou:.3f} F1 {f1:.3f}{note} "
+                        f"  seed {seed} {side}: IoU {iou:.3f} F1 {f1:.3f}{note}{extra} "
                         f"[{time.monotonic() - start:.0f} s]"
                     )
     sets_text = ", ".join(f"{k}={v}" for k, v in (sets or {}).items()) or "none"
