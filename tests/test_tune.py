@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from segray import inference
 from segray.devtools import synth
@@ -51,7 +52,7 @@ def test_space_flags_and_files_are_checked():
 
 @pytest.mark.slow
 def test_a_search_stops_laggards_resumes_after_its_driver_is_lost_and_keeps_the_best(
-    tmp_path, ray_local
+    tmp_path, ray_local, mlflow_url
 ):
     data = str(tmp_path / "tiles")
     synth.write_collection(data, count=16, size=32, mode="binary", seed=5)
@@ -70,6 +71,8 @@ def test_a_search_stops_laggards_resumes_after_its_driver_is_lost_and_keeps_the_
         "--grace-epochs=1",
         "--reduction-factor=2",
         "--max-concurrent=1",
+        f"--tracking-uri={mlflow_url}",
+        "--experiment=segray-tune",
     ]
     command = [str(Path(sys.executable).with_name("segray")), "tune", *options]
     command += [f"--space={flag}" for flag in FLAGS]
@@ -84,11 +87,12 @@ def test_a_search_stops_laggards_resumes_after_its_driver_is_lost_and_keeps_the_
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
     interrupted = {t.name for t in _folders(trials)}
+    base = _base(data, out).replace(tracking_uri=mlflow_url, experiment="segray-tune")
     with pytest.raises(ConfigError, match="already holds a search: pass --resume"):
-        search.tune(_base(data, out), search.TuneConfig(trials=1), FLAGS)
+        search.tune(base, search.TuneConfig(trials=1), FLAGS)
 
     result = search.tune(
-        _base(data, out),
+        base,
         search.TuneConfig(
             trials=1, grace_epochs=1, reduction_factor=2, max_concurrent=1, resume=True
         ),
@@ -127,6 +131,26 @@ def test_a_search_stops_laggards_resumes_after_its_driver_is_lost_and_keeps_the_
         assert time.monotonic() < deadline, ray.available_resources()
         time.sleep(0.5)
     assert np.isfinite(result.best["best"])
+    # tracked: every trial a run (Ray Tune's MLflow logger), the best one registered with its files
+    assert result.mlflow_model == "segray-tune/1"
+    model = requests.get(
+        f"{mlflow_url}/api/2.0/mlflow/registered-models/get",
+        params={"name": "segray-tune"},
+        timeout=30,
+    ).json()["registered_model"]
+    run_id = model["latest_versions"][0]["run_id"]
+    run = requests.get(
+        f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=30
+    ).json()["run"]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["segray.trial"] == result.best["trial"]
+    experiment_id = run["info"]["experiment_id"]
+    runs = requests.post(
+        f"{mlflow_url}/api/2.0/mlflow/runs/search",
+        json={"experiment_ids": [experiment_id]},
+        timeout=30,
+    ).json()["runs"]
+    assert len(runs) >= 4 + 1  # the trials, and the best
 
 
 def _folders(root: Path) -> list[Path]:

@@ -71,6 +71,8 @@ class TuneResult:
     mode: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    #: With --tracking-uri: the registered version of the best trial's model (name/version).
+    mlflow_model: str | None = None
 
     def table(self) -> str:
         """The trials as text, best first."""
@@ -172,10 +174,17 @@ def load_space(tune_config: TuneConfig, flags: Sequence[str] = ()) -> dict[str, 
 
 
 def trial_config(base: TrainConfig, values: Mapping[str, Any], out: str) -> TrainConfig:
-    """The training settings of one trial: the base with the trial's values, in ``out``."""
+    """The training settings of one trial: the base with the trial's values, in ``out``. A trial
+    tracks nothing itself: Ray Tune's MLflow logger makes each trial a run, and the search
+    registers only the best model."""
     from segray.train import checkpoints
 
     fields = {**base.to_dict(), **dict(values), "out": out, "resume_from": None}
+    fields["tracking_uri"] = None
+    # A worker lost fails the trial, which Tune restarts from its checkpoint (--max-failures):
+    # a Ray Train controller that restarted its workers itself could do so just as Tune stops
+    # the trial, and leave the new workers' placement group behind.
+    fields["max_failures"] = 0
     fields["resume"] = checkpoints.has_checkpoints(out, base.fs(out))  # a restored trial
     return TrainConfig(**fields)
 
@@ -260,15 +269,38 @@ def tune(base: TrainConfig, tune_config: TuneConfig, space_flags: Sequence[str] 
                 max_concurrent_trials=at_once,
             ),
             run_config=ray_tune.RunConfig(
-                name="tune", storage_path=root, callbacks=_callbacks(base)
+                name="tune",
+                storage_path=root,
+                callbacks=_callbacks(base),
+                failure_config=ray_tune.FailureConfig(max_failures=base.max_failures),
             ),
         )
     log.info("searching %d trial(s), %d at once, on %s", tune_config.trials, at_once, metric)
     grid = tuner.fit()
     result = _result(root, grid, metric, mode, list(space), base.epochs)
     _write(result, base)
+    result.mlflow_model = _track_best(base, result)
     log.info("search done in %.0f s", time.monotonic() - start)
     return result
+
+
+def _track_best(base: TrainConfig, result: TuneResult) -> str | None:
+    """With ``--tracking-uri``: the best trial's run folder logged as one more MLflow run (its
+    settings, per-epoch metrics, files and model) and its model registered; returns the version."""
+    from segray.train import tracking
+    from segray.train.driver import load_config
+
+    tracker = tracking.tracker_for(base.tracking_uri, base.experiment, base.registered_model)
+    if tracker is None or tracker.failed or result.best is None:
+        return None
+    best = storage.join(result.out, "best")
+    fs = base.fs(best)
+    tags = {"segray.out": best, "segray.search": result.out, "segray.trial": result.best["trial"]}
+    tracker.start(f"{os.path.basename(result.out)}-best", load_config(best, fs), tags)
+    history = list(csv.DictReader(io.StringIO(fs.read_text(storage.join(best, "metrics.csv")))))
+    tracker.epochs([{k: float(v) for k, v in row.items() if v != ""} for row in history])
+    summary = {"best_epoch": result.best["best_epoch"], "monitor": result.metric}
+    return tracker.finish(best, fs, summary)
 
 
 def _callbacks(base: TrainConfig) -> list[Any]:
@@ -381,7 +413,13 @@ def _write(result: TuneResult, base: TrainConfig) -> None:
     best = storage.join(result.out, "best")
     source = result.best["out"]
     if not fs.exists(storage.join(source, "model.keras")):  # stopped by ASHA: no run folder yet
+        from segray.train import checkpoints
+        from segray.train.history import history_csv, plot_curves
+
         source = _best_checkpoint(source, result.best["best_epoch"], fs)
+        history = checkpoints.read_state(checkpoints.checkpoint_from_uri(source, fs))["history"]
+        fs.write_text(storage.join(best, "metrics.csv"), history_csv(history))
+        fs.write_bytes(storage.join(best, "curves.png"), plot_curves(history, result.metric))
     for name in BEST_FILES:
         found = storage.join(source, name)
         if not fs.exists(found):
