@@ -201,6 +201,7 @@ def test_bad_input_refused_before_workers_start(binary_tiles, tmp_path):
         tiny_config(binary_tiles, out, monitor="val_f1_1", val_fraction=0)
     assert tiny_config(binary_tiles, out, num_classes=3).monitor == "val_miou"
     assert tiny_config(binary_tiles, out, val_fraction=0).monitor == "loss"
+    assert not TrainConfig(data=binary_tiles, out=out).augment.active  # measured: off by default
     with pytest.raises(ConfigError, match="loss: unknown loss 'dicey'"):
         prepare(tiny_config(binary_tiles, out, loss="ce+dicey"))
     with pytest.raises(DatasetError, match="no images under"):

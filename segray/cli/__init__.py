@@ -227,10 +227,18 @@ def tune(ctx: click.Context, config_file: str | None, space: tuple[str, ...], **
 
 @cli.command()
 @click.option("--config", "config_file", default=None, help="A run's config.yaml to start from.")
-@click.option("--no-augment", is_flag=True, help="Turn augmentation off.")
+@click.option(
+    "--augment",
+    is_flag=True,
+    help="Augment: random flips, quarter turns, brightness and contrast (hue for RGB). Off by "
+    "default: on the real datasets of segray bench accuracy it cost held-out IoU at 40 epochs.",
+)
+@click.option("--no-augment", is_flag=True, help="Turn augmentation off (the default).")
 @config_options(TrainConfig, optional=("data", "out"))
 @click.pass_context
-def train(ctx: click.Context, config_file: str | None, no_augment: bool, **kw: Any) -> None:
+def train(
+    ctx: click.Context, config_file: str | None, augment: bool, no_augment: bool, **kw: Any
+) -> None:
     """Train a model on N Ray Train workers and write a run folder.
 
     With --config, the settings of that file are used, and any option given here overrides them:
@@ -243,6 +251,10 @@ def train(ctx: click.Context, config_file: str | None, no_augment: bool, **kw: A
     where = storage.filesystem(config_file, kw.get("endpoint")) if config_file else None
     base = load_config(config_file, where) if config_file else None
     values = given(ctx, kw) if base is not None else kw
+    if augment and no_augment:
+        raise click.UsageError("give --augment or --no-augment, not both")
+    if augment:
+        values["augment"] = AugmentConfig()
     if no_augment:
         values["augment"] = AugmentConfig.off()
     result = run_training(from_options(TrainConfig, values, base))

@@ -100,7 +100,13 @@ class TrainConfig(Settings, storage.Addressed):
         ge=0,
         le=1,
     )
-    augment: AugmentConfig = setting(AugmentConfig(), "Augmentation.", cli=False)
+    augment: AugmentConfig = setting(
+        AugmentConfig.off(),
+        "Augmentation (default: none; `segray train --augment`: flips, quarter turns, "
+        "brightness and contrast). segray bench accuracy measured it costing the rare class's "
+        "held-out IoU at 40 epochs on real tiles: 0.30 against 0.48 on Vegas roads.",
+        cli=False,
+    )
     monitor: str | None = setting(
         None,
         "Metric that picks the best epoch (and early stopping): val_miou, val_loss, "
