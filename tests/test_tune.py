@@ -19,7 +19,7 @@ from segray.devtools import synth
 from segray.errors import ConfigError
 from segray.io import imagery
 from segray.models import saving
-from segray.train import checkpoints
+from segray.train import checkpoints, space
 from segray.train import tune as search
 from segray.train.config import TrainConfig
 
@@ -27,25 +27,26 @@ FLAGS = ["learning_rate=grid:0.001,0.003,0.03,0.1"]
 
 
 def test_space_flags_and_files_are_checked():
-    doc = search.space_from_flags(["learning_rate=loguniform:1e-4:1e-2", "loss=choice:ce,ce+dice"])
+    doc = space.space_from_flags(["learning_rate=loguniform:1e-4:1e-2", "loss=choice:ce,ce+dice"])
     assert doc == {
         "learning_rate": {"loguniform": [1e-4, 1e-2]},
         "loss": {"choice": ["ce", "ce+dice"]},
     }
-    space = search.parse_space({**doc, "batch_size": {"grid": [4, 8]}, "epochs": 3})
-    assert set(space) == {"learning_rate", "loss", "batch_size", "epochs"} and space["epochs"] == 3
+    parsed = space.parse_space({**doc, "batch_size": {"grid": [4, 8]}, "epochs": 3})
+    assert set(parsed) == {"learning_rate", "loss", "batch_size", "epochs"}
+    assert parsed["epochs"] == 3
     with pytest.raises(ConfigError, match="--space 'lr=log:1:2': give KEY=DIST:ARGS"):
-        search.space_from_flags(["lr=log:1:2"])
+        space.space_from_flags(["lr=log:1:2"])
     with pytest.raises(ConfigError, match="'lr' is not a training setting a trial may set"):
-        search.parse_space({"lr": {"choice": [1]}})
+        space.parse_space({"lr": {"choice": [1]}})
     with pytest.raises(ConfigError, match="'data' is not a training setting a trial may set"):
-        search.parse_space({"data": {"choice": ["a", "b"]}})
+        space.parse_space({"data": {"choice": ["a", "b"]}})
     with pytest.raises(ConfigError, match="uniform takes \\[low, high\\]"):
-        search.parse_space({"class_balance": {"uniform": [0.1]}})
+        space.parse_space({"class_balance": {"uniform": [0.1]}})
     with pytest.raises(ConfigError, match="give one of choice, grid"):
-        search.parse_space({"class_balance": {"normal": [0, 1]}})
+        space.parse_space({"class_balance": {"normal": [0, 1]}})
     with pytest.raises(ConfigError, match="give a search space"):
-        search.load_space(search.TuneConfig())
+        space.load_space(None)
     base = TrainConfig(data="d", out="o", workers=2, batch_size=4)
     assert search.concurrency(base, 4.0) == 1 and search.concurrency(base, 12.0) == 4
 

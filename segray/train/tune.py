@@ -24,22 +24,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import yaml
 
 from segray.errors import ConfigError
 from segray.io import storage
 from segray.settings import Settings, setting
 from segray.train.config import TrainConfig, monitor_mode
+from segray.train.space import load_space, parse_space
 
 log = logging.getLogger("segray.train")
-#: Distributions a setting may be drawn from, and how many arguments each takes.
-DISTRIBUTIONS = {"choice": None, "grid": None, "uniform": 2, "loguniform": 2, "randint": 2}
-#: Settings a trial may not change: they say where and what, not how to train.
-FIXED = ("data", "out", "resume", "resume_from", "tracking_uri", "layout", "num_classes", "stac")
 #: The run folder's files that make the best trial's folder.
 BEST_FILES = ("model.keras", "model.json", "config.yaml", "metrics.csv", "curves.png")
 
@@ -89,88 +84,6 @@ class TuneResult:
 
 def _text(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def parse_space(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A Tune search space from ``{setting: {distribution: arguments}}``, each setting checked
-    against TrainConfig's fields and each distribution against :data:`DISTRIBUTIONS`; a plain
-    value is a constant."""
-    from ray import tune
-
-    makers: dict[str, Callable[..., Any]] = {
-        "choice": tune.choice,
-        "grid": tune.grid_search,
-        "uniform": tune.uniform,
-        "loguniform": tune.loguniform,
-        "randint": tune.randint,
-    }
-    space: dict[str, Any] = {}
-    for key, spec in doc.items():
-        name = str(key).replace("-", "_")
-        if name not in TrainConfig.model_fields or name in FIXED:
-            raise ConfigError(f"search space: {key!r} is not a training setting a trial may set")
-        if not isinstance(spec, dict):
-            space[name] = spec
-            continue
-        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise ConfigError(
-                f"search space: {key}: give one of {', '.join(DISTRIBUTIONS)} with its "
-                f"arguments, e.g. {{choice: [a, b]}}; got {spec!r}"
-            )
-        kind, args = next(iter(spec.items()))
-        if not isinstance(args, list) or not args:
-            raise ConfigError(f"search space: {key}: {kind} takes a list; got {args!r}")
-        arity = DISTRIBUTIONS[kind]
-        if arity is not None and len(args) != arity:
-            raise ConfigError(f"search space: {key}: {kind} takes [low, high]; got {args!r}")
-        space[name] = makers[kind](args) if arity is None else makers[kind](*args)
-    return space
-
-
-def space_from_flags(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=DIST:ARGS`` flags as a space document: ``learning_rate=loguniform:1e-4:1e-2``,
-    ``loss=choice:ce+dice,focal+dice``; values read as YAML."""
-    doc: dict[str, Any] = {}
-    for item in items:
-        key, sep, rest = item.partition("=")
-        kind, colon, args = rest.partition(":")
-        if not sep or not colon or kind not in DISTRIBUTIONS:
-            raise ConfigError(
-                f"--space {item!r}: give KEY=DIST:ARGS with DIST one of "
-                f"{', '.join(DISTRIBUTIONS)}, e.g. learning_rate=loguniform:1e-4:1e-2"
-            )
-        sep_args = args.split(",") if kind in ("choice", "grid") else args.split(":")
-        doc[key.strip()] = {kind: [_value(a) for a in sep_args]}
-    return doc
-
-
-def _value(text: str) -> Any:
-    """A flag's value: a number where it reads as one (``1e-4`` too, which YAML 1.1 leaves a
-    string), else YAML (``true``, ``[1, 2]``, text)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
-
-
-def load_space(tune_config: TuneConfig, flags: Sequence[str] = ()) -> dict[str, Any]:
-    """The search space document of ``--space FILE`` and ``--space`` flags (flags win)."""
-    doc: dict[str, Any] = {}
-    if tune_config.space_file:
-        where = tune_config.space_file
-        try:
-            loaded = yaml.safe_load(storage.read_text(where))
-        except (storage.StorageError, OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{where}: cannot read the search space: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}: expected a mapping of setting: distribution")
-        doc.update(loaded)
-    doc.update(space_from_flags(flags))
-    if not doc:
-        raise ConfigError("give a search space: --space-file FILE or --space KEY=DIST:ARGS")
-    return doc
 
 
 def trial_config(base: TrainConfig, values: Mapping[str, Any], out: str) -> TrainConfig:
@@ -230,7 +143,7 @@ def tune(base: TrainConfig, tune_config: TuneConfig, space_flags: Sequence[str] 
     if storage.parse(root).scheme != "file":
         raise ConfigError(f"--out {root}: segray tune keeps its search in a local folder")
     root = os.path.abspath(root)
-    space = parse_space(load_space(tune_config, space_flags))
+    space = parse_space(load_space(tune_config.space_file, space_flags))
     metric = base.monitor or "val_miou"
     mode = monitor_mode(metric)
     init_ray()
