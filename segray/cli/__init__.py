@@ -217,8 +217,8 @@ def tune(ctx: click.Context, config_file: str | None, space: tuple[str, ...], **
     kw.pop("resume", None)
     where = storage.filesystem(config_file, kw.get("endpoint")) if config_file else None
     base = load_config(config_file, where) if config_file else None
-    if base:
-        base.pop("resume", None), base.pop("resume_from", None)
+    for name in ("resume", "resume_from"):  # the search's --resume, not a trial's
+        (base or {}).pop(name, None)
     values = given(ctx, kw) if base is not None else kw
     result = run_search(from_options(TrainConfig, values, base), search, space)
     click.echo(result.table())
