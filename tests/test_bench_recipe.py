@@ -44,7 +44,7 @@ def test_held_out_blocks_are_fixed_whole_blocks_and_hold_both_targets(tmp_path):
     for rows in (train, test):
         counts = recipe.class_pixels(rows)
         assert 0.003 < counts[1] / sum(counts) < 0.05  # water is rare on both sides
-    corner = next(r for r in train if r["id"].endswith("r000_c000"))
+    corner = next(r for r in train if r["id"].endswith("r0000_c0000"))
     assert not corner["valid"].all() and np.all(corner["mask"][~corner["valid"]] == 255)
 
 

@@ -180,8 +180,8 @@ class TrainConfig(Settings, storage.Addressed):
             )
         if self.monitor != "loss" and not self.val_fraction and self.layout != "scenes":
             raise ValueError(
-                f"monitor {self.monitor} needs validation tiles: set val_fraction above 0, "
-                "or monitor loss"
+                f"monitor {self.monitor} needs validation tiles: set --val-fraction above 0, "
+                "or --monitor loss"
             )
         if self.batch_size < self.workers:
             raise ValueError(

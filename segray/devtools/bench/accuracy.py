@@ -6,8 +6,8 @@ tiles for every side, seed and run. On the remaining tiles the same U-Net is tra
 same epochs and global batch, by:
 
 - ``keras``: plain Keras, ``compile(adam, bce+dice)`` + ``fit`` in one process, on every
-  training tile, inputs normalised by the card segray builds for these tiles; its last epoch is
-  scored (the anchor);
+  training tile (no-data pixels counting for nothing), inputs normalised by the card segray
+  builds for these tiles; its last epoch is scored (the anchor);
 - ``segray-1w`` / ``segray-2w``: :func:`segray.train.driver.train` on 1 or 2 Ray Train workers
   with segray's defaults (validation split, best epoch, class balance, augmentation) and any
   ``--set`` overrides; the run's ``model.keras`` is scored, the model a user gets.
@@ -171,7 +171,8 @@ def keras_side(
     out: str,
 ) -> dict[str, tuple[float, float]]:
     """Plain Keras: the same U-Net, ``compile(adam 1e-3, bce + dice)`` + ``fit`` on every
-    training tile, inputs by the card segray would write for them, no-data pixels weighted 0."""
+    training tile, inputs by the card segray would write for them; BCE and Dice over each tile's
+    data pixels only (the validity map travels beside the target)."""
     import keras
     from keras import ops
 
@@ -181,23 +182,24 @@ def keras_side(
     cfg = train_config(train_dir, out, run["tile"], run["seed"], run["epochs"], run["batch"], 1)
     card = prepare(cfg.replace(**run["model_fields"])).card
     x = np.stack([card.normalize_pixels(r["image"], r["valid"]) for r in rows]).astype("float32")
-    y = np.stack([np.where(r["valid"], r["mask"], 0) for r in rows]).astype("float32")[..., None]
-    w = np.stack([r["valid"] for r in rows]).astype("float32")
+    # the target and, beside it, where the pixels are data: no-data pixels count for nothing
+    y = np.stack([np.stack([np.where(r["valid"], r["mask"], 0), r["valid"]], -1) for r in rows])
 
-    def bce_dice(truth: Any, logits: Any) -> Any:
+    def bce_dice(target: Any, logits: Any) -> Any:
+        truth, valid = target[..., :1], target[..., 1:]
         p = ops.sigmoid(logits)
-        inter = ops.sum(truth * p, axis=(1, 2, 3))
-        dice = 1 - (2 * inter + 1) / (ops.sum(truth + p, axis=(1, 2, 3)) + 1)
-        bce = ops.mean(keras.losses.binary_crossentropy(truth, logits, from_logits=True), (1, 2))
+        pixels = ops.maximum(ops.sum(valid, axis=(1, 2, 3)), 1.0)
+        bce = keras.losses.binary_crossentropy(truth, logits, from_logits=True)[..., None]
+        bce = ops.sum(bce * valid, axis=(1, 2, 3)) / pixels
+        inter = ops.sum(truth * p * valid, axis=(1, 2, 3))
+        dice = 1 - (2 * inter + 1) / (ops.sum((truth + p) * valid, axis=(1, 2, 3)) + 1)
         return bce + dice
 
     keras.utils.set_random_seed(run["seed"])
     options = dict(run["model_fields"].get("model_options", {}))
     model = models.build_model("unet", 2, tuple(card.input_shape), **options)
     model.compile(keras.optimizers.Adam(1e-3), bce_dice)
-    model.fit(
-        x, y, sample_weight=w.mean((1, 2)), batch_size=run["batch"], epochs=run["epochs"], verbose=0
-    )
+    model.fit(x, y.astype("float32"), batch_size=run["batch"], epochs=run["epochs"], verbose=0)
     return scores(model, card, test, run)
 
 

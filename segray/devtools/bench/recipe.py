@@ -13,6 +13,7 @@ F1 there, median over seeds, and the ratio of each median IoU to the anchor's.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from segray.devtools.bench import accuracy
+from segray.devtools.bench.accuracy import Dataset
 
 DATA = Path(__file__).resolve().parents[3] / "tests" / "data" / "real"
 IMAGE, CLASSES = "nc_landsat7_2000.tif", "nc_landclass96.tif"
@@ -70,49 +74,26 @@ RECIPES = (
 QUICK = {"targets": ("water",), "seeds": 1, "epochs": 2, "recipes": ("default",)}
 
 
+#: The crop as a dataset of :mod:`segray.devtools.bench.accuracy` (the target set per call).
+NC = Dataset(IMAGE, CLASSES, 6, TILE, "NC Landsat 7", NODATA)
+
+
 def held_out(row: int, col: int) -> bool:
     """Whether the tile at pixel ``(row, col)`` of the scene is in the held-out blocks."""
-    block_row, block_col = row // TILE // BLOCK, col // TILE // BLOCK
-    return (block_row + 2 * block_col) % PERIOD == PHASE
+    return accuracy.held_out(row, col, TILE)
 
 
 def cut_tiles(root: Path, target: int, data: Path = DATA) -> tuple[str, str]:
-    """Write the scene's 32 px tiles and ``target`` masks (1: the class, 0: other) into
-    ``root/train`` and ``root/test`` (paired layout); returns both folders."""
-    import rasterio
-
-    from segray.io import imagery
-
+    """The scene's 32 px tiles and ``target`` masks in ``root/train`` and ``root/test``
+    (:func:`segray.devtools.bench.accuracy.cut_tiles`)."""
     if not (data / IMAGE).exists():
         raise FileNotFoundError(f"{data / IMAGE}: the bench reads the crops of a segray checkout")
-    with rasterio.open(data / IMAGE) as ds:
-        pixels, transform, crs = np.moveaxis(ds.read(), 0, -1), ds.transform, ds.crs.to_string()
-    with rasterio.open(data / CLASSES) as ds:
-        classes = ds.read(1)
-    for part in ("train", "test"):
-        for kind in ("images", "masks"):
-            (root / part / kind).mkdir(parents=True, exist_ok=True)
-    h, w = classes.shape
-    for r in range(0, h - TILE + 1, TILE):
-        for c in range(0, w - TILE + 1, TILE):
-            part = root / ("test" if held_out(r, c) else "train")
-            name = f"r{r:03d}_c{c:03d}.tif"
-            where = transform @ rasterio.Affine.translation(c, r)
-            image = pixels[r : r + TILE, c : c + TILE]
-            mask = (classes[r : r + TILE, c : c + TILE] == target).astype(np.uint8)
-            (part / "images" / name).write_bytes(
-                imagery.encode_geotiff(image, crs, where, nodata=NODATA)
-            )
-            (part / "masks" / name).write_bytes(imagery.encode_geotiff(mask, crs, where))
-    return str(root / "train"), str(root / "test")
+    return accuracy.cut_tiles(root, dataclasses.replace(NC, target=target), data)
 
 
 def load_rows(folder: str) -> list[dict[str, Any]]:
     """Every tile of a paired folder decoded as training decodes it (no data labelled 255)."""
-    from segray.datasets import labels
-
-    spec = labels.DatasetSpec(root=folder, num_classes=2, size=TILE, val_fraction=0.0)
-    return [labels.load_sample(s, spec) for s in labels.find_samples(spec)]
+    return accuracy.load_rows(folder, TILE)
 
 
 def class_pixels(rows: Sequence[dict[str, Any]]) -> list[int]:
@@ -121,16 +102,7 @@ def class_pixels(rows: Sequence[dict[str, Any]]) -> list[int]:
     return [int(np.sum(masks == 0)), int(np.sum(masks == 1))]
 
 
-def score(model: Any, card: Any, rows: Sequence[dict[str, Any]]) -> tuple[float, float]:
-    """The target's IoU and F1 over all held-out pixels, predicted as ``segray eval`` does."""
-    from segray import metrics
-    from segray.evaluate.evaluate import predict_rows
-
-    cm = metrics.ConfusionMatrix(2, ignore_index=255)
-    for row, pred in zip(rows, predict_rows(model, card, list(rows)), strict=True):
-        cm.update(row["mask"], pred)
-    iou, f1 = cm.iou[1], cm.dice[1]
-    return (0.0 if np.isnan(iou) else float(iou)), (0.0 if np.isnan(f1) else float(f1))
+score = accuracy.score
 
 
 def _config(train_dir: str, out: str, seed: int, epochs: int, batch: int, **fields: Any) -> Any:
