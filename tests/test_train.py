@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,6 +55,13 @@ def diagnostics(out: str, epoch: int, workers: int) -> list[dict]:
     ]
 
 
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
 def actor_classes(ray) -> set[str]:
     """The classes of every actor the Ray instance has held, from its actor table."""
     from ray._private import state
@@ -65,8 +74,14 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     binary_tiles, tmp_path, ray_local
 ):
     out = str(tmp_path / "run")
+    spent = set(Path(tempfile.gettempdir()).glob("segray-ckpt-*"))
     result = train(tiny_config(binary_tiles, out))
     assert result.epochs_run == 2 and result.starts == [1]
+    # each epoch's local checkpoint folder goes once Ray Train has copied it into the run folder
+    # (other runs on this machine may hold theirs: a left one would match a state of this run)
+    states = {p.read_text() for p in Path(out).glob("epoch_*/state.json")}
+    left = set(Path(tempfile.gettempdir()).glob("segray-ckpt-*")) - spent
+    assert len(states) == 2 and not [f for f in left if _text(f / "state.json") in states]
     train_ids, _ = labels.split_samples(
         labels.find_samples(labels.DatasetSpec(root=binary_tiles)), 0.2, 0
     )

@@ -232,6 +232,9 @@ def bench_startup_cmd(tiles: int, size: int, repeats: int) -> None:
     help="keras (plain fit, the anchor), segray-1w, segray-2w.",
 )
 @click.option("--seeds", default=3, show_default=True, help="Seeds per side (median).")
+@click.option(
+    "--first-seed", default=0, show_default=True, help="The first seed (seeds run on from it)."
+)
 @click.option("--epochs", default=40, show_default=True)
 @click.option("--batch-size", "batch", default=16, show_default=True)
 @click.option("--base-filters", default=16, show_default=True, help="The U-Net's width.")
@@ -253,6 +256,7 @@ def bench_accuracy_cmd(
     datasets: str,
     sides: str,
     seeds: int,
+    first_seed: int,
     epochs: int,
     batch: int,
     base_filters: int,
@@ -267,7 +271,16 @@ def bench_accuracy_cmd(
     try:
         overrides = parse_sets(sets)
         bench_accuracy(
-            names, chosen, seeds, epochs, batch, base_filters, overrides, tta, echo=click.echo
+            names,
+            chosen,
+            seeds,
+            epochs,
+            batch,
+            base_filters,
+            overrides,
+            tta,
+            first_seed=first_seed,
+            echo=click.echo,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -297,3 +310,62 @@ def bench_recipe_cmd(
         bench_recipe(**QUICK, batch=batch, echo=click.echo)  # type: ignore[arg-type]
     else:
         bench_recipe(names, seeds, epochs, batch, chosen, echo=click.echo)
+
+
+@bench.command("tune")
+@click.option(
+    "--datasets",
+    default="vegas-roads,nc-water",
+    show_default=True,
+    help="Real datasets of tests/data/real: nc-water, vegas-roads, osbs-trees.",
+)
+@click.option(
+    "--sides",
+    default="default,asha,to-end",
+    show_default=True,
+    help="default (segray train), asha (segray tune), to-end (the same trials, none stopped).",
+)
+@click.option("--trials", default=16, show_default=True, help="Trials of each search.")
+@click.option("--epochs", default=30, show_default=True, help="Epochs of each run and trial.")
+@click.option("--grace-epochs", "grace", default=4, show_default=True, help="ASHA's grace.")
+@click.option("--batch-size", "batch", default=16, show_default=True)
+@click.option("--base-filters", default=16, show_default=True, help="The U-Net's width.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the runs and the draws.")
+@click.option(
+    "--space-file",
+    default=None,
+    help="YAML search space (default: learning rate, loss, class balance, schedule, batch).",
+)
+def bench_tune_cmd(
+    datasets: str,
+    sides: str,
+    trials: int,
+    epochs: int,
+    grace: int,
+    batch: int,
+    base_filters: int,
+    seed: int,
+    space_file: str | None,
+) -> None:
+    """A recipe search against segray's defaults on held-out real tiles, and ASHA's saving."""
+    from segray.devtools.bench.search import bench_tune
+    from segray.train.space import load_space
+
+    names = tuple(d.strip() for d in datasets.split(",") if d.strip())
+    chosen = tuple(s.strip() for s in sides.split(",") if s.strip())
+    space = load_space(space_file) if space_file else None
+    try:
+        bench_tune(
+            names,
+            chosen,
+            trials,
+            epochs,
+            grace,
+            batch,
+            base_filters,
+            seed,
+            space,
+            echo=click.echo,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None

@@ -96,24 +96,40 @@ class LocalCluster:
         return node
 
     def start(self, timeout: float = 180) -> LocalCluster:
-        """Start the head and wait until it answers."""
+        """Start the head and wait until its dashboard counts it.
+
+        A port chosen free can be taken before Ray binds it (the tests' own Ray starts workers on
+        random ports), which leaves a head whose dashboard never answers (seen once in CI): a head
+        that dies or stays silent for half the time is stopped and started again on fresh ports.
+        """
         self.temp.mkdir(parents=True, exist_ok=True)
-        self._start(
-            "head",
-            [
-                "--head",
-                f"--port={self.port}",
-                f"--num-cpus={self.head_cpus}",
-                "--node-ip-address=127.0.0.1",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}",
-                f"--temp-dir={self.ray_temp}",
-                f"--resources={json.dumps({'head': 1})}",
-            ],
-        )
-        self.wait_nodes(1, timeout)
-        return self
+        for attempt in range(2):
+            head = self._start(
+                "head",
+                [
+                    "--head",
+                    f"--port={self.port}",
+                    f"--num-cpus={self.head_cpus}",
+                    "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}",
+                    f"--temp-dir={self.ray_temp}",
+                    f"--resources={json.dumps({'head': 1})}",
+                ],
+            )
+            try:
+                self.wait_nodes(1, timeout / 2, while_alive=head)
+                return self
+            except TimeoutError:
+                if attempt:
+                    raise
+                self.nodes.remove(head)
+                self.kill(head)  # its whole process group: GCS, dashboard, raylet
+                shutil.rmtree(self.ray_temp, ignore_errors=True)
+                self.ray_temp = tempfile.mkdtemp(prefix="segray-ray-")
+                self.port, self.dashboard_port = free_port(), free_port()
+        raise AssertionError("unreachable")
 
     def add_node(
         self,
@@ -181,11 +197,14 @@ class LocalCluster:
     def alive_nodes(self) -> list[dict[str, Any]]:
         return [n for n in self.state("nodes") if n.get("state") == "ALIVE"]
 
-    def wait_nodes(self, count: int, timeout: float = 120) -> list[dict[str, Any]]:
-        """Wait until exactly ``count`` nodes are alive (the dead ones noticed by the GCS)."""
+    def wait_nodes(
+        self, count: int, timeout: float = 120, while_alive: Node | None = None
+    ) -> list[dict[str, Any]]:
+        """Wait until exactly ``count`` nodes are alive (the dead ones noticed by the GCS), and no
+        longer than ``while_alive``'s process lives."""
         deadline = time.monotonic() + timeout
         last: Any = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (while_alive is None or while_alive.alive()):
             try:
                 alive = self.alive_nodes()
                 if len(alive) == count:
@@ -194,7 +213,11 @@ class LocalCluster:
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
                 last = exc
             time.sleep(1)
-        raise TimeoutError(f"{count} alive nodes expected within {timeout:.0f} s; last: {last}")
+        log = self.temp / f"{(while_alive or self.nodes[0]).name}.log" if self.nodes else None
+        tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+        raise TimeoutError(
+            f"{count} alive nodes expected within {timeout:.0f} s; last: {last}\n{log}:\n{tail}"
+        )
 
     def node_names(self) -> dict[str, str]:
         """Ray's ``node_id`` → this cluster's node name (the custom resource each node holds)."""

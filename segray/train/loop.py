@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -241,13 +242,18 @@ def train_loop(loop: dict[str, Any]) -> None:
         state = _advance(state, row, cfg)
         if cfg.diagnostics:
             _write_diagnostics(cfg, epoch, rank, ids, model, per_worker * world)
-        ckpt = None
+        ckpt, folder = None, None
         if rank == 0:
             card = card.replace(metrics=row, epoch=epoch)
             folder = checkpoints.save(model, optimizer, card, state)
             ckpt = ray.train.Checkpoint.from_directory(folder)
         name = checkpoints.checkpoint_name(epoch, len(state["starts"]))
-        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=name)
+        try:
+            ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=name)
+        finally:
+            # the report copied it into the run folder (synchronously): the local one is spent
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
         # posted once its checkpoint is in the run folder: a trial Tune stops at this epoch has it
         post_epoch(board, {**row, "placement_group": _placement_group()} if board else row)
         if state["bad_epochs"] and cfg.patience and state["bad_epochs"] >= cfg.patience:

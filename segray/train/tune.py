@@ -136,6 +136,7 @@ def tune(base: TrainConfig, tune_config: TuneConfig, space_flags: Sequence[str] 
     import ray
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from segray.runtime import init_ray
 
@@ -178,6 +179,8 @@ def tune(base: TrainConfig, tune_config: TuneConfig, space_flags: Sequence[str] 
                 metric=metric,
                 mode=mode,
                 scheduler=scheduler,
+                # --seed fixes the draws too: the same search twice samples the same trials
+                search_alg=BasicVariantGenerator(random_state=base.seed),
                 num_samples=tune_config.trials,
                 max_concurrent_trials=at_once,
             ),

@@ -318,9 +318,11 @@ def bench_accuracy(
     base_filters: int = 16,
     sets: Mapping[str, Any] | None = None,
     tta: str = "none",
+    first_seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train every side on every dataset for ``seeds`` seeds; print and return the table."""
+    """Train every side on every dataset for ``seeds`` seeds from ``first_seed``; print and
+    return the table."""
     from segray.runtime import init_ray
 
     unknown = [*(set(datasets) - set(DATASETS)), *(set(sides) - set(SIDES))]
@@ -329,8 +331,8 @@ def bench_accuracy(
             f"unknown datasets or sides {sorted(unknown)}: datasets any of "
             f"{', '.join(DATASETS)}; sides any of {', '.join(SIDES)}"
         )
-    if seeds < 1 or epochs < 1:
-        raise ValueError("--seeds and --epochs must be at least 1")
+    if seeds < 1 or epochs < 1 or first_seed < 0:
+        raise ValueError("--seeds and --epochs must be at least 1, --first-seed at least 0")
     init_ray(log_to_driver=False)
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     chosen: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -346,7 +348,7 @@ def bench_accuracy(
             )
             results[name] = {}
             chosen[name] = {side: [] for side in sides if side != ANCHOR}
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 run = {
                     "tile": data.tile,
                     "seed": seed,
