@@ -86,3 +86,23 @@ def test_table_gives_the_augmented_rows_and_their_cost():
     row = next(line for line in lines if line.split()[:2] == ["nc-water", "keras+d4"])
     assert "0.300" in row and " 1.20 " in row  # 0.30 / 0.25
     assert "nc-water keras: scoring with --tta d4 takes 7.5x" in lines  # median of 8 and 7
+
+
+def test_tune_bench_table_gives_the_ratio_to_the_default_and_what_asha_saved():
+    from segray.devtools.bench import search
+
+    def row(side, iou, epochs, seconds):
+        keys = ("dataset", "side", "iou", "f1", "trials", "epochs", "seconds")
+        return dict(zip(keys, ("nc-water", side, iou, iou, 16, epochs, seconds), strict=True))
+
+    rows = [row("default", 0.2, 30, 60), row("asha", 0.3, 120, 400), row("to-end", 0.32, 480, 1600)]
+    lines = search.table(rows)
+    asha = next(line for line in lines if line.startswith("nc-water     asha"))
+    assert asha.split()[4] == "1.50" and asha.split()[6] == "120"
+    assert lines[-1] == (
+        "nc-water: ASHA trained 25% of the epochs and took 25% of the seconds of the same trials "
+        "run to the end, IoU 0.300 against 0.320"
+    )
+    with pytest.raises(ValueError, match="sides any of default, asha, to-end"):
+        search.bench_tune(sides=("asha", "fifo"))
+    assert set(search.SPACE) <= set(search.train_config("d", "o", 32, 0, 1, 4, 1).to_dict())

@@ -179,8 +179,9 @@ def tune(base: TrainConfig, tune_config: TuneConfig, space_flags: Sequence[str] 
                 metric=metric,
                 mode=mode,
                 scheduler=scheduler,
-                # --seed fixes the draws too: the same search twice samples the same trials
-                search_alg=BasicVariantGenerator(random_state=base.seed),
+                # --seed fixes the draws too: the same search twice samples the same trials (a
+                # search algorithm given here ignores max_concurrent_trials: it limits itself)
+                search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=at_once),
                 num_samples=tune_config.trials,
                 max_concurrent_trials=at_once,
             ),
