@@ -1,17 +1,20 @@
 """The module map in ARCHITECTURE.md is the code's: every module listed and no other, the import
-rule between layers, no import cycle (imports inside functions count), no module over 400 lines."""
+rule between layers, no import cycle (imports inside functions count), a module over 400 lines
+a warning and none over 600: a gate that fails at the size a module should be split at shapes
+files by their length (code moved by size, formatting packed), not by what belongs together."""
 
 from __future__ import annotations
 
 import ast
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "segray"
-MAX_LINES = 400
+WARN_LINES, MAX_LINES = 400, 600
 
 
 def _block(name: str) -> list[str]:
@@ -124,6 +127,8 @@ def test_no_import_cycles():
 def test_module_size(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_LINES})"
+    if lines > WARN_LINES:
+        warnings.warn(f"{path.relative_to(ROOT)} has {lines} lines: split it", stacklevel=1)
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):

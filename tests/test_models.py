@@ -1,7 +1,9 @@
 """Tests of the model zoo: every registered model builds, saves, loads and trains (tiny sizes)."""
 
+import json
 import subprocess
 import sys
+import zipfile
 
 import keras
 import numpy as np
@@ -11,14 +13,17 @@ from segray.models import (
     ModelError,
     build_model,
     count_params,
+    custom_objects,
     describe_models,
     list_models,
     load_keras,
     model_info,
     output_channels,
     set_monte_carlo,
+    vetting,
 )
 from segray.models.encoders import BACKBONES
+from segray.models.saving import ModelCard
 
 # Small values for whichever of these options a model has; tuples are filled to the default's
 # length, so a newly registered model gets a tiny configuration without editing this table.
@@ -196,6 +201,16 @@ def test_save_and_load_in_safe_mode_gives_identical_outputs(name, tmp_path):
     expected = keras.ops.convert_to_numpy(model(x, training=False))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), expected, atol=1e-6)
     assert np.abs(expected).max() > 0
+    # what loads in safe mode passes the driver's vetting of the file, its card fitting it
+    config = json.loads(zipfile.ZipFile(path).read("config.json"))
+    assert list(vetting.refusals(config)) == []
+    assert vetting.SEGRAY_OBJECTS == set(custom_objects())
+    card = ModelCard(name=name, num_classes=3, input_shape=(32, 32, 3))
+    vetting.check_card(config, card, "model.json")
+    with pytest.raises(ModelError, match="num_classes 4 does not fit the model"):
+        vetting.check_card(config, card.replace(num_classes=4), "model.json")
+    with pytest.raises(ModelError, match="input_shape has 4 band"):
+        vetting.check_card(config, card.replace(input_shape=(32, 32, 4)), "model.json")
 
 
 def test_deeplab_with_encoder_saves_and_loads(tmp_path):

@@ -49,7 +49,8 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
     from segray.models import saving
 
     start = time.monotonic()
-    card = saving.load_card(config.model, config.fs(config.model))
+    # the model file is vetted here, before any actor loads it: a refusal is one line
+    card = saving.vet(config.model, config.fs(config.model))
     for name in ("class_index", "footprints"):
         value = getattr(config, name)
         if value is not None and not 0 <= value < card.num_classes:

@@ -196,7 +196,7 @@ def start_pool(name: str, settings: PoolConfig) -> PoolInfo:
 
     from segray.models import saving
 
-    card = saving.load_card(settings.model, settings.fs(settings.model))
+    card = saving.vet(settings.model, settings.fs(settings.model))  # before any actor starts
     precision = settings.precision or card.precision
     running = _pool_actors(name)
     if running:

@@ -289,14 +289,31 @@ def predict(**kw: Any) -> None:
 @config_options(ServeConfig)
 def serve(**kw: Any) -> None:
     """Serve the model over HTTP (POST /v1/segment); the token comes from SEGRAY_API_TOKEN."""
+    from segray.models import saving
     from segray.serve.app import run
 
     config = from_options(ServeConfig, kw)
+    saving.vet(config.model_uri, config.fs(config.model_uri))  # before anything starts
+    try:
+        run(config, blocking=False)
+    except RuntimeError as exc:  # Serve's "Deploying application … failed", and why
+        reason = " ".join(line.strip() for line in str(exc).splitlines()[-3:] if line.strip())
+        raise click.ClickException(f"{config.model_uri} could not be served: {reason}") from None
+    # the URL once the app is up: an app that does not deploy never showed one
     root, under = f"http://{config.host}:{config.port}", ", ".join(config.allowed_sources)
     click.echo(f"serving {config.model_uri} on {root} (docs at /docs)")
     where = f"?url=<a GeoTIFF/COG under {under}>" if under else " (no --allow-source: none)"
     click.echo(f"map: {root}/v1/map{where}")
-    run(config)
+    _block()
+
+
+def _block() -> None:
+    """Serve until interrupted (Ctrl-C ends the process, and a Ray it started), as
+    ``serve.run(blocking=True)`` does."""
+    import time
+
+    while True:
+        time.sleep(10)
 
 
 @cli.group()
@@ -312,10 +329,12 @@ def pool_start(name: str, **kw: Any) -> None:
     import time
 
     from segray.bulk import pool as pools
+    from segray.models import saving
     from segray.runtime import join_cluster
 
     config = from_options(PoolConfig, kw)
     _pool_name(name)
+    saving.vet(config.model, config.fs(config.model))  # before joining a cluster
     join_cluster(config.ray_address)
     start = time.monotonic()
     info = pools.start_pool(name, config)

@@ -194,6 +194,23 @@ def load_card(uri: str, fs: FileSystem | None = None) -> ModelCard:
     return ModelCard.from_json(text, card_uri)
 
 
+def vet(uri: str, fs: FileSystem | None = None, card: ModelCard | None = None) -> ModelCard:
+    """The card of the model at ``uri`` once its file holds nothing Keras's safe mode would
+    refuse and the card fits it (:func:`segray.models.vetting.vet_file`: no Keras, milliseconds);
+    drivers call it before any actor or replica loads the model."""
+    from segray.models.vetting import vet_file
+
+    fs = fs or storage.filesystem(uri)
+    card = card or load_card(uri, fs)
+    model_uri, card_uri = resolve(uri)
+    try:
+        data = fs.read_bytes(model_uri)
+    except StorageError as exc:
+        raise ModelError(f"{model_uri}: cannot read the model: {exc}") from None
+    vet_file(data, card, model_uri, card_uri)
+    return card
+
+
 def load_model(
     uri: str, fs: FileSystem | None = None, card: ModelCard | None = None
 ) -> tuple[keras.Model, ModelCard]:
@@ -201,16 +218,22 @@ def load_model(
     ``card`` already read is not read again."""
     from segray.models.layers import set_monte_carlo
     from segray.models.registry import load_keras
+    from segray.models.vetting import vet_file
 
     model_uri, card_uri = resolve(uri)
     fs = fs or storage.filesystem(uri)
     card = card or load_card(uri, fs)
     data = fs.read_bytes(model_uri)
+    vet_file(data, card, model_uri, card_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, MODEL_FILE)
         with open(path, "wb") as f:
             f.write(data)
-        model = load_keras(path)
+        try:
+            model = load_keras(path)
+        except (ValueError, TypeError, KeyError, OSError) as exc:  # Keras's refusals
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            raise ModelError(f"{model_uri}: Keras cannot load it: {reason}") from exc
     card.check_against(model, card_uri)
     # Monte-Carlo dropout stays off unless a caller asks for samples (inference.infer_mc).
     set_monte_carlo(model, False)
