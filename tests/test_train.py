@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,6 +135,23 @@ def test_two_workers_stay_in_sync_use_each_sample_once_then_resume(
     assert again.starts[-1] == fallback + 1
     assert [h["epoch"] for h in again.history] == [1, 2, 3, 4, 5]
     assert "passed over" in again.summary()
+
+    # the newest checkpoint folder deleted: Ray Train's record of it is set aside (it would refuse
+    # the run folder as corrupted) and the run goes on from the newest folder left
+    gone, *left = complete_checkpoints(out, None)
+    shutil.rmtree(gone)
+    resumed = train(tiny_config(binary_tiles, out, epochs=6, resume=True))
+    assert Path(out, "checkpoint_manager_snapshot.json.stale").exists()
+    assert resumed.restored[-1]["from"] == left[0].rsplit("/", 1)[-1]
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    # none restorable: one error on the driver, naming each folder, before any worker starts
+    for folder in complete_checkpoints(out, None):
+        with open(f"{folder}/model.keras", "r+b") as f:
+            f.truncate(1000)
+    with pytest.raises(ModelError, match="no checkpoint of .* can be restored") as refused:
+        prepare(tiny_config(binary_tiles, out, epochs=7, resume=True))
+    for folder in complete_checkpoints(out, None):
+        assert f"{folder}/model.keras" in str(refused.value)
 
 
 @pytest.mark.slow

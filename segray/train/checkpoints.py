@@ -158,3 +158,76 @@ def copy_checkpoint(checkpoint: Any, dest: str, fs: FileSystem | None = None) ->
     with checkpoint.as_directory() as folder:
         for name in (MODEL_FILE, CARD_FILE):
             fs.write_file(storage.join(dest, name), f"{folder}/{name}")
+
+
+#: Ray Train's record of a run's checkpoints, in the run folder.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def flaw(folder: str, fs: FileSystem) -> str | None:
+    """Why a complete checkpoint folder cannot be restored, read on the driver without Keras
+    (every file read whole: a torn model, card, optimiser or loop state), or None."""
+    import io
+    import zipfile
+
+    from segray.models.vetting import vet_file
+
+    def where(name: str) -> str:
+        return storage.join(folder, name)
+
+    try:
+        card = ModelCard.from_json(fs.read_text(where(CARD_FILE)), where(CARD_FILE))
+        data = fs.read_bytes(where(MODEL_FILE))
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            broken = archive.testzip()
+        if broken:
+            return f"{where(MODEL_FILE)}: {broken} is corrupt"
+        vet_file(data, card, where(MODEL_FILE), where(CARD_FILE))
+        with np.load(io.BytesIO(fs.read_bytes(where(OPTIMIZER_FILE)))) as arrays:
+            for key in arrays.files:
+                arrays[key]  # noqa: B018 - read whole: a torn array fails here
+        state = json.loads(fs.read_text(where(STATE_FILE)))
+        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+            return f"{where(STATE_FILE)}: no epoch"
+    except zipfile.BadZipFile as exc:
+        return f"{where(MODEL_FILE)}: {exc}"
+    except (ModelError, OSError, ValueError, KeyError, EOFError) as exc:
+        return f"{folder}: {type(exc).__name__}: {str(exc).strip()[:200]}"
+    return None
+
+
+def check_resume(out: str, fs: FileSystem) -> tuple[str, list[str]]:
+    """Before ``--resume`` starts any worker: the newest checkpoint folder that can be restored
+    and why each newer one cannot (:func:`flaw`); :class:`ModelError` naming each folder and why
+    when none can. Ray Train's record of the run's checkpoints is set aside (renamed, not deleted)
+    when it names a folder that is gone: Ray Train would refuse the whole run folder as
+    corrupted, where the loop restores from the folders themselves."""
+    from segray.errors import ConfigError
+
+    folders = complete_checkpoints(out, fs)
+    if not folders:
+        raise ConfigError(f"--resume: no complete checkpoint under {out}")
+    passed: list[str] = []
+    good = None
+    for folder in folders:
+        why = flaw(folder, fs)
+        if why is None:
+            good = folder
+            break
+        passed.append(why)
+    if good is None:
+        raise ModelError(f"--resume: no checkpoint of {out} can be restored: " + "; ".join(passed))
+    snapshot = storage.join(out, RAY_SNAPSHOT)
+    if fs.exists(snapshot):
+        try:
+            results = json.loads(fs.read_text(snapshot)).get("checkpoint_results", [])
+            names = [r.get("checkpoint_dir_name") for r in results]
+        except (ValueError, AttributeError):
+            names = [None]
+        gone = [n for n in names if not n or not fs.exists(storage.join(out, n, STATE_FILE))]
+        if gone:
+            fs.write_bytes(f"{snapshot}.stale", fs.read_bytes(snapshot))
+            fs.delete(snapshot)
+            gone_names = ", ".join(map(str, gone))
+            log.warning("%s names checkpoints that are gone (%s): set aside", snapshot, gone_names)
+    return good, passed

@@ -154,6 +154,10 @@ def _check_run_folder(config: TrainConfig) -> None:
         )
     if config.resume and not exists:
         raise ConfigError(f"--resume: no checkpoint found under {config.out}")
+    if config.resume:  # on the driver, before any worker: one line when nothing can be restored
+        good, passed = checkpoints.check_resume(config.out, config.fs(config.out))
+        if passed:
+            log.warning("--resume: going on from %s; passed over: %s", good, "; ".join(passed))
 
 
 def prepare(config: TrainConfig) -> LoopPlan:
