@@ -19,7 +19,13 @@ import pytest
 from segray import inference
 from segray.bulk.config import PredictConfig
 from segray.bulk.job import predict
-from segray.bulk.manifest import Manifest, PredictResult, read_manifest, run_folders
+from segray.bulk.manifest import (
+    Manifest,
+    PredictResult,
+    fallback_folder,
+    read_manifest,
+    run_folders,
+)
 from segray.bulk.plan import common_base, plan
 from segray.devtools import synth
 from segray.errors import ConfigError
@@ -147,6 +153,10 @@ def test_200_geotiff_tiles_then_a_rerun_skips_all_and_rewrites_nothing(
     assert result.ok and result.counts == {"ok": COUNT, "skipped": 0, "error": 0}
     assert_masks_correct(out, expected, s3_endpoint)
     table = read_manifest(result.manifest, storage.filesystem(out, s3_endpoint))
+    # the output took the whole receipt: its local spool is gone
+    assert result.manifest.startswith(out) and not os.path.exists(
+        fallback_folder(result.manifest.rsplit("/", 1)[-1])
+    )
     version = saving.load_card(model_uri, storage.filesystem(model_uri, s3_endpoint)).version
     rows = {storage.relative_to(tiles, r["input_uri"]): r for r in table.to_pylist()}
     assert set(rows) == set(expected) and len(table) == COUNT
@@ -643,6 +653,56 @@ def test_an_output_that_takes_no_more_writes_stops_the_job_with_its_receipt(
     assert 0 < len(done) < COUNT if fault == "disk full" else not masks
     assert_masks_correct(str(small_disk), {rel: expected[rel] for rel in masks}, s3_endpoint)
     assert not [p for p in small_disk.rglob(".tmp-*")]  # no torn write left behind
+
+
+@pytest.mark.slow
+def test_an_output_bucket_lost_mid_job_stops_it_with_its_whole_receipt_in_the_fallback(
+    model_uri, s3_endpoint, tmp_path, monkeypatch, ray_local
+):
+    """The probe's fault: the S3 server of the output killed once masks were written, a new empty
+    one on the same port (the bucket is gone)."""
+    import threading
+
+    from segray.devtools.s3server import MotoServer
+
+    inputs = tmp_path / "in"
+    synth.write_collection(str(inputs), count=240, size=SIZE, mode="binary", seed=3)
+    model = str(tmp_path / "model")
+    loaded, card = saving.load_model(model_uri, storage.filesystem(model_uri, s3_endpoint))
+    saving.save_model(loaded, card, model)
+    monkeypatch.setenv("SEGRAY_MANIFEST_FALLBACK", str(tmp_path / "receipts"))
+    first = MotoServer().start()
+    out = "s3://lost/masks"
+    storage.make_bucket(out, endpoint=first.endpoint)
+    seen: list[str] = []
+    second: list[MotoServer] = []
+
+    def lose_the_bucket() -> None:
+        while len(seen) < 15:
+            seen[:] = [k for k in objects(out, first.endpoint) if k.endswith(".png")]
+            time.sleep(0.05)
+        first.stop()
+        second.append(MotoServer(port=first.port).start())
+
+    killer = threading.Thread(target=lose_the_bucket, daemon=True)
+    killer.start()
+    try:
+        cfg = config(model, f"{inputs}/images", out, first.endpoint, batch_size=4)
+        result = predict(cfg.replace(tiles_per_task=4))
+    finally:
+        killer.join(60)
+        for server in (first, *second):
+            server.stop()
+    assert second, "the job ended before its bucket could be lost"
+    assert not result.ok and "NoSuchBucket" in result.stopped, result.summary()
+    summary = result.summary()
+    assert "STOPPED" in summary and str(tmp_path / "receipts") in summary
+    # the whole receipt is in the fallback folder: every mask seen written before the fault
+    assert result.manifest.startswith(str(tmp_path / "receipts"))
+    rows = read_manifest(result.manifest).to_pylist()
+    done = {r["output_uri"] for r in rows if r["status"] == "ok"}
+    assert {f"s3://lost/{key}" for key in seen} <= done
+    assert len(rows) == len({r["input_uri"] for r in rows}) and len(rows) < 240
 
 
 def test_entries_that_are_no_file_are_error_rows_before_anything_opens_them(tmp_path):

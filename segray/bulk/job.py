@@ -30,7 +30,7 @@ from segray.bulk.predictor import TilePredictor, render_options
 from segray.bulk.rows import STOP
 from segray.bulk.scenes import SceneJob, run_scenes
 from segray.bulk.sinks import Sink, job_sinks
-from segray.errors import ConfigError
+from segray.errors import ConfigError, StorageError
 from segray.log import progress
 
 if TYPE_CHECKING:
@@ -100,7 +100,10 @@ def predict(config: PredictConfig, on_rows: Callable[[int], None] | None = None)
     if stopped:
         log.error("stopping: %s", stopped)
         for sink in sinks:
-            sink.on_write_failed(stopped)
+            try:
+                sink.on_write_failed(stopped)
+            except StorageError as exc:  # the output may be gone: the receipt comes first
+                log.warning("%s: %s", type(sink).__name__, exc)
     else:
         for sink in sinks:
             sink.on_write_complete(masks)

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segray.bulk.sinks import Sink
-from segray.errors import OutputFull
+from segray.errors import StorageError
 from segray.io import storage
 from segray.io.files import FileSystem
 
@@ -154,6 +155,11 @@ class Manifest(Sink):
         self._rows: dict[str, list[Any]] = {name: [] for name in schema().names}
         self._parts = 0
         self._written: list[tuple[str, FileSystem]] = []  # (part, where) of each part
+        # every part is also kept in a local spool until the run closes with its receipt whole
+        # in the output: an output lost mid-job (a deleted bucket, a dead endpoint) still
+        # leaves the whole receipt here, where the summary says
+        self._spool = fallback_folder(self._run)
+        self._fell_back = False
 
     @property
     def run_id(self) -> str:
@@ -241,7 +247,11 @@ class Manifest(Sink):
         saw get ``ok`` rows too (their class fractions unknown), so the receipt covers every
         mask the run wrote. A mask is written last and whole, so one that exists is complete."""
         seen = self.inputs()
-        present = self.settled_outputs()
+        try:
+            present = self.settled_outputs()
+        except StorageError as exc:  # the output itself is gone: the rows seen are all we know
+            log.warning("manifest: cannot list %s (%s)", self.output, exc)
+            return
         for input_uri, output_uri in self._todo:
             if input_uri not in seen and output_uri in present:
                 self.add(input_uri, "ok", **self.files(output_uri))
@@ -271,18 +281,21 @@ class Manifest(Sink):
         sink = io.BytesIO()
         pq.write_table(table, sink)
         name = f"part-{self._parts:05d}.parquet"
-        try:
-            self.fs.write_bytes(storage.join(self.uri, name), sink.getvalue())
-        except OutputFull as exc:
-            # the rest of the receipt goes where it can be written, and the summary says where
-            fallback = fallback_folder(self._run)
-            self.notes.append(
-                f"{self._parts} part(s) in {self.uri}; the rest in {fallback} ({exc})"
-            )
-            log.warning("manifest: %s; writing it to %s instead", exc, fallback)
-            self.uri, self.fs = fallback, storage.LOCAL
-            self.fs.write_bytes(storage.join(self.uri, name), sink.getvalue())
-        self._written.append((storage.join(self.uri, name), self.fs))
+        data = sink.getvalue()
+        storage.LOCAL.write_bytes(storage.join(self._spool, name), data)
+        if not self._fell_back:
+            try:
+                self.fs.write_bytes(storage.join(self.uri, name), data)
+            except StorageError as exc:
+                # the rest of the receipt stays where it can be written: the whole of it is in
+                # the spool, and the summary says where
+                self.notes.append(
+                    f"{self._parts} part(s) in {self.uri}; the whole receipt in {self._spool} "
+                    f"({exc})"
+                )
+                log.warning("manifest: %s; the receipt is in %s", exc, self._spool)
+                self.uri, self.fs, self._fell_back = self._spool, storage.LOCAL, True
+        self._written.append((storage.join(self._spool, name), storage.LOCAL))
         self._parts += 1
         self._flushed_at = time.monotonic()
         self._rows = {name: [] for name in schema().names}
@@ -304,6 +317,8 @@ class Manifest(Sink):
         """Write the last part and return the job's result."""
         if self._rows["input_uri"] or not self._parts:
             self.flush()
+        if not self._fell_back:  # the output holds the whole receipt: the spool is spent
+            shutil.rmtree(self._spool, ignore_errors=True)
         return PredictResult(
             dict(self.counts),
             list(self.errors),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
-from segray.errors import StorageError
+from segray.errors import OutputFull, StorageError
 from segray.io.files import FileSystem, listed, parse, suffix_tuple
 
 if TYPE_CHECKING:
@@ -162,6 +162,14 @@ def _error(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"{uri}: S3 error {code}: {exc}")
 
 
+def _write_error(uri: str, exc: Exception) -> StorageError:
+    """A failed write; :class:`OutputFull` when no later write can succeed (the bucket is gone:
+    a job stops with its receipt instead of failing every tile one by one)."""
+    if _code(exc) == "NoSuchBucket" or "NoSuchBucket" in str(exc):
+        return OutputFull(f"{uri}: cannot write: the bucket is gone (S3 error NoSuchBucket)")
+    return _error(uri, exc)
+
+
 def _code(exc: Exception) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
@@ -194,14 +202,14 @@ class S3FileSystem(FileSystem):
         try:
             call(uri, lambda: client.put_object(Bucket=loc.bucket, Key=loc.path, Body=data))
         except Exception as exc:
-            raise _error(uri, exc) from exc
+            raise _write_error(uri, exc) from exc
 
     def write_file(self, uri: str, path: str) -> None:
         loc, client = parse(uri), self.client
         try:
             call(uri, lambda: client.upload_file(path, loc.bucket, loc.path))
         except Exception as exc:
-            raise _error(uri, exc) from exc
+            raise _write_error(uri, exc) from exc
 
     def exists(self, uri: str) -> bool:
         loc, client = parse(uri), self.client
