@@ -190,11 +190,25 @@ def test_tilejson_layers_cache_headers_and_errors(base, scene):
         timeout=60,
     )
     assert cached.status_code == 304 and not cached.content
-    for layer in ("image", "probability", "precomputed"):
+    for layer in ("image", "probability"):
         shown = get_tile(base, scene["image"], z, t.x, t.y, layer=layer)
         assert shown.status_code == 200, shown.text
         assert rgba(shown).shape == (256, 256, 4)
         assert shown.headers["etag"] != first.headers["etag"]
+    # a class mask is drawn in the palette; an image is no class mask: refused, saying why
+    truth = get_tile(base, scene["truth"], z, t.x, t.y, layer="precomputed")
+    assert truth.status_code == 200 and rgba(truth).shape == (256, 256, 4), truth.text
+    rgb = get_tile(base, scene["image"], z, t.x, t.y, layer="precomputed")
+    assert rgb.status_code == 400 and "it has 3 bands" in rgb.json()["detail"], rgb.text
+    import rasterio
+
+    grey = os.path.join(scene["allowed"], "grey.tif")  # one uint8 band, but brightness
+    with rasterio.open(scene["image"]) as src:
+        profile = {**src.profile, "count": 1}
+        with rasterio.open(grey, "w", **profile) as dst:
+            dst.write(src.read(1), 1)
+    pan = get_tile(base, grey, z, t.x, t.y, layer="precomputed")
+    assert pan.status_code == 400 and "values up to" in pan.json()["detail"], pan.text
     retina = requests.get(
         f"{base}/tiles/WebMercatorQuad/{z}/{t.x}/{t.y}@2x.png",
         params={"url": scene["image"]},

@@ -22,6 +22,7 @@ from segray.devtools.s3server import free_port
 from segray.io import imagery
 from segray.models import build_model, saving
 from segray.serve import ingress
+from segray.serve.config import ServeConfig
 
 SIZE = 32
 WAIT_S = 3.0  # a batch waits this long to fill: far longer than a lone request may take
@@ -58,6 +59,16 @@ def listener(port: int) -> str | None:
     return None
 
 
+def test_a_loopback_server_opens_no_haproxy_page_unless_asked():
+    """HAProxy's stats and metrics pages bind every interface (Serve's template): ``auto`` keeps
+    Serve's proxy on a loopback host, so nothing but --host:--port listens."""
+    for host in ingress.LOOPBACK:
+        assert ingress.choose("auto", host) == "proxy" and ingress.environment("auto", host) == {}
+    assert ingress.choose("auto", "0.0.0.0") == "haproxy"
+    assert ingress.choose("haproxy", "127.0.0.1") == "haproxy"
+    assert ServeConfig(model_uri="m").ingress == "auto"
+
+
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -79,7 +90,7 @@ def test_segray_serve_behind_haproxy_batches_only_when_others_wait(model_dir, tm
     env |= ingress.own_haproxy(folder, free_port(), free_port())
     cli = str(Path(sys.executable).parent / "segray")
     args = [cli, "serve", "--model", model_dir, "--port", str(port), "--max-batch-size", "8"]
-    args += ["--batch-wait-timeout-s", str(WAIT_S), "--num-cpus", "0.5"]
+    args += ["--batch-wait-timeout-s", str(WAIT_S), "--num-cpus", "0.5", "--ingress", "haproxy"]
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -122,6 +133,8 @@ def test_segray_serve_behind_haproxy_batches_only_when_others_wait(model_dir, tm
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    # asked for on a loopback host, HAProxy comes with a warning: its pages listen everywhere
+    assert "listen on every interface" in process.stdout.read().decode()
     # Ctrl-C takes HAProxy down with Ray: nothing is left listening on the port
     deadline = time.monotonic() + 30
     while listener(port) is not None and time.monotonic() < deadline:

