@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from segray.devtools import synth
+from segray.devtools.cluster import kill_tree
 from segray.devtools.s3server import free_port
 from segray.io import storage
 
@@ -32,7 +33,7 @@ def client_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """``ray start --head --block`` on 127.0.0.1 in its own session; stopped (killpg) afterwards."""
+    """``ray start --head --block`` on 127.0.0.1 in its own session; killed afterwards."""
     temp = tmp_path_factory.mktemp("ray")
     port, dash = free_port(), free_port()
     cmd = [
@@ -78,11 +79,8 @@ def cluster(tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
         pytest.fail(f"the Ray head did not answer on {address}: {probe.stderr[-2000:]}")
     yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    kill_tree(head.pid)  # a graceful stop takes `ray start --block` some 30 s
+    head.wait(timeout=60)
 
 
 def run_job(address: str, *entrypoint: str, timeout: float = 600) -> str:

@@ -100,7 +100,7 @@ class LocalCluster:
 
         A port chosen free can be taken before Ray binds it (the tests' own Ray starts workers on
         random ports), which leaves a head whose dashboard never answers (seen once in CI): a head
-        that dies or stays silent for half the time is stopped and started again on fresh ports.
+        that dies or stays silent for ``timeout`` is stopped and started once more on fresh ports.
         """
         self.temp.mkdir(parents=True, exist_ok=True)
         for attempt in range(2):
@@ -119,7 +119,7 @@ class LocalCluster:
                 ],
             )
             try:
-                self.wait_nodes(1, timeout / 2, while_alive=head)
+                self.wait_nodes(1, timeout, while_alive=head)
                 return self
             except TimeoutError:
                 if attempt:
@@ -169,18 +169,8 @@ class LocalCluster:
         return False
 
     def kill(self, node: Node) -> None:
-        """Lose ``node`` at once: SIGKILL to its process group and to every process under it (the
-        raylet gives each worker a process group of its own), as a lost machine would."""
-        doomed = _descendants(node.process.pid)
-        try:
-            os.killpg(node.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """Lose ``node`` at once, as a lost machine would (:func:`kill_tree`)."""
+        kill_tree(node.process.pid)
         node.process.wait()
 
     def state(self, what: str = "nodes", *filters: str) -> list[dict[str, Any]]:
@@ -228,13 +218,11 @@ class LocalCluster:
         return names
 
     def stop(self) -> None:
+        """Kill every node: a test cluster keeps nothing worth a graceful stop, which takes
+        ``ray start --block`` some 30 s a node."""
         for node in reversed(self.nodes):
             if node.alive():
-                try:
-                    os.killpg(node.process.pid, signal.SIGTERM)
-                    node.process.wait(timeout=30)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    self.kill(node)
+                self.kill(node)
         shutil.rmtree(self.ray_temp, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
@@ -242,6 +230,21 @@ class LocalCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to the process group ``pid`` leads and to every process under it (the raylet gives
+    each worker a process group of its own)."""
+    doomed = _descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in doomed:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _descendants(root: int) -> list[int]:
