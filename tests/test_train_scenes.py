@@ -320,12 +320,12 @@ def test_train_from_a_stac_item_collection(tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_an_epoch_several_times_the_object_store_streams_within_its_budget():
-    """A child process starts Ray with an 80 MiB object store and trains one epoch of 2,048 chips
-    (4 bands of uint16, 128 px: 320 MiB loaded) from a 2,048 px scene, while a thread samples the
+    """A child process starts Ray with an 80 MiB object store and trains one epoch of 1,664 chips
+    (4 bands of uint16, 128 px: 260 MiB loaded) from a 2,048 px scene, while a thread samples the
     store's bytes in use from the raylet every 0.2 s (``memory_summary``)."""
     from segray.devtools.bench.chips import bench_chips
 
-    (row,) = bench_chips((1,), 2048, chips=2048, store_mib=80, echo=lambda line: None)
+    (row,) = bench_chips((1,), 2048, chips=1664, store_mib=80, echo=lambda line: None)
     assert row["streamed_mib"] > 3 * row["store_mib"]
     assert 0 < row["store_peak_mib"] <= row["in_flight_mib"] + 8, row
 
