@@ -17,7 +17,7 @@ import pytest
 
 from segray.devtools import synth
 from segray.errors import ModelError
-from segray.models import build_model, saving
+from segray.models import build_model, saving, vetting
 
 SEGRAY = str(Path(sys.executable).with_name("segray"))
 
@@ -61,6 +61,19 @@ REASONS = {
     "os": "function 'system' from module 'os', which is neither Keras nor segray",
     "three": "num_classes 3 does not fit the model, whose 1 output channel(s) mean 2 classes",
 }
+
+
+def test_function_names_are_refused_only_outside_keras_and_segray():
+    def conv(activation):
+        return {"class_name": "Conv2D", "config": {"name": "c", "activation": activation}}
+
+    assert list(vetting.refusals(conv("relu"))) == []
+    assert list(vetting.refusals(conv("keras.activations.relu"))) == []
+    (why,) = vetting.refusals(conv("os.system"))
+    assert why == "layer 'c': activation 'os.system' is not a Keras function"
+    custom = {"class_name": "Dense", "registered_name": "evil>Layer", "config": {"name": "d"}}
+    (why,) = vetting.refusals(custom)
+    assert "custom object 'evil>Layer', which segray does not define" in why
 
 
 @pytest.mark.parametrize("name", list(REASONS))

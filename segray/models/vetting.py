@@ -80,7 +80,8 @@ def refusals(node: Any, layer: str = "?") -> Iterator[str]:
             yield f"layer {layer!r}: custom object {registered!r}, which segray does not define"
             return
     for key, value in node.items():
-        if key in FUNCTION_KEYS and isinstance(value, str) and "." in value:
+        dotted = isinstance(value, str) and "." in value
+        if key in FUNCTION_KEYS and dotted and value.split(".")[0] not in TRUSTED_MODULES:
             yield f"layer {layer!r}: {key} {value!r} is not a Keras function"
         else:
             yield from refusals(value, layer)
