@@ -486,6 +486,25 @@ def test_manifest_parts_and_verdict(tmp_path):
     assert "c: empty file" in result.summary()
 
 
+def test_the_receipt_spool_is_a_copy_that_never_costs_a_job(tmp_path, monkeypatch):
+    # a spool where the output takes the receipt: gone once it is whole there
+    monkeypatch.setenv("SEGRAY_MANIFEST_FALLBACK", str(tmp_path / "spool"))
+    manifest = Manifest(str(tmp_path / "out"), "model-uri", "v1", rows_per_part=1)
+    manifest.add("a", "ok", output_uri="out/a")
+    assert len(storage.list_files(str(tmp_path / "spool"))) == 1
+    result = manifest.close(1.0)
+    assert result.manifest.startswith(str(tmp_path / "out"))
+    assert not storage.list_files(str(tmp_path / "spool"))
+    # a spool that cannot be written (a file where its folder should be): a warning, not an error
+    (tmp_path / "blocked").write_text("")
+    monkeypatch.setenv("SEGRAY_MANIFEST_FALLBACK", str(tmp_path / "blocked"))
+    manifest = Manifest(str(tmp_path / "out"), "model-uri", "v1", rows_per_part=1)
+    for name in ("a", "b"):
+        manifest.add(name, "ok", output_uri=f"out/{name}")
+    assert manifest.inputs() == {"a", "b"}  # read back from the output
+    assert read_manifest(manifest.close(1.0).manifest).num_rows == 2
+
+
 def test_config_refuses_bad_values_and_the_job_maps_every_option():
     with pytest.raises(ConfigError, match="output_mode: Input should be 'classes', 'binary'"):
         PredictConfig(model="m", input="i", output="o", output_mode="logits")

@@ -159,7 +159,7 @@ class Manifest(Sink):
         # in the output: an output lost mid-job (a deleted bucket, a dead endpoint) still
         # leaves the whole receipt here, where the summary says
         self._spool = fallback_folder(self._run)
-        self._fell_back = False
+        self._fell_back = self._spool_failed = False
 
     @property
     def run_id(self) -> str:
@@ -282,23 +282,39 @@ class Manifest(Sink):
         pq.write_table(table, sink)
         name = f"part-{self._parts:05d}.parquet"
         data = sink.getvalue()
-        storage.LOCAL.write_bytes(storage.join(self._spool, name), data)
+        spooled = self._spool_part(name, data)
         if not self._fell_back:
             try:
                 self.fs.write_bytes(storage.join(self.uri, name), data)
-            except StorageError as exc:
+            except OSError as exc:  # StorageError is one
                 # the rest of the receipt stays where it can be written: the whole of it is in
                 # the spool, and the summary says where
+                held = "the whole receipt" if spooled else "the rest"
                 self.notes.append(
-                    f"{self._parts} part(s) in {self.uri}; the whole receipt in {self._spool} "
-                    f"({exc})"
+                    f"{self._parts} part(s) in {self.uri}; {held} in {self._spool} ({exc})"
                 )
                 log.warning("manifest: %s; the receipt is in %s", exc, self._spool)
                 self.uri, self.fs, self._fell_back = self._spool, storage.LOCAL, True
-        self._written.append((storage.join(self._spool, name), storage.LOCAL))
+                if not spooled:
+                    self.fs.write_bytes(storage.join(self.uri, name), data)
+        where = (self._spool, storage.LOCAL) if spooled or self._fell_back else (self.uri, self.fs)
+        self._written.append((storage.join(where[0], name), where[1]))
         self._parts += 1
         self._flushed_at = time.monotonic()
         self._rows = {name: [] for name in schema().names}
+
+    def _spool_part(self, name: str, data: bytes) -> bool:
+        """Keep a copy of a part in the local spool; a spool that cannot be written (a full or
+        read-only temporary folder) is given up with one warning, never the job."""
+        if self._spool_failed:
+            return False
+        try:
+            storage.LOCAL.write_bytes(storage.join(self._spool, name), data)
+            return True
+        except OSError as exc:  # StorageError is one
+            log.warning("manifest: no local copy of the receipt (%s)", exc)
+            self._spool_failed = True
+            return False
 
     def inputs(self) -> set[str]:
         """Every input recorded so far in this run (its parts read back, and the rows not yet
