@@ -218,6 +218,11 @@ def bench_startup_cmd(tiles: int, size: int, repeats: int) -> None:
     bench_startup(tiles, size, repeats, echo=click.echo)
 
 
+def _listed(text: str) -> tuple[str, ...]:
+    """A comma-separated option's items."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 @bench.command("accuracy")
 @click.option(
     "--datasets",
@@ -266,8 +271,7 @@ def bench_accuracy_cmd(
     """segray's training against a plain Keras fit: rare-class IoU on held-out real tiles."""
     from segray.devtools.bench.accuracy import bench_accuracy, parse_sets
 
-    names = tuple(d.strip() for d in datasets.split(",") if d.strip())
-    chosen = tuple(s.strip() for s in sides.split(",") if s.strip())
+    names, chosen = _listed(datasets), _listed(sides)
     try:
         overrides = parse_sets(sets)
         bench_accuracy(
@@ -351,8 +355,7 @@ def bench_tune_cmd(
     from segray.devtools.bench.search import bench_tune
     from segray.train.space import load_space
 
-    names = tuple(d.strip() for d in datasets.split(",") if d.strip())
-    chosen = tuple(s.strip() for s in sides.split(",") if s.strip())
+    names, chosen = _listed(datasets), _listed(sides)
     space = load_space(space_file) if space_file else None
     try:
         bench_tune(

@@ -79,6 +79,16 @@ DATASETS = {
 }
 
 
+def check_names(datasets: Sequence[str], sides: Sequence[str], known: Sequence[str]) -> None:
+    """Refuse unknown datasets and sides (of ``known``), or none of either, naming the choices."""
+    unknown = [*(set(datasets) - set(DATASETS)), *(set(sides) - set(known))]
+    if unknown or not datasets or not sides:
+        raise ValueError(
+            f"unknown datasets or sides {sorted(unknown)}: datasets any of "
+            f"{', '.join(DATASETS)}; sides any of {', '.join(known)}"
+        )
+
+
 def held_out(row: int, col: int, tile: int) -> bool:
     """Whether the tile at pixel ``(row, col)`` lies in the held-out blocks."""
     block_row, block_col = row // tile // BLOCK, col // tile // BLOCK
@@ -325,12 +335,7 @@ def bench_accuracy(
     return the table."""
     from segray.runtime import init_ray
 
-    unknown = [*(set(datasets) - set(DATASETS)), *(set(sides) - set(SIDES))]
-    if unknown or not datasets or not sides:
-        raise ValueError(
-            f"unknown datasets or sides {sorted(unknown)}: datasets any of "
-            f"{', '.join(DATASETS)}; sides any of {', '.join(SIDES)}"
-        )
+    check_names(datasets, sides, SIDES)
     if seeds < 1 or epochs < 1 or first_seed < 0:
         raise ValueError("--seeds and --epochs must be at least 1, --first-seed at least 0")
     init_ray(log_to_driver=False)

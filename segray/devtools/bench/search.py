@@ -22,7 +22,14 @@ from typing import Any
 
 import yaml
 
-from segray.devtools.bench.accuracy import DATASETS, cut_tiles, load_rows, score, train_config
+from segray.devtools.bench.accuracy import (
+    DATASETS,
+    check_names,
+    cut_tiles,
+    load_rows,
+    score,
+    train_config,
+)
 
 #: The bench's search space: the recipe settings that moved the rare class elsewhere.
 SPACE: dict[str, Any] = {
@@ -90,12 +97,7 @@ def bench_tune(
     from segray.models import saving
     from segray.runtime import init_ray
 
-    unknown = [*(set(datasets) - set(DATASETS)), *(set(sides) - set(SIDES))]
-    if unknown or not datasets or not sides:
-        raise ValueError(
-            f"unknown datasets or sides {sorted(unknown)}: datasets any of "
-            f"{', '.join(DATASETS)}; sides any of {', '.join(SIDES)}"
-        )
+    check_names(datasets, sides, SIDES)
     if min(trials, epochs, grace) < 1:
         raise ValueError("--trials, --epochs and --grace-epochs must be at least 1")
     init_ray(log_to_driver=False)
