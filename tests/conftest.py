@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from segray.devtools.ports import free_port
 from segray.devtools.s3server import TEST_CREDENTIALS, MotoServer
 from segray.io import storage
 
@@ -49,12 +49,6 @@ def ray_local(s3_server):
     ray = init_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from segray.cli import cli
 from segray.devtools import synth
-from segray.devtools.s3server import free_port
+from segray.devtools.ports import free_port
 from segray.io import imagery, storage
 
 

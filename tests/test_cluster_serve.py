@@ -16,7 +16,7 @@ import requests
 
 from segray.devtools import synth
 from segray.devtools.cluster import LocalCluster
-from segray.devtools.s3server import free_port
+from segray.devtools.ports import free_port
 from segray.io import imagery, storage
 from segray.models import saving
 

@@ -9,7 +9,7 @@ import rasterio
 import requests
 
 from segray.devtools import synth
-from segray.devtools.bench.serve import free_port
+from segray.devtools.ports import free_port
 from segray.io import imagery
 
 SIZES = (32, 64, 128, 256)

@@ -19,7 +19,7 @@ import pytest
 
 from segray.devtools import synth
 from segray.devtools.cluster import kill_tree
-from segray.devtools.s3server import free_port
+from segray.devtools.ports import free_port
 from segray.io import storage
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import requests
 
 from segray import inference
 from segray.devtools import labelled_scenes
-from segray.devtools.bench.serve import free_port
+from segray.devtools.ports import free_port
 from segray.inference import tiling
 from segray.io import imagery
 from segray.io.maptiles import MapTiles

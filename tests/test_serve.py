@@ -15,7 +15,7 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
 from segray import inference
 from segray.devtools import synth
-from segray.devtools.bench.serve import free_port
+from segray.devtools.ports import free_port
 from segray.errors import ConfigError
 from segray.io import imagery, storage
 from segray.models import saving

@@ -18,7 +18,7 @@ import requests
 
 from segray import inference
 from segray.devtools import synth
-from segray.devtools.s3server import free_port
+from segray.devtools.ports import free_port
 from segray.io import imagery
 from segray.models import build_model, saving
 from segray.serve import ingress

@@ -4,7 +4,6 @@ artifact root, 127.0.0.1), read back through its REST API; a server that is down
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -12,16 +11,11 @@ import pytest
 import requests
 
 from segray.devtools import synth
+from segray.devtools.ports import free_port
 from segray.train import tracking
 from segray.train.augment import AugmentConfig
 from segray.train.config import TrainConfig
 from segray.train.driver import train
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(url: str, route: str, **params) -> dict:

@@ -18,7 +18,7 @@ from segray.errors import ConfigError, DatasetError, ModelError
 from segray.io import imagery, storage
 from segray.models import saving
 from segray.train.augment import AugmentConfig
-from segray.train.config import TrainConfig
+from segray.train.config import THRESHOLDS, TrainConfig
 from segray.train.driver import prepare, train
 
 TINY = {"base_filters": 4, "depth": 2}
@@ -203,18 +203,24 @@ def test_small_unet_learns_buildings(tmp_path, ray_local):
         max_failures=0,
         augment=AugmentConfig(hue=0.0, brightness=0.0, contrast=0.0),  # flips and rot90 only
     )
-    train(cfg)
+    best = train(cfg).best
     # evaluate the saved best model ourselves on the validation tiles
     model, card = saving.load_model(out)
     _, val = labels.split_samples(labels.find_samples(labels.DatasetSpec(root=data)), 0.2, 0)
-    cm = metrics.ConfusionMatrix(2)
+    cm, at_half = metrics.ConfusionMatrix(2), metrics.ConfusionMatrix(2)
     spec = labels.DatasetSpec(root=data)
     for sample in val:
         row = labels.load_sample(sample, spec)
         x = inference.prepare(imagery.Tile(row["image"]), card)[None]
-        pred = inference.render(inference.infer(model, x, card), card)
-        cm.update(row["mask"][None], pred)
+        logits = inference.infer(model, x, card)
+        cm.update(row["mask"][None], inference.render(logits, card))
+        at_half.update(row["mask"][None], inference.render(logits, card, threshold=0.5))
     assert cm.iou[1] >= 0.6, cm.table()
+    # the card keeps the threshold its best epoch chose on these tiles, and the inference path
+    # at that threshold scores what the training loop scored (never worse than 0.5 there)
+    assert card.threshold == best["val_threshold"] and card.threshold in THRESHOLDS
+    assert cm.iou[1] == pytest.approx(best["val_iou_1"], abs=1e-4)
+    assert cm.iou[1] >= at_half.iou[1]
 
 
 def test_bad_input_refused_before_workers_start(binary_tiles, tmp_path):
@@ -239,6 +245,29 @@ def test_bad_input_refused_before_workers_start(binary_tiles, tmp_path):
         prepare(tiny_config(binary_tiles, out, loss="ce+dicey"))
     with pytest.raises(DatasetError, match="no images under"):
         prepare(tiny_config(str(tmp_path / "empty"), out))
+
+
+def test_the_threshold_is_chosen_on_the_monitored_metric_nearest_half_of_equals(binary_tiles):
+    from segray.train.loop import _best_threshold
+
+    # truth x prediction counts at thresholds 0.3 and 0.7: the low one finds every target pixel
+    # with as many false ones (IoU 0.5, accuracy 0.95), the high one a fifth of them, none false
+    # (IoU 0.2, accuracy 0.96)
+    cms = np.array([[[900, 50], [0, 50]], [[950, 0], [40, 10]]])
+    assert _best_threshold(cms, (0.3, 0.7), "val_iou_1") == 0
+    assert _best_threshold(cms, (0.3, 0.7), "val_loss") == 0  # a loss: the positive class's IoU
+    assert _best_threshold(cms, (0.3, 0.7), "val_pixel_accuracy") == 1
+    same = np.stack([cms[0]] * 3)
+    assert _best_threshold(same, (0.2, 0.45, 0.9), "val_f1_1") == 1
+    # no target on the validation tiles: predicting none (IoU NaN) beats false ones (IoU 0)
+    nothing = np.array([[[900, 100], [0, 0]], [[1000, 0], [0, 0]]])
+    assert _best_threshold(nothing, (0.1, 0.5), "val_iou_1") == 1
+    out = "unused"
+    assert tiny_config(binary_tiles, out).thresholds() == THRESHOLDS
+    assert tiny_config(binary_tiles, out, threshold=0.7).thresholds() == (0.7,)
+    assert tiny_config(binary_tiles, out, num_classes=3).thresholds() == (0.5,)
+    with pytest.raises(ConfigError, match="threshold"):
+        tiny_config(binary_tiles, out, threshold=1.5)
 
 
 def test_bad_data_and_model_refused(tmp_path, ray_local):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segray.devtools.s3server import free_port
+from segray.devtools.ports import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from segray.devtools.ports import free_port
 from segray.errors import SegrayError
 
 #: Credentials moto accepts; set only when the environment has none.
@@ -22,13 +22,6 @@ TEST_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "segray-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class MotoServer:

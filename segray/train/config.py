@@ -28,6 +28,9 @@ MONITOR_MODES: dict[str, Literal["max", "min"]] = {
     "loss": "min",
 }
 PER_CLASS = re.compile(r"val_(iou|f1)_(\d+)")
+#: The thresholds a two-class run's validation scores to choose its card's threshold: steps of
+#: 0.05, finer towards 0 and 1 (a class-weighted model's best threshold can lie above 0.95).
+THRESHOLDS = (0.01, 0.02, 0.03, *(round(0.05 * k, 2) for k in range(1, 20)), 0.97, 0.98, 0.99)
 
 
 def monitor_mode(name: str) -> Literal["max", "min"]:
@@ -115,6 +118,15 @@ class TrainConfig(Settings, storage.Addressed):
     )
     patience: int | None = setting(None, "Stop after this many epochs without improvement.", ge=1)
     val_fraction: float = setting(0.2, "Share of tiles held out for validation.", ge=0, lt=1)
+    threshold: float | None = setting(
+        None,
+        "Probability threshold of a two-class model's positive class, written to its card "
+        "(default: at each epoch, the one of 0.01, 0.02, 0.03, 0.05, 0.10 ... 0.95, 0.97, 0.98, "
+        "0.99 that maximises the monitored metric on the validation tiles; 0.5 without "
+        "validation).",
+        ge=0,
+        le=1,
+    )
     labels: str | None = setting(None, "One vector file labelling every scene (layout scenes).")
     stac: str | None = setting(None, "STAC ItemCollection, catalog or collection of scenes.")
     asset: str | None = setting(None, "The STAC items' image asset (default: their one image).")
@@ -203,6 +215,13 @@ class TrainConfig(Settings, storage.Addressed):
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         return self
+
+    def thresholds(self) -> tuple[float, ...]:
+        """The probability thresholds each validation scores: the grid the card's threshold is
+        chosen from (a two-class run given no ``threshold``), else the one."""
+        if self.num_classes != 2:
+            return (0.5,)
+        return THRESHOLDS if self.threshold is None else (self.threshold,)
 
     def compute_precision(self) -> str:
         """The precision the run computes in (``auto`` resolved)."""

@@ -61,6 +61,8 @@ class TrainResult:
         val = f", val mIoU {best['val_miou']:.3f}" if "val_miou" in best else ""
         if self.monitor in best and self.monitor not in ("val_miou", "loss"):
             val += f", {self.monitor} {best[self.monitor]:.3f}"
+        if "val_threshold" in best:
+            val += f" at threshold {best['val_threshold']:.2f}"
         loss = f"loss {best['loss']:.4f}" if "loss" in best else ""
         stopped = ""
         if self.epochs and self.epochs_run < self.epochs:
@@ -142,6 +144,7 @@ def _model_card(config: TrainConfig, channels: int, data: DatasetInfo) -> ModelC
         ignore_index=config.ignore_index,
         input_multiple=int(info["output_stride"]),
         precision=config.compute_precision(),
+        threshold=0.5 if config.threshold is None else config.threshold,
     )
 
 

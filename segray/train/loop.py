@@ -74,7 +74,14 @@ class Steps:
     """The compiled distributed train and validation steps of one model."""
 
     def __init__(
-        self, strategy: Any, model: Any, optimizer: Any, loss: Any, classes: int, global_batch: int
+        self,
+        strategy: Any,
+        model: Any,
+        optimizer: Any,
+        loss: Any,
+        classes: int,
+        global_batch: int,
+        thresholds: tuple[float, ...] = (0.5,),
     ) -> None:
         import tensorflow as tf
 
@@ -106,11 +113,15 @@ class Steps:
         def val_step(x: Any, y: Any, w: Any) -> Any:
             logits = model(x, training=False)
             per_sample = loss(y, logits)
-            pred = metrics.logits_to_labels(logits)
             keep = tf.reshape(w > 0, (-1, 1, 1))
             truth = tf.where(keep, tf.cast(y, tf.int32), classes)  # padding → ignored label
-            cm = metrics.confusion_matrix(truth, pred, classes)
-            return tf.reduce_sum(per_sample * w), tf.reduce_sum(w), tf.cast(cm, tf.float32)
+            # one confusion matrix per candidate threshold (one for multiclass: argmax)
+            cms = [
+                metrics.confusion_matrix(truth, metrics.logits_to_labels(logits, t), classes)
+                for t in thresholds
+            ]
+            cm = tf.cast(tf.stack(cms), tf.float32)
+            return tf.reduce_sum(per_sample * w), tf.reduce_sum(w), cm
 
         def reduce(values: Any) -> Any:
             return [strategy.reduce(sum_, v, axis=None) for v in values]
@@ -140,6 +151,19 @@ def _batches(shard: Any, batch: int, card: ModelCard) -> Any:
 
 def _stacked(column: np.ndarray) -> np.ndarray:
     return np.stack(list(column)) if column.dtype == object else column
+
+
+def _best_threshold(cms: np.ndarray, thresholds: tuple[float, ...], monitor: str) -> int:
+    """The index of the threshold whose confusion matrix scores best on the monitored metric
+    (the positive class's IoU when the monitor is a loss); of equals, the one nearest 0.5. A
+    class neither present nor predicted (NaN) has nothing wrong: it ranks first."""
+    key = monitor if monitor.startswith("val_") and monitor != "val_loss" else "val_iou_1"
+
+    def score(k: int) -> float:
+        value = _summary(cms[k]).get(key, float("nan"))
+        return float("inf") if np.isnan(value) else value
+
+    return max(sorted(range(len(thresholds)), key=lambda k: abs(thresholds[k] - 0.5)), key=score)
 
 
 def _summary(cm: np.ndarray) -> dict[str, float]:
@@ -230,21 +254,24 @@ def train_loop(loop: dict[str, Any]) -> None:
     loss = losses.build_loss(
         cfg.loss, cfg.num_classes, cfg.class_weights, ignore_index=cfg.ignore_index
     )
-    steps = Steps(strategy, model, optimizer, loss, cfg.num_classes, per_worker * world)
+    steps = Steps(
+        strategy, model, optimizer, loss, cfg.num_classes, per_worker * world, cfg.thresholds()
+    )
     board = plan.board if rank == 0 else None
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         _maybe_fail(cfg, epoch, rank)
         where = (board, epoch, steps_per_epoch)
         train_shard, val_shard = feed.train(epoch, rank, world), feed.val(rank, world)
         row, ids = _train_epoch(steps, train_shard, cfg, card, per_worker, rank, where)
-        row.update(_validate(steps, val_shard, per_worker, card) if val_shard else {})
+        row.update(_validate(steps, val_shard, per_worker, card, cfg) if val_shard else {})
         row["epoch"] = epoch
         state = _advance(state, row, cfg)
         if cfg.diagnostics:
             _write_diagnostics(cfg, epoch, rank, ids, model, per_worker * world)
         ckpt, folder = None, None
         if rank == 0:
-            card = card.replace(metrics=row, epoch=epoch)
+            threshold = row.get("val_threshold", card.threshold)
+            card = card.replace(metrics=row, epoch=epoch, threshold=threshold)
             folder = checkpoints.save(model, optimizer, card, state)
             ckpt = ray.train.Checkpoint.from_directory(folder)
         name = checkpoints.checkpoint_name(epoch, len(state["starts"]))
@@ -287,7 +314,11 @@ def _train_epoch(
     return {"loss": total / max(count, 1.0), "img_per_s": count / max(seconds, 1e-9)}, ids
 
 
-def _validate(steps: Steps, shard: Any, per_worker: int, card: ModelCard) -> dict[str, float]:
+def _validate(
+    steps: Steps, shard: Any, per_worker: int, card: ModelCard, cfg: TrainConfig
+) -> dict[str, float]:
+    """The validation row: loss, and every metric at the threshold that scores the monitored
+    metric best (two classes: ``val_threshold``, what the epoch's card keeps)."""
     total, count, cm = 0.0, 0.0, None
     for images, masks, weights, _, _ in _batches(shard, per_worker, card):
         loss_sum, n, batch_cm = steps.val(
@@ -297,7 +328,11 @@ def _validate(steps: Steps, shard: Any, per_worker: int, card: ModelCard) -> dic
         cm = np.asarray(batch_cm) if cm is None else cm + np.asarray(batch_cm)
     out = {"val_loss": total / max(count, 1.0)}
     if cm is not None:
-        out.update(_summary(cm.astype(np.int64)))
+        thresholds = cfg.thresholds()
+        k = _best_threshold(cm.astype(np.int64), thresholds, cfg.monitor or "")
+        out.update(_summary(cm[k].astype(np.int64)))
+        if cfg.num_classes == 2:
+            out["val_threshold"] = thresholds[k]
     return out
 
 

@@ -73,6 +73,8 @@ def epoch_line(row: dict[str, float], epochs: int) -> str:
         val = f", val loss {row['val_loss']:.4f}, val mIoU {row['val_miou']:.3f}"
     if "val_iou_1" in row and "val_iou_2" not in row:  # two classes: the positive one
         val += f", val IoU 1 {row['val_iou_1']:.3f}"
+        if "val_threshold" in row:
+            val += f" at {row['val_threshold']:.2f}"
     speed = f"{row['img_per_s']:.0f} img/s"
     return f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}{val}, {speed}"
 

@@ -233,7 +233,7 @@ def segray_side(
 ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
     """``segray.train.driver.train`` with the defaults and ``run['fields']``; the run's
     ``model.keras`` (its best epoch) scores the held-out tiles (:func:`scores`). Returns the
-    scores and what the run chose (best epoch, epochs run)."""
+    scores and what the run chose (best epoch, epochs run, the card's threshold)."""
     from segray.models import saving
     from segray.train.driver import train
 
@@ -246,6 +246,7 @@ def segray_side(
     return scores(model, card, test, run), {
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
+        "threshold": card.threshold,
     }
 
 
@@ -372,7 +373,10 @@ def bench_accuracy(
                     else:
                         got, picked = segray_side(train_dir, test, run, int(side[-2]), out)
                         chosen[name][side].append(picked)
-                        note = f" (best epoch {picked['best_epoch']}/{picked['epochs_run']})"
+                        note = (
+                            f" (best epoch {picked['best_epoch']}/{picked['epochs_run']}, "
+                            f"threshold {picked['threshold']:.2f})"
+                        )
                     for key, value in got.items():
                         results[name].setdefault(f"{side}{key}", []).append(value)
                     iou, f1 = got[""]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from segray.devtools.ports import free_port
 from segray.errors import ConfigError
 from segray.inference.run import BATCH_SIZE
 
@@ -143,13 +143,6 @@ def _child_main(uri: str, body: str, settings: dict[str, Any]) -> None:
         serve.shutdown()
         ray.shutdown()
     print(json.dumps(runs), flush=True)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def compute_ceiling(model: Any, card: Any, batch_size: int, seconds: float = 5.0) -> float:

@@ -77,7 +77,8 @@ def bench_tiles(
     from ray import serve
 
     from segray.devtools import labelled_scenes
-    from segray.devtools.bench.serve import compute_ceiling, free_port
+    from segray.devtools.bench.serve import compute_ceiling
+    from segray.devtools.ports import free_port
     from segray.runtime import init_ray
     from segray.serve import app as serve_app
     from segray.serve.config import ServeConfig
