@@ -84,9 +84,29 @@ def test_bench_plan_plans_every_simulated_key_in_a_fresh_process():
 
 
 def test_rss_sampler_sees_this_process():
-    from segray.devtools.bench.scale import RssSampler, rss_bytes
+    from segray.devtools.bench.harness import RssSampler, rss_bytes
 
     with RssSampler(interval=0.01) as sampler:
         block = np.ones(32 * 2**20, np.uint8)  # 32 MiB more while sampled
         time.sleep(0.05)
     assert sampler.driver >= rss_bytes(os.getpid()) - 2**20 and sampler.driver > block.size
+
+
+def test_harness_medians_take_each_position_and_each_key():
+    from statistics import StatisticsError
+
+    from segray.devtools.bench.harness import median_by_key, medians
+
+    # (IoU, F1) of three seeds: the median of each position, not of each seed's pair
+    assert medians([(0.5, 0.9), (0.1, 0.7), (0.3, 0.2)]) == (0.3, 0.7)
+    # an even count: the mean of the two middle values
+    assert medians([(1.0, 4.0), (3.0, 2.0)]) == (2.0, 3.0)
+    with pytest.raises(StatisticsError):
+        medians([])
+    rounds = [
+        {"rps": 10.0, "p50_ms": 5.0},
+        {"rps": 30.0, "p50_ms": 1.0},
+        {"rps": 20.0, "p50_ms": 9.0},
+    ]
+    assert median_by_key(rounds, ("rps", "p50_ms")) == {"rps": 20.0, "p50_ms": 5.0}
+    assert median_by_key(rounds[:2], ("rps",)) == {"rps": 20.0}

@@ -20,12 +20,11 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from segray.devtools.bench.scale import RssSampler, anchor_pool
+from segray.devtools.bench.harness import RssSampler, Sampler, anchor_pool
 
 MiB = 2**20
 
@@ -111,25 +110,17 @@ def _train_probe(
     }
 
 
-class StorePeak:
+class StorePeak(Sampler):
     """The object store's peak bytes in use, sampled from the raylet while in the block."""
 
+    final = False
+
     def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.peak = 0
 
-    def __enter__(self) -> StorePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, store_bytes())
+    def sample(self) -> None:
+        self.peak = max(self.peak, store_bytes())
 
 
 def store_bytes() -> int:

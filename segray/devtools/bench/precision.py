@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from segray.devtools.bench.harness import epoch_timer
+
 
 def _windows(card: Any, count: int, seed: int = 0) -> np.ndarray:
     h, w, c = card.input_shape
@@ -78,15 +80,8 @@ def _train_rate(card: Any, precision: str, x: np.ndarray, batch: int, epochs: in
         )
         target = y[..., None] if card.num_classes > 2 else y[..., None].astype(np.float32)
         times: list[float] = []
-
-        class Timer(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.start = time.perf_counter()
-
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                times.append(time.perf_counter() - self.start)
-
-        model.fit(x, target, batch_size=batch, epochs=epochs, verbose=0, callbacks=[Timer()])
+        timer = epoch_timer(times)
+        model.fit(x, target, batch_size=batch, epochs=epochs, verbose=0, callbacks=[timer])
         return len(x) * (epochs - 1) / sum(times[1:])
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -19,7 +19,6 @@ are the ratios, taken side by side on one machine; each rate is the median of ``
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,10 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from segray.devtools.bench.scale import RssSampler, anchor_pool
+from segray.devtools.bench.harness import (
+    RssSampler,
+    anchor_pool,
+    median_by_key,
+    model_rate,
+    save_untrained,
+)
 
-#: The bench model: the classic U-Net of the issue's table (1.94 M parameters), binary, untrained.
-MODEL = {"name": "unet", "num_classes": 2}
 #: Distinct synthetic tiles the collection cycles through (each file has its own georeference).
 POOL = 64
 
@@ -65,7 +68,7 @@ def bench_predict(
             init_ray()
             for size, count in sizes:
                 model = os.path.join(tmp, f"model-{size}")
-                pool.submit(_save_model, model, size).result()
+                pool.submit(save_untrained, model, size).result()
                 local = os.path.join(tmp, f"tiles-{size}")
                 write_tiles(local, count, size)
                 targets = [("local", local, None)]
@@ -73,7 +76,7 @@ def bench_predict(
                     bucket = f"s3://bench-{size}/tiles"
                     write_tiles(bucket, count, size, endpoint=server.endpoint)
                     targets.append(("s3", bucket, server.endpoint))
-                rate = pool.submit(_model_rate, model, model_seconds).result()
+                rate = pool.submit(model_rate, model, model_seconds).result()
                 for where, tiles, endpoint in targets:
                     out = tmp if endpoint is None else f"s3://bench-{size}"
                     loop_out = f"{out}/loop-{size}-{where}"
@@ -85,11 +88,11 @@ def bench_predict(
                             args = (model, tiles, f"{loop_out}-{r}", endpoint, loop_tiles)
                             loops.append(fresh.submit(_loop_rate, *args).result())
                         same_masks(f"{loop_out}-{r}", masks, endpoint)
-                    loop_steady = statistics.median(one["steady_per_s"] for one in loops)
-                    loop_start = statistics.median(one["start_s"] for one in loops)
+                    looped = median_by_key(loops, ("steady_per_s", "start_s"))
+                    loop_steady, loop_start = looped["steady_per_s"], looped["start_s"]
                     loop = count / (loop_start + count / loop_steady)
-                    job_rate = statistics.median(r["tiles_per_s"] for r in runs)
-                    steady = statistics.median(r["steady_per_s"] for r in runs)
+                    ran = median_by_key(runs, ("tiles_per_s", "steady_per_s", "start_s"))
+                    job_rate, steady = ran["tiles_per_s"], ran["steady_per_s"]
                     rows.append(
                         {
                             "size": size,
@@ -97,7 +100,7 @@ def bench_predict(
                             "storage": where,
                             "job": job_rate,
                             "steady": steady,
-                            "start_s": statistics.median(r["start_s"] for r in runs),
+                            "start_s": ran["start_s"],
                             "job_runs": [round(r["tiles_per_s"], 1) for r in runs],
                             "loop_runs": [round(one["steady_per_s"], 1) for one in loops],
                             "loop": loop,
@@ -228,25 +231,6 @@ def same_masks(loop_out: str, job_out: str, endpoint: str | None) -> int:
     if not names:
         raise RuntimeError(f"the plain loop wrote no mask under {loop_out}")
     return len(names)
-
-
-def _model_rate(model_uri: str, seconds: float) -> float:
-    """Tiles/s of the model alone: in-memory batches of the job's ``batch_size``."""
-    from segray import inference
-    from segray.bulk.config import PredictConfig
-    from segray.devtools.bench.serve import compute_ceiling
-
-    model, card = inference.load(model_uri)
-    batch = PredictConfig.model_fields["batch_size"].default
-    return compute_ceiling(model, card, batch, seconds)
-
-
-def _save_model(folder: str, size: int) -> None:
-    from segray.models import build_model, saving
-
-    shape = (size, size, 3)
-    model = build_model(MODEL["name"], MODEL["num_classes"], shape)
-    saving.save_model(model, saving.ModelCard(**MODEL, input_shape=shape), folder)
 
 
 # --- tiles -------------------------------------------------------------------------------------

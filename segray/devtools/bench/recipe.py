@@ -14,7 +14,6 @@ F1 there, median over seeds, and the ratio of each median IoU to the anchor's.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 
 from segray.devtools.bench import accuracy
 from segray.devtools.bench.accuracy import Dataset
+from segray.devtools.bench.harness import medians
 
 DATA = Path(__file__).resolve().parents[3] / "tests" / "data" / "real"
 IMAGE, CLASSES = "nc_landsat7_2000.tif", "nc_landclass96.tif"
@@ -188,9 +188,9 @@ def table(results: dict[str, dict[str, list[tuple[float, float]]]], seeds: int) 
         f"{'target':<10} {'recipe':<34} {'IoU':>6} {'F1':>6} {'x keras':>8}  IoU per seed",
     ]
     for target, by_recipe in results.items():
-        anchor = _medians(by_recipe[ANCHOR])[0]
+        anchor = medians(by_recipe[ANCHOR])[0]
         for name, runs in by_recipe.items():
-            iou, f1 = _medians(runs)
+            iou, f1 = medians(runs)
             each = " ".join(f"{i:.3f}" for i, _ in runs)
             lines.append(
                 f"{target:<10} {name:<34} {iou:>6.3f} {f1:>6.3f} {_ratio(iou, anchor):>8}  {each}"
@@ -198,7 +198,7 @@ def table(results: dict[str, dict[str, list[tuple[float, float]]]], seeds: int) 
     for target, by_recipe in results.items():
         if OLD_DEFAULT in by_recipe and DEFAULT in by_recipe:
             (old_iou, old_f1), (new_iou, new_f1) = (
-                _medians(by_recipe[k]) for k in (OLD_DEFAULT, DEFAULT)
+                medians(by_recipe[k]) for k in (OLD_DEFAULT, DEFAULT)
             )
             lines.append(
                 f"{target}: old default -> segray default: IoU {old_iou:.3f} -> {new_iou:.3f} "
@@ -206,10 +206,6 @@ def table(results: dict[str, dict[str, list[tuple[float, float]]]], seeds: int) 
             )
     lines.append(f"(median over {seeds} seed(s); x keras = median IoU / the Keras anchor's)")
     return lines
-
-
-def _medians(runs: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    return statistics.median(i for i, _ in runs), statistics.median(f for _, f in runs)
 
 
 def bench_recipe(

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from segray.devtools.bench.scale import RssSampler, anchor_pool
+from segray.devtools.bench.harness import RssSampler, anchor_pool, model_rate, save_untrained
 
-#: The bench model: the classic U-Net (1.94 M parameters), binary, untrained.
-MODEL = {"name": "unet", "num_classes": 2}
+#: Classes of the bench model: the classic U-Net (1.94 M parameters), binary, untrained.
+CLASSES = 2
 
 
 def bench_scenes(
@@ -48,12 +48,12 @@ def bench_scenes(
     n_windows = len(scene_windows(size, size, window, overlap))
     with tempfile.TemporaryDirectory() as tmp, anchor_pool() as pool:
         model = os.path.join(tmp, "model")
-        pool.submit(_save_model, model, window).result()
+        pool.submit(save_untrained, model, window, CLASSES).result()
         one, many = os.path.join(tmp, "one"), os.path.join(tmp, "many")
         pool.submit(write_scenes, many, size, scenes).result()  # the driver's RSS its own
         os.makedirs(one)
         shutil.copy(os.path.join(many, "scene_000.tif"), one)
-        rate = pool.submit(_model_rate, model, window, model_seconds).result()
+        rate = pool.submit(model_rate, model, model_seconds).result()
         init_ray()
         singles, alls, samplers = [], [], []
         for r in range(repeats):
@@ -63,7 +63,7 @@ def bench_scenes(
             samplers.append(sampler)
     single, together = statistics.median(singles), statistics.median(alls)
     sampler = samplers[len(samplers) // 2]
-    classes = MODEL["num_classes"]
+    classes = CLASSES
     stride = window - overlap
     figures = {
         "size": size,
@@ -114,25 +114,6 @@ def write_scenes(out: str, size: int, count: int) -> None:
     for i in range(count):
         with open(os.path.join(out, f"scene_{i:03d}.tif"), "wb") as f:
             f.write(data)
-
-
-def _save_model(folder: str, window: int) -> None:
-    from segray.models import build_model, saving
-
-    shape = (window, window, 3)
-    model = build_model(MODEL["name"], MODEL["num_classes"], shape)
-    saving.save_model(model, saving.ModelCard(**MODEL, input_shape=shape), folder)
-
-
-def _model_rate(model_uri: str, window: int, seconds: float) -> float:
-    """Windows/s of the model alone: in-memory batches of the job's ``batch_size``."""
-    from segray import inference
-    from segray.bulk.config import PredictConfig
-    from segray.devtools.bench.serve import compute_ceiling
-
-    model, card = inference.load(model_uri)
-    batch = PredictConfig.model_fields["batch_size"].default
-    return compute_ceiling(model, card, batch, seconds)
 
 
 def format_report(f: dict[str, Any]) -> str:

@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from segray.devtools.bench.harness import compute_ceiling, median_by_key, save_untrained
 from segray.devtools.ports import free_port
 from segray.errors import ConfigError
 from segray.inference.run import BATCH_SIZE
 
 APP_NAME = "segray-bench"
-#: The default bench model: classic U-Net, binary, untrained.
-DEFAULT_MODEL = {"name": "unet", "num_classes": 2, "input_shape": (128, 128, 3)}
+#: The default bench model's window: classic U-Net, binary, untrained, 3 bands.
+DEFAULT_SIZE = 128
 REQUEST_TIMEOUT_S = 60.0
 CHILD_TIMEOUT_S = 1800.0
 INGRESSES = ("proxy", "haproxy")
@@ -78,7 +79,7 @@ def bench_serve(
             raise ConfigError(f"--ingress: {name!r} is not one of {', '.join(INGRESSES)}")
     used = {name: resolve(name) for name in ingresses}  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as tmp:
-        uri = model_uri or _default_model(tmp)
+        uri = model_uri or save_untrained(tmp, DEFAULT_SIZE)
         model, card = saving.load_model(uri)
         body = os.path.join(tmp, "tile.bin")
         with open(body, "wb") as f:
@@ -143,30 +144,6 @@ def _child_main(uri: str, body: str, settings: dict[str, Any]) -> None:
         serve.shutdown()
         ray.shutdown()
     print(json.dumps(runs), flush=True)
-
-
-def compute_ceiling(model: Any, card: Any, batch_size: int, seconds: float = 5.0) -> float:
-    """Images/s of ``inference.infer`` on in-memory batches of ``batch_size`` (after warm-up)."""
-    from segray import inference
-
-    batch = np.random.default_rng(0).random((batch_size, *card.input_shape), np.float32)
-    for _ in range(2):
-        inference.infer(model, batch, card)
-    runs, start = 0, time.perf_counter()
-    while runs < 3 or time.perf_counter() - start < seconds:
-        inference.infer(model, batch, card)
-        runs += 1
-    return runs * batch_size / (time.perf_counter() - start)
-
-
-def _default_model(folder: str) -> str:
-    from segray.models import build_model, saving
-
-    spec = DEFAULT_MODEL
-    model = build_model(spec["name"], spec["num_classes"], spec["input_shape"])
-    card = saving.ModelCard(**spec)
-    saving.save_model(model, card, folder)
-    return folder
 
 
 def _tile_png(card: Any) -> bytes:
@@ -291,7 +268,7 @@ def _median_levels(rounds: list[dict[int, dict[str, Any]]]) -> dict[int, dict[st
     keys = ("rps", "p50_ms", "p95_ms", "p99_ms", "mean_batch")
     return {
         clients: {
-            **{k: float(np.median([r[clients][k] for r in rounds])) for k in keys},
+            **median_by_key([r[clients] for r in rounds], keys),
             "requests": sum(r[clients]["requests"] for r in rounds),
             "errors": sum(r[clients]["errors"] for r in rounds),
         }

@@ -20,7 +20,6 @@ touches them alike.
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from segray.devtools.bench.harness import median_by_key, save_untrained
 
 SIDES = ("from nothing", "running cluster", "pool", "plain loop")
 POOL_NAME = "bench-startup"
@@ -79,14 +80,14 @@ def bench_startup(
 ) -> dict[str, Any]:
     """Run every side ``repeats`` times over ``tiles`` tiles of ``size`` px; print the table and
     return ``{"sides": {side: {"first_s", "end_s", "runs"}}, "tiles", "size"}``."""
-    from segray.devtools.bench.predict import _save_model, write_tiles
+    from segray.devtools.bench.predict import write_tiles
     from segray.devtools.cluster import LocalCluster
 
     runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory(prefix="segray-startup-") as tmp:
         root = Path(tmp)
         model, inputs = str(root / "model"), str(root / "tiles")
-        _save_model(model, size)
+        save_untrained(model, size)
         write_tiles(inputs, tiles, size)
         echo(f"startup: {tiles} tiles of {size} px, {repeats} runs of each side")
         with LocalCluster(root / "cluster", head_cpus=max(4, os.cpu_count() or 1)) as cluster:
@@ -122,11 +123,7 @@ def bench_startup(
                         raise RuntimeError(f"{side}: {written} masks of {tiles}; see {log}")
                     echo(f"  run {k + 1} {side}: first mask {runs[side][-1]['first_s']:.2f} s")
     sides = {
-        side: {
-            "first_s": statistics.median(r["first_s"] for r in found),
-            "end_s": statistics.median(r["end_s"] for r in found),
-            "runs": found,
-        }
+        side: {**median_by_key(found, ("first_s", "end_s")), "runs": found}
         for side, found in runs.items()
     }
     result = {"sides": sides, "tiles": tiles, "size": size, "repeats": repeats}

@@ -27,24 +27,21 @@ from typing import Any
 
 import numpy as np
 
+from segray.devtools.bench.harness import compute_ceiling, save_untrained
+
 APP_NAME = "segray-bench-tiles"
 TMS_NAME = "WebMercatorQuad"
 
 
 def _model(folder: str, size: int) -> str:
-    from segray.models import build_model, saving
-
-    model = build_model("unet", 2, (size, size, 3), base_filters=8, depth=3)
-    card = saving.ModelCard(
-        name="unet",
-        num_classes=2,
-        input_shape=(size, size, 3),
+    """The bench's small untrained U-Net (8 base filters, depth 3) of buildings."""
+    return save_untrained(
+        folder,
+        size,
         class_names=["background", "building"],
         dtype="uint8",
         options={"base_filters": 8, "depth": 3},
     )
-    saving.save_model(model, card, folder)
-    return folder
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -77,7 +74,6 @@ def bench_tiles(
     from ray import serve
 
     from segray.devtools import labelled_scenes
-    from segray.devtools.bench.serve import compute_ceiling
     from segray.devtools.ports import free_port
     from segray.runtime import init_ray
     from segray.serve import app as serve_app

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from segray.devtools.bench.harness import epoch_timer
+
 
 def _tiles(data: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The training tiles in memory, normalised as training normalises them, and their masks."""
@@ -50,15 +52,8 @@ def _bare_keras(data: str, size: int, options: dict, batch: int, epochs: int) ->
 
     model.compile(keras.optimizers.Adam(1e-3), loss=ce_dice)
     times: list[float] = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            times.append(time.perf_counter() - self.start)
-
-    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[Timer()])
+    timer = epoch_timer(times)
+    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[timer])
     return float(np.median([len(x) / t for t in times[1:]]))
 
 

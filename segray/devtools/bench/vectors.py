@@ -81,7 +81,7 @@ def bench_vectors(
 
     from segray.bulk.config import PredictConfig
     from segray.bulk.vectors import build_layer
-    from segray.devtools.bench.scale import RssSampler, rss_bytes
+    from segray.devtools.bench.harness import RssSampler, rss_bytes
     from segray.io import polygons
     from segray.models.saving import ModelCard
     from segray.runtime import init_ray
