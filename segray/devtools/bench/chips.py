@@ -37,9 +37,12 @@ def bench_chips(
     size: int = 128,
     chips: int = 256,
     store_mib: int = 96,
+    model_options: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run the bench (one child process per scene count); prints and returns its figures."""
+    """Run the bench (one child process per scene count); prints and returns its figures.
+    ``model_options`` size the U-Net (default base_filters 8, depth 3): the store's figures do
+    not depend on it, the seconds do."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for count in counts:
@@ -47,7 +50,8 @@ def bench_chips(
             with anchor_pool() as pool:  # the scenes are drawn in a process of their own
                 pool.submit(_write, root, count, scene_size, bands).result()
             with anchor_pool() as pool:
-                args = (root, count, scene_size, bands, size, chips, store_mib)
+                options = model_options or {"base_filters": 8, "depth": 3}
+                args = (root, count, scene_size, bands, size, chips, store_mib, options)
                 job = pool.submit(_train_probe, *args)
                 rows.append(job.result())
             echo(format_row(rows[-1]))
@@ -62,7 +66,14 @@ def _write(root: str, count: int, scene_size: int, bands: int) -> None:
 
 
 def _train_probe(
-    root: str, count: int, scene_size: int, bands: int, size: int, chips: int, store_mib: int
+    root: str,
+    count: int,
+    scene_size: int,
+    bands: int,
+    size: int,
+    chips: int,
+    store_mib: int,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
     from segray.runtime import init_ray
     from segray.train.augment import AugmentConfig
@@ -76,7 +87,7 @@ def _train_probe(
         out=os.path.join(root, "run"),
         layout="scenes",
         labels=os.path.join(data, "labels.geojson"),
-        model_options={"base_filters": 8, "depth": 3},
+        model_options=options,
         size=size,
         epochs=1,
         chips_per_epoch=chips,
