@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from segray import inference
 from segray.bulk import catalog
+from segray.bulk.outputs import File, LocalFile, Output
 from segray.bulk.plan import footprints_uri, uncertainty_uri
 from segray.errors import SegrayError
 from segray.io import imagery
@@ -31,48 +32,6 @@ if TYPE_CHECKING:
     from segray.models.saving import ModelCard
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalFile:
-    """A file on this machine's disk, copied whole to its URI (a scene's rasters)."""
-
-    path: str
-
-
-#: One file to write: its URI and its bytes, or the local file to copy there.
-File = tuple[str, "bytes | LocalFile"]
-
-
-@dataclass
-class Output:
-    """What the sinks see of one input's result in the task that writes it."""
-
-    #: The mask's URI; every other file is named after it.
-    uri: str
-    input_uri: str
-    #: An empty tile with the input's format and georeference (for encoders).
-    like: Tile
-    shape: tuple[int, int]
-    #: The rendered mask, or its local file.
-    mask: np.ndarray | LocalFile
-    uncertainty: np.ndarray | LocalFile | None = None
-    #: Class ids of the mask's pixels (for vectors), or what reads them when asked.
-    labels: np.ndarray | Callable[[], np.ndarray] | None = None
-    #: The probability of each pixel's class, uint8 0..254 (for the vector layer's scores).
-    confidence: np.ndarray | Callable[[], np.ndarray] | None = None
-    #: The STAC item the input comes from (``href``, ``id``, ``datetime``), if any.
-    source: dict[str, str] | None = None
-
-    def class_ids(self) -> np.ndarray:
-        """The class ids, read now where they are on disk."""
-        if self.labels is None:
-            raise ValueError(f"{self.uri}: no class ids were kept for this output")
-        return self.labels() if callable(self.labels) else self.labels
-
-    def confidence_map(self) -> np.ndarray | None:
-        """The class probabilities, read now where they are on disk (None: not kept)."""
-        return self.confidence() if callable(self.confidence) else self.confidence
 
 
 @dataclass

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from segray.bulk.config import PredictConfig
-    from segray.bulk.sinks import Output
+    from segray.bulk.outputs import Output
     from segray.models.saving import ModelCard
 
 log = logging.getLogger(__name__)

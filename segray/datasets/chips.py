@@ -14,12 +14,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray.datasets.sampling import Chip
+from segray.datasets.scene import Chip, ChipScene
 from segray.errors import DatasetError, TileError
 from segray.io import gdal, rasters, storage, vectors
 from segray.io.files import FileSystem
@@ -36,20 +35,6 @@ LABEL_SUFFIXES = SCENE_SUFFIXES + vectors.VECTOR_SUFFIXES
 MIN_VALID = 0.5
 #: Draws of a training chip before the last one is taken whatever it holds.
 MAX_DRAWS = 20
-
-
-@dataclass(frozen=True)
-class ChipScene:
-    """A scene's header and where its labels are (``labels``: a raster's URI, or ``vector``)."""
-
-    id: str
-    image: str
-    width: int
-    height: int
-    crs: str | None
-    transform: tuple[float, ...] | None
-    labels: str | None = None
-    vector: vectors.SceneLabels | None = field(default=None, compare=False)
 
 
 def _stem(uri: str) -> str:

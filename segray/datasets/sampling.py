@@ -12,21 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from segray.datasets.scene import Chip, ChipScene
 from segray.errors import DatasetError
 
 if TYPE_CHECKING:
-    from segray.datasets.chips import ChipScene
     from segray.datasets.labels import DatasetSpec
-
-
-@dataclass(frozen=True)
-class Chip:
-    """A window of scene ``scene`` (index), ``size`` square, at (col, row)."""
-
-    scene: int
-    col: int
-    row: int
-    weight: float = 1.0
 
 
 @dataclass

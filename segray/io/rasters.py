@@ -7,31 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from segray.io import gdal, imagery, storage
 from segray.io.files import FileSystem
-
-if TYPE_CHECKING:
-    from segray.io.readers import RasterHeader
-
-
-@dataclass(frozen=True)
-class Window:
-    """A rectangle of a scene in pixels: top row, left column, height and width."""
-
-    row: int
-    col: int
-    height: int
-    width: int
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        """``(rows, cols)`` slices of this window in the scene array."""
-        return slice(self.row, self.row + self.height), slice(self.col, self.col + self.width)
+from segray.io.grids import RasterHeader, Window
 
 
 @contextlib.contextmanager

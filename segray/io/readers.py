@@ -15,46 +15,18 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from segray.errors import TileError
 from segray.io import gdal, imagery
+from segray.io.grids import Grid, RasterHeader, Window
 from segray.io.imagery import Tile
 
 if TYPE_CHECKING:
-    from affine import Affine
-
     from segray.io.files import FileSystem
-    from segray.io.rasters import Window
     from segray.io.stac import StacInput
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A target pixel grid: ``width`` x ``height`` pixels placed by ``transform`` in ``crs``."""
-
-    crs: str
-    transform: Affine
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class RasterHeader:
-    """What a raster says about itself before any pixel is read."""
-
-    uri: str
-    format: str
-    width: int
-    height: int
-    count: int
-    dtype: str
-    crs: str | None = None
-    transform: Affine | None = None
-    nodata: float | None = None
 
 
 class RasterReader(ABC):
@@ -153,7 +125,7 @@ def _read_dataset(
     the part beyond the raster is read as nothing and filled."""
     from affine import Affine
 
-    from segray.io.rasters import Window, read_window
+    from segray.io.rasters import read_window
 
     row, col = (window.row, window.col) if window else (0, 0)
     height, width = (window.height, window.width) if window else (src.height, src.width)

@@ -22,7 +22,7 @@ from segray.errors import ModelError
 from segray.models.options import output_channels
 
 if TYPE_CHECKING:
-    from segray.models.saving import ModelCard
+    from segray.models.card import ModelCard
 
 #: Modules a model file's objects may come from.
 TRUSTED_MODULES = ("keras", "segray")
