@@ -25,9 +25,13 @@ def test_each_rule_maps_pixels_as_documented():
     np.testing.assert_allclose(bands.normalize(x, "scale"), x / 65535, rtol=1e-6)
     np.testing.assert_allclose(bands.normalize(x, "scale", scale=4095)[0, 1, 0], 1.0)
     stats = bands.BandStats(
-        mean=(2000.0, 200.0), std=(1000.0, 100.0), p2=(0.0, 150.0), p98=(4000.0, 250.0),
-        pixels=2, sampled=2,
-    )  # fmt: skip
+        mean=(2000.0, 200.0),
+        std=(1000.0, 100.0),
+        p2=(0.0, 150.0),
+        p98=(4000.0, 250.0),
+        pixels=2,
+        sampled=2,
+    )
     np.testing.assert_allclose(bands.normalize(x, "stats", stats=stats), [[[-2, -1], [2.095, 1]]])
     np.testing.assert_allclose(bands.normalize(x, "percentile", stats=stats), [[[0, 0], [1, 1]]])
     valid = np.array([[True, False]])
@@ -72,8 +76,9 @@ def test_sample_size_bounds_the_sample_of_any_set():
 def _tiff(array: np.ndarray, **profile) -> bytes:
     h, w, c = array.shape
     with rasterio.MemoryFile() as mem:
-        with mem.open(driver="GTiff", width=w, height=h, count=c, dtype=array.dtype.name,
-                      **profile) as ds:  # fmt: skip
+        with mem.open(
+            driver="GTiff", width=w, height=h, count=c, dtype=array.dtype.name, **profile
+        ) as ds:
             ds.write(np.moveaxis(array, -1, 0))
         return bytes(mem.read())
 
@@ -92,8 +97,15 @@ def test_decode_reads_no_data_from_the_nodata_value_and_an_alpha_band():
     rgba[..., 3] = 255
     rgba[:, :3, 3] = 0
     with rasterio.MemoryFile() as mem:
-        with mem.open(driver="GTiff", width=8, height=8, count=4, dtype="uint8",
-                      photometric="RGB", alpha="YES") as ds:  # fmt: skip
+        with mem.open(
+            driver="GTiff",
+            width=8,
+            height=8,
+            count=4,
+            dtype="uint8",
+            photometric="RGB",
+            alpha="YES",
+        ) as ds:
             ds.write(np.moveaxis(rgba, -1, 0))
         alpha = imagery.decode(bytes(mem.read()), "a.tif", bands=(1, 2, 3))
     assert alpha.valid is not None and not alpha.valid[:, :3].any() and alpha.valid[:, 3:].all()

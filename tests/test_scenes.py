@@ -26,9 +26,15 @@ def test_band_writer_takes_bands_in_any_order_and_copies_a_cog(tmp_path):
     truth[:5] = 255
     palette = [(0, 0, 0), (255, 0, 0), (0, 0, 255)]
     writer = BandWriter(
-        str(tmp_path), "mask", truth.shape, crs=CRS, transform=TRANSFORM, nodata=255,
-        colormap=palette, tags={"CLASS_NAMES": '["a", "b", "c"]'},
-    )  # fmt: skip
+        str(tmp_path),
+        "mask",
+        truth.shape,
+        crs=CRS,
+        transform=TRANSFORM,
+        nodata=255,
+        colormap=palette,
+        tags={"CLASS_NAMES": '["a", "b", "c"]'},
+    )
     edges = [0, 96, 200, 333, 512, 700]
     bands = list(zip(edges, edges[1:], strict=False))
     random.Random(1).shuffle(bands)

@@ -265,14 +265,26 @@ def test_a_mask_without_georeference_gets_an_item_with_null_geometry(tmp_path):
     assert stac.footprint(None, None, (32, 32)) is None
     out = str(tmp_path / "out")
     item = stac.mask_item(
-        f"{out}/sub/x.json", f"{out}/sub/x.png", out, geo=None, source="/in/sub/x.png",
-        source_id=None, datetime=WHEN, classes=["a", "b"], description="d", collection_id="c",
-    )  # fmt: skip
+        f"{out}/sub/x.json",
+        f"{out}/sub/x.png",
+        out,
+        geo=None,
+        source="/in/sub/x.png",
+        source_id=None,
+        datetime=WHEN,
+        classes=["a", "b"],
+        description="d",
+        collection_id="c",
+    )
     validate_dict(item, extensions=[])
     assert item["geometry"] is None and "bbox" not in item and item["id"] == "sub_x"
     source = {link["rel"]: link for link in item["links"]}["source"]
-    assert source == {"rel": "source", "href": "/in/sub/x.png", "title": "input image",
-                      "type": "image/png"}  # fmt: skip
+    assert source == {
+        "rel": "source",
+        "href": "/in/sub/x.png",
+        "title": "input image",
+        "type": "image/png",
+    }
     assert item["assets"]["labels"] == {
         "href": "./x.png",
         "type": "image/png",
@@ -313,9 +325,13 @@ def test_predict_over_a_local_item_collection_writes_stac_and_a_rerun_keeps_it(
     (src / "items.json").write_text(item_collection(features))
     out = tmp_path / "out"
     config = PredictConfig(
-        model=model, stac=str(src / "items.json"), output=str(out), asset="image", batch_size=4,
+        model=model,
+        stac=str(src / "items.json"),
+        output=str(out),
+        asset="image",
+        batch_size=4,
         max_error_rate=0.5,
-    )  # fmt: skip
+    )
     result = predict(config)
     assert result.counts == {"ok": 3, "skipped": 0, "error": 1}, result.summary()
     (bare,) = [r for r in read_manifest(result.manifest).to_pylist() if r["status"] == "error"]
@@ -363,9 +379,14 @@ def test_predict_scenes_from_s3_items_writes_stac_on_s3(model, s3_prefix, s3_end
     )
     out = f"{s3_prefix}/out"
     config = PredictConfig(
-        model=model, stac=f"{s3_prefix}/stac/items.json", output=out, endpoint=s3_endpoint,
-        scene=True, overlap=8, batch_size=4,
-    )  # fmt: skip
+        model=model,
+        stac=f"{s3_prefix}/stac/items.json",
+        output=out,
+        endpoint=s3_endpoint,
+        scene=True,
+        overlap=8,
+        batch_size=4,
+    )
     result = predict(config)
     assert result.counts == {"ok": 2, "skipped": 0, "error": 0}, result.summary()
     check_output(out, inputs, s3_endpoint, scene=True)

@@ -79,9 +79,14 @@ def test_per_scene_labels_in_other_crs_and_formats(one_scene, tmp_path):
     geoms = shapely.transform(shapely.from_wkb(wkb), to_mercator)
     kinds = np.full(len(geoms), 1, np.int32)
     pyogrio.raw.write(
-        str(root / "labels" / "scene_000.fgb"), shapely.to_wkb(geoms), [kinds],
-        ["kind"], driver="FlatGeobuf", crs="EPSG:3857", geometry_type="Polygon",
-    )  # fmt: skip
+        str(root / "labels" / "scene_000.fgb"),
+        shapely.to_wkb(geoms),
+        [kinds],
+        ["kind"],
+        driver="FlatGeobuf",
+        crs="EPSG:3857",
+        geometry_type="Polygon",
+    )
     spec = spec_of(str(root), class_field="kind")
     scenes = chips.find_scenes(spec)
     split = sampling.split(scenes, spec)
@@ -235,15 +240,27 @@ def test_a_model_learns_from_one_scene_and_wgs84_polygons(tmp_path, ray_local):
     assert cm.iou[1] >= 0.5, cm.table()
     # segray eval --held-out rebuilds the run's split from its config.yaml: the same chips, IoU
     report = evaluate(
-        EvalConfig(model=out, data=root, layout="scenes", labels=f"{root}/labels.geojson",
-                   held_out=True, worst=1)
-    )  # fmt: skip
+        EvalConfig(
+            model=out,
+            data=root,
+            layout="scenes",
+            labels=f"{root}/labels.geojson",
+            held_out=True,
+            worst=1,
+        )
+    )
     assert report["tiles"] == len(split.val_chips)
     np.testing.assert_array_equal(report["confusion_matrix"], cm.matrix)
     whole = evaluate(
-        EvalConfig(model=out, data=root, layout="scenes", labels=f"{root}/labels.geojson",
-                   out=str(tmp_path / "whole"), worst=0)
-    )  # fmt: skip
+        EvalConfig(
+            model=out,
+            data=root,
+            layout="scenes",
+            labels=f"{root}/labels.geojson",
+            out=str(tmp_path / "whole"),
+            worst=0,
+        )
+    )
     assert whole["tiles"] == 16 * 16  # a 1,024 px scene in 64 px chips
 
 
@@ -252,18 +269,30 @@ def item_collection(root: str, count: int, labels: bool = True) -> str:
     features = []
     for i in range(count):
         assets = {
-            "image": {"href": f"./images/scene_{i:03d}.tif", "roles": ["data"],
-                      "type": "image/tiff; application=geotiff"},
+            "image": {
+                "href": f"./images/scene_{i:03d}.tif",
+                "roles": ["data"],
+                "type": "image/tiff; application=geotiff",
+            },
             "thumbnail": {"href": "./thumb.png", "type": "image/png", "roles": ["thumbnail"]},
-        }  # fmt: skip
+        }
         if labels:
             assets["buildings"] = {
-                "href": "./labels.geojson", "type": "application/geo+json", "roles": ["labels"]
-            }  # fmt: skip
+                "href": "./labels.geojson",
+                "type": "application/geo+json",
+                "roles": ["labels"],
+            }
         features.append(
-            {"type": "Feature", "stac_version": "1.1.0", "id": f"scene-{i}", "geometry": None,
-             "properties": {"datetime": "2026-01-01T00:00:00Z"}, "links": [], "assets": assets}
-        )  # fmt: skip
+            {
+                "type": "Feature",
+                "stac_version": "1.1.0",
+                "id": f"scene-{i}",
+                "geometry": None,
+                "properties": {"datetime": "2026-01-01T00:00:00Z"},
+                "links": [],
+                "assets": assets,
+            }
+        )
     uri = f"{root}/items.json"
     storage.write_text(uri, json.dumps({"type": "FeatureCollection", "features": features}))
     return uri

@@ -117,9 +117,14 @@ def synth(
         from segray.devtools.labelled_scenes import write_labelled_scenes
 
         summary = write_labelled_scenes(
-            out, count=count, scene_size=scene_size, seed=seed, bands=int(bands),
-            dtype=dtype, fs=fs,
-        )  # fmt: skip
+            out,
+            count=count,
+            scene_size=scene_size,
+            seed=seed,
+            bands=int(bands),
+            dtype=dtype,
+            fs=fs,
+        )
         click.echo(json.dumps(summary, indent=2, default=str))
         return
     summary = synth_data.write_collection(

@@ -48,8 +48,13 @@ def write_labelled_scenes(
     doc = {"type": "FeatureCollection", "features": features}
     fs.write_text(storage.join(out, "labels.geojson"), json.dumps(doc))
     total = count * scene_size * scene_size
-    return {"out": out, "scenes": count, "size": scene_size, "features": len(features),
-            "building_fraction": round(building / total, 4)}  # fmt: skip
+    return {
+        "out": out,
+        "scenes": count,
+        "size": scene_size,
+        "features": len(features),
+        "building_fraction": round(building / total, 4),
+    }
 
 
 def _polygons(where: np.ndarray, transform: Any) -> list[dict[str, Any]]:

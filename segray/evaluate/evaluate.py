@@ -149,9 +149,13 @@ def _scene_chips(config: EvalConfig, spec: Any, card: Any) -> tuple[list, Any]:
 
     size = int(card.input_shape[0])
     spec = spec.replace(
-        root=config.data or config.stac or "", size=size, labels=config.labels,
-        class_field=config.class_field, stac=config.stac, asset=config.asset,
-    )  # fmt: skip
+        root=config.data or config.stac or "",
+        size=size,
+        labels=config.labels,
+        class_field=config.class_field,
+        stac=config.stac,
+        asset=config.asset,
+    )
     if config.held_out:
         run = _run_settings(config)
         keys = ("val_fraction", "seed", "val_split", "block_size")

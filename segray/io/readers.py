@@ -78,9 +78,16 @@ class _DatasetReads(RasterReader):
         crs = ds.crs.to_string() if ds.crs else None
         transform = None if ds.transform.is_identity else ds.transform
         return RasterHeader(
-            self.uri, self.format, ds.width, ds.height, ds.count, ds.dtypes[0], crs, transform,
+            self.uri,
+            self.format,
+            ds.width,
+            ds.height,
+            ds.count,
+            ds.dtypes[0],
+            crs,
+            transform,
             ds.nodata,
-        )  # fmt: skip
+        )
 
     def read(
         self,
@@ -106,10 +113,15 @@ def _warped(ds: Any, grid: Grid, fill: float | None) -> Any:
     nodata = fill if fill is not None else ds.nodata
     # without a nodata value, an alpha band marks what lies outside the source as no data
     return WarpedVRT(
-        ds, crs=CRS.from_user_input(grid.crs), transform=grid.transform, width=grid.width,
-        height=grid.height, resampling=Resampling.nearest, nodata=nodata,
+        ds,
+        crs=CRS.from_user_input(grid.crs),
+        transform=grid.transform,
+        width=grid.width,
+        height=grid.height,
+        resampling=Resampling.nearest,
+        nodata=nodata,
         add_alpha=nodata is None,
-    )  # fmt: skip
+    )
 
 
 def _read_dataset(

@@ -113,7 +113,7 @@ def point_doc(seen: Any, row: int, col: int, tile: tuple[int, int, int], card: A
         else round(int(seen.probabilities[row, col, value]) / inference.PROBABILITY_MAX, 4),
         "fractions": {
             n: None if f != f else round(f, 4) for n, f in zip(names, fractions, strict=True)
-        },  # fmt: skip
+        },
         "model": {"name": card.name, "version": card.version},
     }
     return doc

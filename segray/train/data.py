@@ -95,8 +95,12 @@ def _band_parts(
     """This image's share of the band statistics (:func:`segray.datasets.stats.image_summary`)."""
     if image is None:
         empty = np.zeros(0, np.float64)
-        return {"band_sums": empty, "band_squares": empty, "band_count": 0,
-                "band_sample": np.zeros((0, 0), np.float32)}  # fmt: skip
+        return {
+            "band_sums": empty,
+            "band_squares": empty,
+            "band_count": 0,
+            "band_sample": np.zeros((0, 0), np.float32),
+        }
     rng = np.random.default_rng(list(seed.encode()) or 0)
     sums, squares, count, sample = band_stats.image_summary(image, valid, k, rng)
     return {"band_sums": sums, "band_squares": squares, "band_count": count, "band_sample": sample}

@@ -246,8 +246,9 @@ def _release_callback() -> Any:
         def __init__(self) -> None:
             self.groups: dict[str, str] = {}
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                            **info: Any) -> None:  # fmt: skip
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
             if result.get("placement_group"):
                 self.groups[trial.trial_id] = result["placement_group"]
 
