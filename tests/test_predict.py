@@ -350,6 +350,18 @@ def test_mc_samples_and_footprints_write_maps_and_polygons_beside_masks(
 # --- killed mid-run, then run again -------------------------------------------------------------
 
 
+def settle(folder, timeout: float = 60.0) -> None:
+    """Wait until no temporary file is in ``folder`` and its listing holds still for a second."""
+    deadline, before = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        now = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        if now == before and not any(p.rsplit("/", 1)[-1].startswith(".tmp-") for p in now):
+            return
+        before = now
+        time.sleep(1.0)
+    raise AssertionError(f"{folder} still changing after {timeout} s")
+
+
 def local_masks(out) -> dict:
     """Finished masks under a local output: path -> (inode, mtime); temp files are not masks."""
     return {
@@ -664,6 +676,7 @@ def test_an_output_that_takes_no_more_writes_stops_the_job_with_its_receipt(
     assert result.manifest.startswith(str(tmp_path / "receipts"))
     rows = read_manifest(result.manifest).to_pylist()
     done = {storage.relative_to(tiles, r["input_uri"]) for r in rows if r["status"] == "ok"}
+    settle(small_disk)  # write tasks under way when the job stopped end (land or clean up)
     masks = {p.relative_to(small_disk).as_posix() for p in local_masks(small_disk)}
     assert done <= masks  # every mask the receipt calls done is there
     # a write task still under way when the job stopped may land after the receipt (a rerun
