@@ -312,13 +312,31 @@ def serve(**kw: Any) -> None:
     _block()
 
 
-def _block() -> None:
-    """Serve until interrupted (Ctrl-C ends the process, and a Ray it started), as
-    ``serve.run(blocking=True)`` does."""
+def _block(grace_s: float = 60.0) -> None:
+    """Serve until interrupted. Ctrl-C shuts down the Ray this process started (or leaves the
+    cluster it joined) and ends the process; a shutdown still under way after ``grace_s``
+    seconds does not keep it alive (a full run of the tests saw one hang)."""
+    import os
+    import threading
     import time
 
-    while True:
-        time.sleep(10)
+    import ray
+
+    try:
+        while True:
+            time.sleep(10)
+    except KeyboardInterrupt:
+        click.echo("stopping: shutting down Ray", err=True)
+        done = threading.Event()
+
+        def shutdown() -> None:
+            ray.shutdown()
+            done.set()
+
+        threading.Thread(target=shutdown, name="segray-serve-shutdown", daemon=True).start()
+        if not done.wait(grace_s):
+            click.echo(f"Ray did not shut down within {grace_s:.0f} s: exiting", err=True)
+        os._exit(130)
 
 
 @cli.group()
