@@ -225,3 +225,33 @@ def test_tta_on_windows_that_are_not_square():
     with pytest.raises(ValueError, match="cannot turn by a quarter; use --tta flips"):
         inference.infer(fixed, x, card(), tta="d4")
     assert inference.infer(fixed, x, card(), tta="flips").shape == (2, 32, 20, 1)
+
+
+def test_segmenter_checks_headers_keeps_errors_to_their_tiles_and_finishes_side_outputs():
+    from segray.inference.segmenter import Segmenter
+    from segray.io.grids import RasterHeader
+
+    model = models.build_model("unet", 2, (32, 32, 3), base_filters=4, depth=2)
+    c = ModelCard(name="unet", num_classes=2, input_shape=(32, 32, 3), dtype="uint8")
+    segmenter = Segmenter(model, c, overlap=8, blend="crop")
+    head = RasterHeader("a.tif", "tiff", 48, 40, 4, "uint8")
+    with pytest.raises(TileError, match="a.tif: has 4 band\\(s\\) but the model expects 3"):
+        segmenter.check(head, 1 << 20)
+    segmenter.check(head, 1 << 20, bands=(1, 2, 3))  # a band selection the file has
+    with pytest.raises(TileError, match="uint16 but the model was trained on uint8"):
+        segmenter.check(RasterHeader("b.tif", "tiff", 48, 40, 3, "uint16"), 1 << 20)
+    rng = np.random.default_rng(2)
+    good = Tile(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "good.tif")
+    bad = Tile(rng.integers(0, 256, (40, 48, 2), dtype=np.uint8), "bad.tif")
+    first, failed = segmenter.segment([good, bad], confidence=True)
+    assert isinstance(failed, TileError) and "bad.tif" in str(failed)
+    # the windowed path by hand: cut with the overlap, run, stitched by the blend, rendered
+    windows = segmenter.prepare(good)
+    assert windows.stack.shape[0] == 4 and windows.layout.overlap == 8
+    (logits,) = segmenter.run([windows.stack])
+    joined = inference.tiling.join_windows(logits, windows.layout, "crop")
+    np.testing.assert_array_equal(first.mask, inference.render(joined[None], c)[0])
+    assert first.fractions == inference.class_fractions(first.mask, 2)
+    assert first.confidence.shape == (40, 48) and first.uncertainty is None
+    with pytest.raises(RuntimeError, match="no model"):
+        Segmenter(None, c).run([windows.stack])

@@ -105,30 +105,14 @@ def secure_url(url, model_dir, s3_endpoint) -> str:
 
 @pytest.fixture(scope="module")
 def uint16_url(url, tmp_path_factory) -> tuple[str, str]:
-    """A third app at /u16: an untrained 4-band model of uint16 data, standardised by the
-    statistics in its card (as training on ``synth --dtype uint16 --bands 4`` writes it),
-    served with test-time augmentation over the 8 symmetries of the square."""
+    """A third app at /u16: a 4-band model of uint16 data *fitted* on synthetic buildings
+    (:mod:`segray.devtools.fitted`; its masks are not constant), standardised by the statistics
+    in its card, served with test-time augmentation over the 8 symmetries of the square."""
     from ray import serve as ray_serve
 
-    from segray.datasets import stats as band_stats
-    from segray.models import build_model
+    from segray.devtools.fitted import fit_unet
 
-    folder = str(tmp_path_factory.mktemp("model16"))
-    sampler = band_stats.StatsSampler()
-    rng = np.random.default_rng(0)
-    for seed in range(4):
-        image, _ = synth.generate_tile(SIZE, seed, "binary", 4, "uint16")
-        sampler.add(*band_stats.image_summary(image, (image > 0).all(-1), 512, rng))
-    model = build_model("unet", 2, (SIZE, SIZE, 4), base_filters=4, depth=2)
-    card = saving.ModelCard(
-        name="unet",
-        num_classes=2,
-        input_shape=(SIZE, SIZE, 4),
-        dtype="uint16",
-        normalize="stats",
-        stats=sampler.result(),
-    )
-    saving.save_model(model, card, folder)
+    folder = fit_unet(str(tmp_path_factory.mktemp("model16")), SIZE, bands=4, dtype="uint16")
     ray_serve.run(
         serve.build_app(ServeConfig(model_uri=folder, num_cpus=0.5, tta="d4")),
         name="segray-u16",
@@ -401,7 +385,9 @@ def test_bulk_predict_gives_the_same_masks(url, model_dir, tmp_path):
 
 
 def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, tmp_path):
-    """With test-time augmentation (d4) on all three paths, which changes the masks."""
+    """One Segmenter on every path: bulk tiles, a bulk scene, /v1/segment and eval give the same
+    masks, with test-time augmentation (d4) everywhere, from a fitted model whose masks follow
+    the buildings (so no path can agree with another by giving one class everywhere)."""
     from segray.bulk.config import PredictConfig
     from segray.bulk.job import predict
     from segray.datasets import labels
@@ -419,7 +405,8 @@ def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, t
     spec = labels.DatasetSpec(root=str(folder), num_classes=2, val_fraction=0.0)
     samples = {s.id: s for s in labels.find_samples(spec)}
     model, card = saving.load_model(model_dir)
-    edged = changed = 0
+    edged = changed = hits = union = 0
+    counts = np.zeros(2, np.int64)
     for name in sorted(samples):
         data = (folder / "images" / f"{name}.tif").read_bytes()
         bulk = imagery.decode((out / f"{name}.tif").read_bytes()).array[..., 0]
@@ -433,8 +420,39 @@ def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, t
         nodata = (imagery.decode(data).array == 0).all(-1)
         np.testing.assert_array_equal(bulk == 255, nodata)  # no data in, 255 out
         edged += bool(nodata.any())
+        counts += np.bincount(bulk[~nodata], minlength=2)[:2]
+        truth = row["mask"] == 1
+        hits += int(np.sum((bulk == 1) & truth))
+        union += int(np.sum(((bulk == 1) | truth) & ~nodata))
     assert edged  # at least one tile had a no-data corner
     assert changed  # the augmentation changed some pixels: the paths agree on it, not by chance
+    # the masks are not constant, and follow the buildings: the model was fitted
+    assert counts.min() > 0.05 * counts.sum(), counts
+    assert hits / union > 0.4, (hits, union)
+    # a scene larger than the model, windows stitched: the scene path and Serve agree
+    synth.write_collection(
+        str(tmp_path / "scene"),
+        "geotiff",
+        count=1,
+        size=64,
+        mode="binary",
+        bands=4,
+        dtype="uint16",
+    )
+    (scene,) = (tmp_path / "scene" / "images").glob("*.tif")
+    stitched = PredictConfig(
+        model=model_dir,
+        input=str(scene),
+        output=str(tmp_path / "scene_out"),
+        scene=True,
+        tta="d4",
+    )
+    assert predict(stitched).ok
+    (written,) = (tmp_path / "scene_out").glob("*.tif")
+    from_scene = imagery.decode(written.read_bytes()).array[..., 0]
+    served = png_mask(post(address, scene.read_bytes()))
+    assert len(np.unique(served[served != 255])) == 2
+    np.testing.assert_array_equal(served, from_scene)
     eight_bit = post(address, tile_png(3, SIZE, 4))
     assert eight_bit.status_code == 415
     assert "uint8" in eight_bit.text and "uint16" in eight_bit.text

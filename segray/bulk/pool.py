@@ -17,7 +17,6 @@ Carlo dropout is switched on a job's first batch that asks for it, off on the ne
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ import numpy as np
 from segray import inference
 from segray.bulk.predictor import TilePredictor, WindowPredictor
 from segray.bulk.rows import STOP, objects
+from segray.bulk.scheduler import bounded
 from segray.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -288,29 +288,18 @@ def run_tiles(
     rerun predicts them). No Ray Data here: its tasks would need worker processes of this job,
     seconds to start, where the pool's actors are up already. Closing the generator cancels the
     calls still running."""
-    import ray
 
     size = config.tiles_per_task
-    queue = collections.deque(items[i : i + size] for i in range(0, len(items), size))
-    running: dict[Any, list[dict[str, str]]] = {}
-    turn = 0
-    try:
-        while queue or running:
-            while queue and len(running) < IO_THREADS * len(actors):
-                block = queue.popleft()
-                call = actors[turn % len(actors)].process.options(concurrency_group="io")
-                running[call.remote(config, sinks, _columns(block))] = block
-                turn += 1
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                block = running.pop(ref)
-                try:
-                    yield ray.get(ref)
-                except Exception as exc:  # the actor died past its retries: these tiles' error
-                    yield _failed(block, f"pool {config.pool!r}: {exc}", num_classes)
-    finally:
-        for ref in running:
-            ray.cancel(ref)
+    blocks = [items[i : i + size] for i in range(0, len(items), size)]
+
+    def submit(turn: int, block: list[dict[str, str]]) -> Any:
+        call = actors[turn % len(actors)].process.options(concurrency_group="io")
+        return call.remote(config, sinks, _columns(block))
+
+    def failed(block: list[dict[str, str]], exc: Exception) -> dict[str, np.ndarray]:
+        return _failed(block, f"pool {config.pool!r}: {exc}", num_classes)
+
+    yield from bounded(blocks, submit, IO_THREADS * len(actors), failed)
 
 
 def _columns(block: list[dict[str, str]]) -> dict[str, np.ndarray]:

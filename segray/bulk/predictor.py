@@ -3,7 +3,8 @@
 :class:`TilePredictor` turns decoded tiles into masks (and their fractions, uncertainty and
 class ids); :class:`WindowPredictor` turns scene windows into logits for the driver to stitch.
 Arrays of the model's input size go to the model as they are; other sizes are cut into
-model-sized windows and stitched back by :func:`segray.inference.run.infer_images`, as Serve does.
+model-sized windows and stitched back, as Serve does: both go through one
+:class:`~segray.inference.segmenter.Segmenter`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray import inference
 from segray.bulk.config import PredictConfig
 from segray.bulk.rows import objects, pack, unpack, unpack_valid
 from segray.errors import TileError
+from segray.inference.segmenter import Segmenter
 from segray.io.imagery import Tile
 
 if TYPE_CHECKING:
@@ -32,8 +33,21 @@ def render_options(config: PredictConfig) -> dict[str, Any]:
     }
 
 
+def segmenter_settings(config: PredictConfig) -> dict[str, Any]:
+    """The :class:`~segray.inference.segmenter.Segmenter` settings a job asks for."""
+    return {
+        "overlap": config.overlap_for(None),
+        "blend": config.blend,
+        "batch_size": config.batch_size,
+        "tta": config.tta,
+        "mc_samples": config.mc_samples,
+        "nodata": config.nodata,
+    }
+
+
 class _Predictor:
-    """What both predictors share: the model, its card, and the logits of a batch of rows."""
+    """What both predictors share: a :class:`Segmenter` of the job's model and settings, and
+    the joined logits of a batch of rows."""
 
     def __init__(
         self, config: PredictConfig, card: ModelCard | None = None, model: Any = None
@@ -42,23 +56,19 @@ class _Predictor:
         again), or predict with ``model``, loaded already with its ``card`` (a pool's,
         :mod:`segray.bulk.pool`, which switches Monte-Carlo dropout for the job itself)."""
         self.config = config
+        settings = segmenter_settings(config)
         if model is None:
-            model, card = inference.load(
-                config.model, config.fs(config.model), card, config.precision
-            )
-            if config.mc_samples:  # once: every switch recompiles the model's predict function
-                from segray.models.layers import set_monte_carlo  # imports Keras: after load
-
-                set_monte_carlo(model, True)
-        self.model, self.card = model, card
+            uri = config.model
+            self.segmenter = Segmenter.load(uri, config.fs(uri), card, config.precision, **settings)
+        else:
+            self.segmenter = Segmenter(model, card, **settings)
+        self.card = self.segmenter.card
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Predict every row without an error; rows that fail here get one."""
         start = time.perf_counter()
         errors = [str(e) for e in batch["error"]]
-        prepared, valid = self._prepare(batch, errors)
-        logits = self._logits(prepared, batch["input_uri"], errors)
-        logits = {i: inference.mark_nodata(one, valid[i]) for i, one in logits.items()}
+        logits = self._logits(batch, errors)
         n = len(errors)
         columns = self._columns(logits, n)
         share = (time.perf_counter() - start) / max(1, n)
@@ -72,43 +82,24 @@ class _Predictor:
     def _columns(self, logits: dict[int, np.ndarray], n: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def _prepare(
-        self, batch: dict[str, np.ndarray], errors: list[str]
-    ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray | None]]:
-        """Model input of each row without an error, and the map of its pixels that are data."""
-        prepared, valid = {}, {}
+    def _logits(self, batch: dict[str, np.ndarray], errors: list[str]) -> dict[int, np.ndarray]:
+        """Logits (h, w, K) per row without an error (K + 1 with the uncertainty), NaN where
+        the row's pixels were no data; the windows of all rows batched."""
+        rows, tiles = [], []
         for i, uri in enumerate(batch["input_uri"]):
             if errors[i]:
                 continue
             shape = batch["shape"][i]
             array = unpack(batch["pixels"][i], shape, batch["dtype"][i])
-            tile = Tile(array, str(uri), valid=unpack_valid(batch["valid"][i], shape))
-            try:
-                prepared[i] = inference.prepare(tile, self.card, self.config.nodata)
-            except TileError as exc:
-                errors[i] = str(exc)
-            valid[i] = tile.valid
-        return prepared, valid
-
-    def _logits(
-        self, prepared: dict[int, np.ndarray], uris: np.ndarray, errors: list[str]
-    ) -> dict[int, np.ndarray]:
-        """Logits (h, w, K) per row (K + 1 with the uncertainty), windows of all rows batched."""
-        c = self.config
-        results = inference.infer_images(
-            self.model,
-            list(prepared.values()),
-            self.card,
-            c.overlap_for(None),
-            c.blend,
-            c.batch_size,
-            c.mc_samples,
-            c.tta,
-        )
+            rows.append(i)
+            tiles.append(Tile(array, str(uri), valid=unpack_valid(batch["valid"][i], shape)))
         out = {}
-        for i, result in zip(prepared, results, strict=True):
-            if isinstance(result, Exception):
-                errors[i] = f"{uris[i]}: inference failed: {type(result).__name__}: {result}"
+        for i, result in zip(rows, self.segmenter.logits(tiles), strict=True):
+            if isinstance(result, TileError):
+                errors[i] = str(result)
+            elif isinstance(result, Exception):
+                uri = batch["input_uri"][i]
+                errors[i] = f"{uri}: inference failed: {type(result).__name__}: {result}"
             else:
                 out[i] = result
         return out
@@ -153,36 +144,18 @@ class TilePredictor(_Predictor):
             "confidence": vectors,
         }
         side = {name: [b""] * n for name, on in wanted.items() if on}
-        for i, out in self._render(logits).items():
-            masks[i], fractions[i] = out["mask"], out["fractions"]
-            for name in side:
-                side[name][i] = out[name].tobytes()
+        groups: dict[tuple, list[int]] = {}  # rows of one shape are rendered together
+        for i, one in logits.items():
+            groups.setdefault(one.shape, []).append(i)
+        for rows in groups.values():
+            stack = np.stack([logits[i] for i in rows])
+            finished = self.segmenter.finish(stack, **render_options(c), confidence=vectors)
+            for i, out in zip(rows, finished, strict=True):
+                masks[i], fractions[i] = out.mask, out.fractions
+                for name in side:  # the Masks fields of the same names
+                    side[name][i] = getattr(out, name).tobytes()
         return {
             **_packed(masks, n),
             "class_fractions": fractions,
             **{name: objects(values) for name, values in side.items()},
         }
-
-    def _render(self, logits: dict[int, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
-        """``{row: {"mask", "fractions", "labels"[, "uncertainty"]}}``, a shape group at a time."""
-        k = self.card.num_classes
-        groups: dict[tuple, list[int]] = {}
-        for i, one in logits.items():
-            groups.setdefault(one.shape, []).append(i)
-        out: dict[int, dict[str, np.ndarray]] = {}
-        for rows in groups.values():
-            stack = np.stack([logits[i] for i in rows])
-            uncertainty = None
-            if self.config.mc_samples:
-                stack, uncertainty = stack[..., :-1], inference.render_uncertainty(stack[..., -1])
-            masks, labels = inference.render_outputs(
-                stack, self.card, **render_options(self.config)
-            )
-            for j, i in enumerate(rows):
-                fractions = np.asarray(inference.class_fractions(labels[j], k))
-                out[i] = {"mask": masks[j], "fractions": fractions, "labels": labels[j]}
-                if self.config.vectors:
-                    out[i]["confidence"] = inference.render_confidence(stack[j], labels[j])
-                if uncertainty is not None:
-                    out[i]["uncertainty"] = uncertainty[j]
-        return out

@@ -32,12 +32,14 @@ from segray import inference
 from segray.bulk.config import PredictConfig
 from segray.bulk.pool import own_actors
 from segray.bulk.rows import STOP, objects, pack, pack_valid, unpack
+from segray.bulk.scheduler import bounded
 from segray.bulk.sinks import LocalFile, Output, Sink, files_of, legend_of, write_files
 from segray.errors import OutputFull, SegrayError, TileError
+from segray.inference.segmenter import Segmenter
 from segray.inference.tiling import SceneStitcher, scene_windows
 from segray.io import gdal, imagery
 from segray.io.imagery import Tile
-from segray.io.rasters import BandWriter, Window, check_scene
+from segray.io.rasters import MAX_SCENE_PIXELS, BandWriter, Window
 from segray.io.readers import RasterHeader, SceneReader
 
 if TYPE_CHECKING:
@@ -82,6 +84,11 @@ class SceneJob:
     def uncertainty(self) -> bool:
         return self.config.mc_samples > 0
 
+    @property
+    def segmenter(self) -> Segmenter:
+        """The job's checks and rendering: the windows' logits come from Predictor actors."""
+        return Segmenter(None, self.card, mc_samples=self.config.mc_samples)
+
 
 def run_scenes(
     todo: list[tuple[str, str]],
@@ -104,25 +111,17 @@ def run_scenes(
     predictors = actors or own_actors(c, job.card)
     task = ray.remote(stitch_scene).options(num_cpus=c.cpus_per_task, max_retries=1)
     at_once = c.scenes_at_once or 2 * len(predictors)
-    queue = collections.deque(enumerate(todo))
-    running: dict[Any, str] = {}
+
+    def submit(i: int, uris: tuple[str, str]) -> Any:
+        source = (sources or {}).get(uris[1])
+        return task.remote(*uris, job, predictors, i, source)
+
+    def failed(uris: tuple[str, str], exc: Exception) -> dict[str, Any]:
+        return _failed(uris[0], f"{uris[0]}: scene task failed: {exc}", 0.0)
+
     try:
-        while queue or running:
-            while queue and len(running) < at_once:
-                i, (input_uri, output_uri) = queue.popleft()
-                source = (sources or {}).get(output_uri)
-                ref = task.remote(input_uri, output_uri, job, predictors, i, source)
-                running[ref] = input_uri
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                input_uri = running.pop(ref)
-                try:
-                    yield ray.get(ref)
-                except Exception as exc:  # the task itself died: this scene's error
-                    yield _failed(input_uri, f"{input_uri}: scene task failed: {exc}", 0.0)
+        yield from bounded(todo, submit, at_once, failed)
     finally:
-        for ref in running:
-            ray.cancel(ref)
         for one in predictors if not actors else ():  # a pool's outlive the job
             ray.kill(one)
 
@@ -146,7 +145,7 @@ def stitch_scene(
     folder = tempfile.mkdtemp(prefix=TEMP_PREFIX)
     c, writer = job.config, None
     try:
-        with gdal.env(GDAL_CACHEMAX=SCENE_CACHE_MIB), _opened(input_uri, c) as (scene, head):
+        with gdal.env(GDAL_CACHEMAX=SCENE_CACHE_MIB), _opened(input_uri, job) as (scene, head):
             size = (head.height, head.width)
             writer = SceneWriter(folder, job, size, head.crs, head.transform)
             windows = scene_windows(*size, job.window, job.overlap)
@@ -197,14 +196,15 @@ def remove_stale_folders(parent: str, older_than: float) -> int:
 
 
 @contextlib.contextmanager
-def _opened(uri: str, config: PredictConfig) -> Iterator[tuple[SceneReader, RasterHeader]]:
+def _opened(uri: str, job: SceneJob) -> Iterator[tuple[SceneReader, RasterHeader]]:
     """The scene's reader and its header, checked; a scene that cannot be opened says so."""
+    config = job.config
     with SceneReader(uri, config.fs(uri)) as reader:
         try:
             head = reader.header()
         except Exception as exc:
             raise TileError(uri, f"cannot open scene: {exc}", "unreadable") from exc
-        check_scene(head, config.bands)
+        job.segmenter.check(head, MAX_SCENE_PIXELS, config.bands)
         yield reader, head
 
 
@@ -273,7 +273,7 @@ class SceneWriter:
         crs: str | None,
         transform: Affine | None,
     ) -> None:
-        self.job, self.shape = job, shape
+        self.job, self.shape, self.segmenter = job, shape, job.segmenter
         self.crs, self.transform = crs, transform
         self.counts = np.zeros(job.card.num_classes, np.int64)
         geo = {"crs": self.crs, "transform": self.transform, "nodata": imagery.MASK_NODATA}
@@ -293,17 +293,11 @@ class SceneWriter:
     def add_band(self, top: int, band: np.ndarray) -> None:
         """Render a stitched band of logits (rows, width, K [+1 uncertainty]) and write it."""
         k = self.job.card.num_classes
-        if self.job.uncertainty:
-            band, entropy = band[..., :-1], band[..., -1]
-            self.rasters["uncertainty"].write(top, inference.render_uncertainty(entropy))
-        mask, labels = inference.render_outputs(band[None], self.job.card, **self.job.render)
-        self.counts += np.bincount(labels.ravel(), minlength=k)[:k]
-        self.rasters["mask"].write(top, mask[0])
-        if "labels" in self.rasters:
-            self.rasters["labels"].write(top, labels[0])
-        if "confidence" in self.rasters:
-            confidence = inference.render_confidence(band, labels[0])
-            self.rasters["confidence"].write(top, confidence)
+        confidence = "confidence" in self.rasters
+        (out,) = self.segmenter.finish(band[None], **self.job.render, confidence=confidence)
+        self.counts += np.bincount(out.labels.ravel(), minlength=k)[:k]
+        for name, raster in self.rasters.items():  # the Masks fields of the same names
+            raster.write(top, getattr(out, name))
 
     def finish(
         self, output_uri: str, input_uri: str, source: dict[str, str] | None = None

@@ -191,18 +191,18 @@ def predict_rows(
     batch_size: int = BATCH_SIZE,
     tta: str = "none",
 ) -> list[np.ndarray]:
-    """Class masks for decoded rows through the path bulk prediction takes: prepare, windows of
-    the model's size (any tile size), batched inference (with ``tta``), stitch, render."""
-    from segray import inference
+    """Class masks for decoded rows through the :class:`~segray.inference.segmenter.Segmenter`
+    every path takes: prepare, windows of the model's size (any tile size), batched inference
+    (with ``tta``), stitch, render."""
+    from segray.inference.segmenter import Segmenter
 
+    segmenter = Segmenter(model, card, batch_size=batch_size, tta=tta)
     tiles = [imagery.Tile(r["image"], r["id"], valid=r.get("valid")) for r in rows]
-    images = [inference.prepare(tile, card) for tile in tiles]
     masks = []
-    results = inference.infer_images(model, images, card, batch_size=batch_size, tta=tta)
-    for tile, logits in zip(tiles, results, strict=True):
-        if isinstance(logits, Exception):
-            raise logits
-        masks.append(inference.render(inference.mark_nodata(logits, tile.valid)[None], card)[0])
+    for result in segmenter.segment(tiles):
+        if isinstance(result, Exception):
+            raise result
+        masks.append(result.mask)
     return masks
 
 

@@ -1,6 +1,9 @@
 """Inference shared by bulk jobs, Serve and evaluation: one preparation, one model call, one
 windowing and one rendering, so a mask made on any path is the same mask.
 
+- :mod:`segray.inference.segmenter`: the :class:`Segmenter` every path calls (check a header,
+  prepare, run, join, finish).
+
 - :mod:`segray.inference.tiling`: windows of an image or a scene, and stitching them back.
 - :mod:`segray.inference.run`: load a model, prepare a tile as training did, run the model.
 - :mod:`segray.inference.render`: logits to masks, fractions, uncertainty, footprints, colours.
@@ -36,6 +39,7 @@ from segray.inference.run import (
     prepare,
     warm_up,
 )
+from segray.inference.segmenter import Masks, Segmenter, Windows
 
 __all__ = [
     "BATCH_SIZE",
@@ -44,6 +48,9 @@ __all__ = [
     "PALETTE",
     "PROBABILITY_MAX",
     "UNCERTAINTY_TAGS",
+    "Masks",
+    "Segmenter",
+    "Windows",
     "Output",
     "check_pixel_type",
     "class_fractions",

@@ -35,8 +35,8 @@ from ray.serve.handle import DeploymentHandle
 from segray import inference
 from segray.errors import TileError
 from segray.inference import tiling
+from segray.inference.segmenter import Segmenter, Windows
 from segray.io import gdal, imagery
-from segray.io.imagery import Tile
 from segray.io.readers import RasterHeader, TileReader
 from segray.serve import page
 from segray.serve.config import TOKEN_ENV, ServeConfig
@@ -81,21 +81,28 @@ def window_count(items: list[np.ndarray]) -> int:
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(app)
 class SegmentModel:
-    """One replica: the model loaded once by URI, requests batched through ``inference.infer``."""
+    """One replica: the model loaded once by URI into a :class:`Segmenter`, its model calls
+    batched across requests."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.model, self.card = inference.load(
-            config.model_uri, config.fs(config.model_uri), precision=config.precision
+        self.segmenter = Segmenter.load(
+            config.model_uri,
+            config.fs(config.model_uri),
+            precision=config.precision,
+            overlap=config.overlap,
+            blend=config.blend,
+            batch_size=config.max_batch_size,
+            tta=config.tta,
         )
-        self.window = inference.model_window(self.model)
+        self.model, self.card = self.segmenter.model, self.segmenter.card
         self.token = config.api_token or os.environ.get(TOKEN_ENV) or None
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._in_flight = 0
         self._infer_batch.set_max_batch_size(config.max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         inference.warm_up(self.model, self.card, config.max_batch_size)
-        self.maps = MapService(config, self.card, self.window, self._infer_windows)
+        self.maps = MapService(config, self.segmenter, self._infer_windows)
 
     @app.get("/healthz")
     def healthz(self) -> dict:
@@ -254,10 +261,10 @@ class SegmentModel:
         c = self.config
         body = await read_body(request, c.max_body_bytes, c.body_timeout_s, c.chunk_timeout_s)
         data = image_bytes(body, request.headers.get("content-type", ""))
-        tile, layout, windows = await asyncio.to_thread(self._prepare, data)
-        logits = await self._infer_windows(windows)
+        windows = await asyncio.to_thread(self._prepare, data)
+        logits = await self._infer_windows(windows.stack)
         options = (fmt, output, class_index, threshold)
-        return await asyncio.to_thread(self._respond, tile, layout, logits, options)
+        return await asyncio.to_thread(self._respond, windows, logits, options)
 
     def _authorize(self, request: Request) -> None:
         if not self.token:
@@ -278,7 +285,7 @@ class SegmentModel:
             raise ApiError(400, "invalid request", detail)
 
     @gdal.scoped  # header and decode in one GDAL environment
-    def _prepare(self, data: bytes) -> tuple[Tile, tiling.Layout, np.ndarray]:
+    def _prepare(self, data: bytes) -> Windows:
         if not data:
             raise ApiError(400, "empty body", "the request has no image bytes")
         if imagery.sniff(data) is None:
@@ -287,25 +294,17 @@ class SegmentModel:
             with TileReader(data, "request body", max_pixels=self.config.max_pixels) as reader:
                 self._check_header(reader.header())
                 tile = reader.read(bands=self.card.bands)
-            array = inference.prepare(tile, self.card)
+            return self.segmenter.prepare(tile)
         except TileError as err:
             raise tile_error(err) from err
-        windows, layout = tiling.cut_windows(array, self.window, self.config.overlap)
-        return tile, layout, windows
 
     def _check_header(self, head: RasterHeader) -> None:
         """Refuse from the header alone what decoding would refuse later or cost too much: too
         many pixels, a pixel type or bands the model cannot take, more windows than one request
         may cause."""
-        source, c = "request body", self.config
-        imagery.check_header(source, head.width, head.height, head.count, head.dtype, c.max_pixels)
-        if self.card.bands:
-            imagery.check_band_selection(self.card.bands, head.count, source)
-        elif head.count != self.card.channels:
-            reason = f"has {head.count} band(s) but the model expects {self.card.channels}"
-            raise TileError(source, reason, "bands")
-        inference.check_pixel_type(head.dtype, self.card, source)
-        windows = tiling.window_count(head.height, head.width, self.window, c.overlap)
+        c = self.config
+        self.segmenter.check(head, c.max_pixels, source="request body")
+        windows = tiling.window_count(head.height, head.width, self.segmenter.window, c.overlap)
         if windows > c.max_windows:
             detail = (
                 f"a {head.width}x{head.height} image needs {windows} model windows, over the "
@@ -341,27 +340,18 @@ class SegmentModel:
     @serve.batch(batch_size_fn=window_count)  # sizes set per replica from its config in __init__
     async def _infer_batch(self, items: list[np.ndarray]) -> list[np.ndarray | Exception]:
         self.batch_sizes[window_count(items)] += 1
-        return await asyncio.to_thread(
-            inference.infer_stacks,
-            self.model,
-            items,
-            self.card,
-            self.config.max_batch_size,
-            tta=self.config.tta,
-        )
+        return await asyncio.to_thread(self.segmenter.run, items)
 
-    def _respond(
-        self, tile: Tile, layout: tiling.Layout, logits: np.ndarray, options: tuple
-    ) -> Response:
+    def _respond(self, windows: Windows, logits: np.ndarray, options: tuple) -> Response:
         fmt, output, class_index, threshold = options
-        joined = tiling.join_windows(logits, layout, self.config.blend)
-        full = inference.mark_nodata(joined, tile.valid)[None]
+        full = self.segmenter.join(windows, logits)[None]
         headers = {"X-Segray-Model-Version": self.card.version}
         if fmt == "png":
             index = 1 if class_index is None else class_index
-            mask = inference.render(full, self.card, output, index, threshold)[0]
+            mask = self.segmenter.render(full, output, index, threshold)[0]
             return Response(imagery.encode_png(mask), media_type="image/png", headers=headers)
-        doc = page.segment_doc(tile, full, self.card, class_index, threshold)
+        (masks,) = self.segmenter.finish(full, "classes", threshold=threshold)
+        doc = page.segment_doc(windows.tile, masks, self.card, class_index)
         return JSONResponse(doc, headers=headers)
 
 

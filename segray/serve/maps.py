@@ -32,6 +32,7 @@ from affine import Affine
 from segray import inference
 from segray.errors import ConfigError, SegrayError, TileError
 from segray.inference import tiling
+from segray.inference.segmenter import Segmenter, Windows
 from segray.io import gdal, storage
 from segray.io.maptiles import TILE_SIZE, MapTiles
 from segray.io.readers import Grid, SceneReader
@@ -125,11 +126,13 @@ class MapService:
     def __init__(
         self,
         config: Any,
-        card: Any,
-        window: tuple[int, int] | None,
+        segmenter: Segmenter,
         infer: Callable[[np.ndarray], Awaitable[np.ndarray]],
     ) -> None:
-        self.config, self.card, self.window, self.infer = config, card, window, infer
+        """``segmenter`` prepares, joins and renders; ``infer`` runs a stack of windows (the
+        replica's batched model calls)."""
+        self.config, self.segmenter, self.infer = config, segmenter, infer
+        self.card, self.window = segmenter.card, segmenter.window
         self.allowed = normalise_prefixes(config.allowed_sources)
         self.cache = TileCache(config.tile_cache_bytes)
         self.margin = self._margin()
@@ -222,26 +225,20 @@ class MapService:
             lambda: source.tiles.read(z, x, y, size=size, margin=m, bands=self.card.bands)
         )
         try:
-            array = await asyncio.to_thread(inference.prepare, tile, self.card)
+            windows = await asyncio.to_thread(self.segmenter.prepare, tile)
         except TileError as err:
             raise tile_error(err) from err
-        valid = tile.valid
-        if valid is not None and not valid.any():
+        if windows.valid is not None and not windows.valid.any():  # completed by prepare
             return _empty(size, k)
-        windows, layout = tiling.cut_windows(array, self.window, self.config.overlap)
-        logits = await self.infer(windows)
+        logits = await self.infer(windows.stack)
         self.model_runs += 1
-        return await asyncio.to_thread(self._finish, logits, layout, valid)
+        return await asyncio.to_thread(self._finish, windows, logits)
 
-    def _finish(self, logits: np.ndarray, layout: Any, valid: np.ndarray | None) -> Prediction:
-        m, size = self.margin, TILE_SIZE
-        joined = tiling.join_windows(logits, layout, self.config.blend)
-        full = inference.mark_nodata(joined, valid)[None, m : m + size, m : m + size]
-        classes = inference.render(full, self.card, "classes")[0]
-        probs = [
-            inference.render(full, self.card, "probability", c)[0]
-            for c in range(self.card.num_classes)
-        ]
+    def _finish(self, windows: Windows, logits: np.ndarray) -> Prediction:
+        m, size, render = self.margin, TILE_SIZE, self.segmenter.render
+        full = self.segmenter.join(windows, logits)[None, m : m + size, m : m + size]
+        classes = render(full, "classes")[0]
+        probs = [render(full, "probability", c)[0] for c in range(self.card.num_classes)]
         return Prediction(classes, np.stack(probs, axis=-1))
 
     async def view(self, source: MapSource, z: int, x: int, y: int, size: int) -> Prediction:

@@ -152,14 +152,12 @@ def asset(name: str) -> Response:
     return Response((STATIC / name).read_bytes(), media_type=media, headers=headers)
 
 
-def segment_doc(
-    tile: Any, logits: Any, card: Any, class_index: int | None, threshold: float | None
-) -> dict:
+def segment_doc(tile: Any, masks: Any, card: Any, class_index: int | None) -> dict:
     """The JSON answer of ``/v1/segment``: shape, model, class fractions, CRS and, for a
-    ``class``, its polygons (as bulk ``--footprints`` writes them)."""
+    ``class``, its polygons (as bulk ``--footprints`` writes them), from the tile's class-id
+    :class:`~segray.inference.segmenter.Masks`."""
     names = card.names()
-    mask = inference.render(logits, card, "classes", threshold=threshold)[0]
-    fractions = inference.class_fractions(mask, card.num_classes)
+    mask, fractions = masks.labels, masks.fractions
     doc: dict[str, Any] = {
         "shape": list(mask.shape),
         "model": {"name": card.name, "version": card.version},

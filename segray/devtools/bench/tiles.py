@@ -140,16 +140,15 @@ def _anchors(model_uri: str, scene: str, tiles: list[Any], config: Any) -> dict[
     """Per tile: the margin read, the model on its windows, a plain rio-tiler read."""
     from rio_tiler.io import Reader
 
-    from segray import inference
-    from segray.inference import tiling
+    from segray.inference.segmenter import Segmenter
     from segray.io.maptiles import MapTiles
     from segray.io.readers import SceneReader
     from segray.models import saving
     from segray.serve.maps import TILE_SIZE, MapService
 
     model, card = saving.load_model(model_uri)
-    window = tuple(card.input_shape[:2])
-    margin = MapService(config, card, window, None).margin  # type: ignore[arg-type]
+    segmenter = Segmenter(model, card, overlap=config.overlap, blend=config.blend)
+    margin = MapService(config, segmenter, None).margin  # type: ignore[arg-type]
     reads, runs, plain, windows = [], [], [], []
     with SceneReader(scene) as reader:
         maps = MapTiles(reader)
@@ -157,11 +156,10 @@ def _anchors(model_uri: str, scene: str, tiles: list[Any], config: Any) -> dict[
             for t in tiles:
                 start = time.perf_counter()
                 tile = maps.read(t.z, t.x, t.y, size=TILE_SIZE, margin=margin, bands=card.bands)
-                array = inference.prepare(tile, card)
-                batch, _ = tiling.cut_windows(array, window, config.overlap)
+                batch = segmenter.prepare(tile).stack
                 read = time.perf_counter() - start
                 start = time.perf_counter()
-                inference.infer(model, batch, card)
+                segmenter.run([batch])
                 run = time.perf_counter() - start
                 if not warmup:
                     reads.append(read), runs.append(run), windows.append(len(batch))
