@@ -221,6 +221,13 @@ def test_small_unet_learns_buildings(tmp_path, ray_local):
     assert card.threshold == best["val_threshold"] and card.threshold in THRESHOLDS
     assert cm.iou[1] == pytest.approx(best["val_iou_1"], abs=1e-4)
     assert cm.iou[1] >= at_half.iou[1]
+    # the run's STAC MLM item describes its model.keras, and stac-model accepts it
+    from segray.inference import export
+
+    item = json.loads((Path(out) / export.MLM_FILE).read_text())
+    export.check_mlm(item)
+    assert item["assets"]["model"]["href"] == saving.MODEL_FILE
+    assert item["properties"]["mlm:hyperparameters"]["threshold"] == card.threshold
 
 
 def test_bad_input_refused_before_workers_start(binary_tiles, tmp_path):

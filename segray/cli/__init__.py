@@ -422,8 +422,10 @@ def eval_cmd(**kw: Any) -> None:
 
 
 from segray.cli.bench import bench  # noqa: E402  (the group's commands need the options above)
+from segray.cli.export import export_cmd  # noqa: E402
 
 cli.add_command(bench)
+cli.add_command(export_cmd)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from segray.errors import ConfigError, DatasetError
+from segray.inference import export
 from segray.io import storage
 from segray.io.files import FileSystem
 from segray.models.saving import ModelCard
@@ -364,6 +365,7 @@ def _finish(config: TrainConfig, result: Any, seconds: float) -> TrainResult:
     history = state["history"]
     out = config.fs(config.out)
     checkpoints.copy_checkpoint(best_ckpt, config.out, out)
+    export.write_run_item(config.out, out)  # the STAC MLM item of the run's model
     checkpoints.copy_checkpoint(last, storage.join(config.out, "last"), out)
     out.write_text(storage.join(config.out, "metrics.csv"), history_csv(history))
     out.write_bytes(storage.join(config.out, "curves.png"), plot_curves(history, config.monitor))
