@@ -206,3 +206,100 @@ def test_the_export_command_writes_the_files_and_names_a_missing_model(run, tmp_
     assert missing.exit_code == 1 and "nothing" in missing.output and "no model" in missing.output
     bad = CliRunner().invoke(cli, ["export", folder, "--format", "pt"])
     assert bad.exit_code == 2 and "--format" in bad.output
+
+
+def osbs_scenes(tmp_path: Path, side: int = 64) -> list[Path]:
+    """GeoTIFF tiles of ``side`` px (larger than the model: windows stitched) cut from the
+    eastern half of the real OSBS crop, the part the model never saw."""
+    from segray.io import imagery
+
+    with rasterio.open(REAL / "osbs_rgb.tif") as f:
+        image, transform, crs = np.moveaxis(f.read(), 0, -1), f.transform, f.crs
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    paths = []
+    for r in range(0, image.shape[0] - side + 1, side):
+        for c in range(image.shape[1] // 2, image.shape[1] - side + 1, side):
+            data = imagery.encode_geotiff(
+                image[r : r + side, c : c + side],
+                crs.to_string(),
+                transform * transform.translation(c, r),
+            )
+            path = folder / f"t_{r:03d}_{c:03d}.tif"
+            path.write_bytes(data)
+            paths.append(path)
+    return paths
+
+
+def test_the_onnx_runtime_gives_the_keras_masks_and_never_imports_tensorflow(run, tmp_path):
+    from segray.errors import ConfigError
+    from segray.inference.segmenter import Segmenter
+    from segray.io.imagery import decode
+
+    folder, _ = run
+    with pytest.raises(ConfigError, match="segray export .* --format onnx"):
+        Segmenter.load(folder, runtime="onnx")
+    export.export_model(export.ExportConfig(model=folder))  # into the run: its card says so
+    assert saving.load_card(folder).exports == {"onnx": "export/onnx/model.onnx"}
+    with pytest.raises(ConfigError, match="fp32"):
+        Segmenter.load(folder, precision="bf16", runtime="onnx")
+    tiles = [decode(p.read_bytes()) for p in osbs_scenes(tmp_path)]
+    masks = {}
+    for runtime in ("keras", "onnx"):
+        segmenter = Segmenter.load(folder, runtime=runtime, tta="flips", overlap=16)
+        masks[runtime] = np.stack([m.mask for m in segmenter.segment(tiles)])
+    same = float(np.mean(masks["onnx"] == masks["keras"]))
+    print(f"\nonnx vs keras on {len(tiles)} real 64 px tiles (flips): {100 * same:.3f} % identical")
+    assert same >= 0.999 and 0.1 < masks["keras"].mean() < 0.9
+    # a bulk Predictor on the onnx runtime, in a process where TensorFlow cannot be imported
+    np.save(tmp_path / "expected.npy", masks["keras"])
+    uris = [str(p) for p in sorted((tmp_path / "tiles").glob("*.tif"))]
+    script = f"""
+import importlib.abc, json, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            raise ImportError("no " + name + " here")
+sys.meta_path.insert(0, Refuse())
+import numpy as np
+from segray.bulk import stages
+from segray.bulk.config import PredictConfig
+from segray.bulk.predictor import TilePredictor
+from segray.bulk.rows import objects, unpack
+uris = {uris!r}
+config = PredictConfig(model={folder!r}, input="unused", output="unused", runtime="onnx",
+                       tta="flips", overlap=16)
+batch = stages.read_tiles({{"input_uri": objects(uris)}}, config)
+out = TilePredictor(config)(batch)
+assert not any(out["error"]), out["error"]
+got = np.stack([unpack(p, s[:2], d) for p, s, d in zip(out["pixels"], out["shape"], out["dtype"])])
+expected = np.load({str(tmp_path / "expected.npy")!r})
+loaded = sorted(m for m in sys.modules if m.startswith(("tensorflow", "keras")))
+print(json.dumps({{"same": float((got == expected).mean()), "modules": loaded}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["modules"] == [] and result["same"] >= 0.999, result
+
+
+def test_a_bulk_job_on_the_onnx_runtime_writes_the_keras_masks(run, ray_local, tmp_path):
+    from segray.bulk.config import PredictConfig
+    from segray.bulk.job import predict
+    from segray.io.imagery import decode
+
+    folder, _ = run
+    export.export_model(export.ExportConfig(model=folder))
+    osbs_scenes(tmp_path)
+    written = {}
+    for runtime in ("keras", "onnx"):
+        out = tmp_path / runtime
+        job = PredictConfig(model=folder, input=str(tmp_path / "tiles"), output=str(out))
+        assert predict(job.replace(runtime=runtime)).ok
+        written[runtime] = np.stack(
+            [decode(p.read_bytes()).array[..., 0] for p in sorted(out.glob("*.tif"))]
+        )
+    assert written["onnx"].shape == written["keras"].shape and len(written["onnx"]) >= 12
+    assert np.mean(written["onnx"] == written["keras"]) >= 0.999

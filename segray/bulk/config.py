@@ -6,6 +6,7 @@ import re
 
 from pydantic import field_validator, model_validator
 
+from segray.inference.onnx import RUNTIME_HELP, Runtime
 from segray.inference.render import Output
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend, default_overlap
@@ -46,6 +47,7 @@ class PredictConfig(Settings, storage.Addressed):
     precision: Precision | None = setting(
         None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
     )
+    runtime: Runtime = setting("keras", RUNTIME_HELP)
     tiles_per_call: int | None = setting(
         None,
         "Tiles per Predictor actor call (default: batch_size, so tiles of one window fill "
@@ -181,6 +183,8 @@ class PredictConfig(Settings, storage.Addressed):
                 "give input (a folder or s3:// prefix), manifest (a list of URIs) or stac "
                 "(a STAC ItemCollection, catalog or collection)"
             )
+        if self.runtime == "onnx" and self.mc_samples:
+            raise ValueError("mc_samples needs the dropout of runtime keras; onnx has none")
         if self.window is not None and self.overlap is not None and self.overlap >= self.window:
             raise ValueError(
                 f"overlap must lie in 0..window-1 ({self.window - 1}); got {self.overlap}"
@@ -203,6 +207,7 @@ class PoolConfig(Settings, storage.Addressed):
     precision: Precision | None = setting(
         None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
     )
+    runtime: Runtime = setting("keras", RUNTIME_HELP)
     cpus_per_actor: float = setting(1.0, "CPUs each actor holds.", gt=0)
     gpus_per_actor: float = setting(0.0, "GPUs each actor holds.", ge=0)
     endpoint: str | None = setting(None, "S3 endpoint URL.", flag="--s3-endpoint")

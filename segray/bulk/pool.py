@@ -60,13 +60,19 @@ class PoolInfo:
     precision: str
     batches: int
     started: float
+    runtime: str = "keras"
 
     def summary(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
         return (
             f"{self.name}: {self.size} actor(s) of {self.model} (version {self.version}, "
-            f"{self.precision}), up since {since}, {self.batches} batch(es) predicted by actor 0"
+            f"{self.precision}, {self.runtime}), up since {since}, {self.batches} batch(es) "
+            "predicted by actor 0"
         )
+
+    def holds(self, version: str, precision: str, runtime: str) -> bool:
+        """True when the pool holds this model version in this precision and runtime."""
+        return (self.version, self.precision, self.runtime) == (version, precision, runtime)
 
 
 class PredictorActor:
@@ -77,7 +83,8 @@ class PredictorActor:
         self, settings: PredictConfig | PoolConfig, card: ModelCard, pool: str = ""
     ) -> None:
         uri = settings.model
-        self.model, self.card = inference.load(uri, settings.fs(uri), card, settings.precision)
+        fs, precision = settings.fs(uri), settings.precision
+        self.model, self.card = inference.load(uri, fs, card, precision, settings.runtime)
         if pool:  # what a job's first block needs, ready before any job comes
             from segray.bulk import stages  # noqa: F401  (the readers and writers)
 
@@ -89,6 +96,7 @@ class PredictorActor:
             "model": uri,
             "version": self.card.version,
             "precision": settings.precision or self.card.precision,
+            "runtime": settings.runtime,
             "batches": 0,
             "started": time.time(),
             "pid": os.getpid(),
@@ -185,8 +193,8 @@ def describe(actor: Any) -> dict[str, Any]:
 def _info(name: str, actors: list) -> PoolInfo:
 
     info = describe(actors[0])
-    keys = ("model", "version", "precision", "batches", "started")
-    return PoolInfo(name=name, size=len(actors), **{k: info[k] for k in keys})
+    keys = ("model", "version", "precision", "batches", "started", "runtime")
+    return PoolInfo(name=name, size=len(actors), **{k: info[k] for k in keys if k in info})
 
 
 def start_pool(name: str, settings: PoolConfig) -> PoolInfo:
@@ -201,11 +209,12 @@ def start_pool(name: str, settings: PoolConfig) -> PoolInfo:
     running = _pool_actors(name)
     if running:
         info = _info(name, running)
-        if (info.version, info.precision) == (card.version, precision):
+        if info.holds(card.version, precision, settings.runtime):
             return info
         raise ConfigError(
-            f"pool {name!r} holds {info.model} (version {info.version}, {info.precision}), not "
-            f"{settings.model} (version {card.version}, {precision}): stop it first "
+            f"pool {name!r} holds {info.model} (version {info.version}, {info.precision}, "
+            f"{info.runtime}), not {settings.model} (version {card.version}, {precision}, "
+            f"{settings.runtime}): stop it first "
             f"(segray pool stop {name}) or name another pool"
         )
     # "control": answers what the pool holds while the other groups are busy predicting
@@ -266,11 +275,12 @@ def attach(config: PredictConfig, card: ModelCard) -> list:
         )
     info = _info(str(config.pool), actors)
     precision = config.precision or card.precision
-    if (info.version, info.precision) != (card.version, precision):
+    if not info.holds(card.version, precision, config.runtime):
         raise ConfigError(
             f"pool {config.pool!r} holds {info.model} (version {info.version}, "
-            f"{info.precision}); this job asks for {config.model} (version {card.version}, "
-            f"{precision}): start a pool for it, or run without --pool"
+            f"{info.precision}, {info.runtime}); this job asks for {config.model} (version "
+            f"{card.version}, {precision}, {config.runtime}): start a pool for it, or run "
+            "without --pool"
         )
     return actors
 

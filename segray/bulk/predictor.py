@@ -59,7 +59,9 @@ class _Predictor:
         settings = segmenter_settings(config)
         if model is None:
             uri = config.model
-            self.segmenter = Segmenter.load(uri, config.fs(uri), card, config.precision, **settings)
+            self.segmenter = Segmenter.load(
+                uri, config.fs(uri), card, config.precision, config.runtime, **settings
+            )
         else:
             self.segmenter = Segmenter(model, card, **settings)
         self.card = self.segmenter.card

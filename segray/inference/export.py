@@ -68,7 +68,14 @@ class ExportConfig(Settings, storage.Addressed):
 
     @property
     def folder(self) -> str:
-        return self.out or storage.join(self.model, "export", self.format)
+        """``out``, else ``export/<format>`` in the model's folder, which its card then names
+        (``--runtime onnx`` finds the ONNX export there)."""
+        if self.out:
+            return self.out
+        from segray.models.saving import resolve
+
+        folder = resolve(self.model)[1].rsplit("/", 1)[0]
+        return storage.join(folder, "export", self.format)
 
 
 @dataclass(frozen=True)
@@ -108,11 +115,17 @@ def export_model(config: ExportConfig) -> Exported:
             with open(local, "rb") as f:
                 fs.write_bytes(storage.join(out, relative), f.read())
         size = sum(os.path.getsize(p) for p in _files(path))
+    if config.out is None:  # in the model's own folder: its card says the export exists
+        relative = f"export/{config.format}/{name}"
+        card = card.replace(exports={**card.exports, config.format: relative})
     card_uri = storage.join(out, saving.CARD_FILE)
     fs.write_text(card_uri, card.to_json())
     item = mlm_item(card, config.format, name, size, model.count_params())
     item_uri = storage.join(out, MLM_FILE)
     fs.write_text(item_uri, json.dumps(item, indent=2))
+    if config.out is None:  # last: the card names the export once the export is whole
+        source = config.fs(config.model)
+        source.write_text(saving.resolve(config.model)[1], card.to_json())
     return Exported(storage.join(out, name), card_uri, item_uri)
 
 

@@ -141,6 +141,16 @@ def render_outputs(
     return render(logits, card, output, class_index, threshold), labels
 
 
+def logits_of(p: np.ndarray) -> np.ndarray:
+    """Logits whose probabilities are ``p`` (log p for softmax, logit p for one sigmoid channel),
+    so :func:`render` applies the one threshold rule to averaged predictions unchanged."""
+    eps = 1e-7
+    p = np.clip(p, eps, 1 - eps)
+    if p.shape[-1] == 1:
+        return np.log(p / (1 - p)).astype(np.float32)
+    return np.log(p).astype(np.float32)
+
+
 def render_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The probability of each pixel's class in ``labels`` (a binary model's 1 - p for class 0)
     as uint8 0..254, from the logits (..., H, W, K); 0 where the logits are NaN (no data)."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from segray.errors import TileError
 from segray.inference import tta as augment
+from segray.inference.render import logits_of
 from segray.inference.tiling import BLEND, OVERLAP, cut_windows, join_windows, pad_to
 from segray.io import bands, imagery
 from segray.io.imagery import Tile
@@ -35,11 +36,17 @@ def load(
     fs: FileSystem | None = None,
     card: ModelCard | None = None,
     precision: str | None = None,
+    runtime: str = "keras",
 ) -> tuple[Any, ModelCard]:
     """A model and its card, loaded for inference (by a Predictor actor or a Serve replica);
     ``fs`` holds the model, a ``card`` already read is not read again. The model computes in
     ``precision`` (default: the card's, the one it was trained in; :mod:`segray.models.
-    precision`)."""
+    precision`). ``runtime`` onnx opens the model's ONNX export in ONNX Runtime instead
+    (:mod:`segray.inference.onnx`), without importing Keras."""
+    if runtime == "onnx":
+        from segray.inference.onnx import load_onnx
+
+        return load_onnx(uri, fs, card, precision)
     from segray.models import saving
     from segray.models.lean import import_keras
 
@@ -178,7 +185,7 @@ def infer(
             _probabilities(augment.undo(part, view))
             for part, view in zip(parts, views, strict=True)
         )
-        logits = _logits_of(probs / len(views))
+        logits = logits_of(probs / len(views))
     return logits[:, :h, :w, :]
 
 
@@ -186,16 +193,6 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
     from segray import metrics
 
     return np.asarray(metrics.logits_to_probabilities(logits), np.float32)
-
-
-def _logits_of(p: np.ndarray) -> np.ndarray:
-    """Logits whose probabilities are ``p`` (log p for softmax, logit p for one sigmoid channel),
-    so :func:`render` applies the one threshold rule to averaged predictions unchanged."""
-    eps = 1e-7
-    p = np.clip(p, eps, 1 - eps)
-    if p.shape[-1] == 1:
-        return np.log(p / (1 - p)).astype(np.float32)
-    return np.log(p).astype(np.float32)
 
 
 def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -308,7 +305,7 @@ def infer_mc(
         entropy = -(q * np.log(q) + (1 - q) * np.log(1 - q)) / np.log(2)
     else:
         entropy = -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
-    return _logits_of(p), entropy.astype(np.float32)
+    return logits_of(p), entropy.astype(np.float32)
 
 
 def monte_carlo_enabled(model: Any) -> bool:

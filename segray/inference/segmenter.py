@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray.errors import TileError
+from segray.errors import ConfigError, TileError
 from segray.inference import run as running
 from segray.inference.render import (
     class_fractions,
@@ -109,12 +109,16 @@ class Segmenter:
         fs: FileSystem | None = None,
         card: ModelCard | None = None,
         precision: str | None = None,
+        runtime: str = "keras",
         **settings: Any,
     ) -> Segmenter:
         """The model at ``uri`` (``card``: its card, read already) loaded for inference in
-        ``precision`` (default: the card's); Monte-Carlo dropout switched on once when
+        ``precision`` (default: the card's) by ``runtime`` (keras, or onnx: its ONNX export in
+        ONNX Runtime, :mod:`segray.inference.onnx`); Monte-Carlo dropout switched on once when
         ``mc_samples`` asks for it (each switch recompiles the model's predict function)."""
-        model, card = running.load(uri, fs, card, precision)
+        if runtime == "onnx" and settings.get("mc_samples"):
+            raise ConfigError("--mc-samples needs the dropout of --runtime keras; onnx has none")
+        model, card = running.load(uri, fs, card, precision, runtime)
         if settings.get("mc_samples"):
             from segray.models.layers import set_monte_carlo  # imports Keras: after load
 

@@ -51,6 +51,10 @@ class ModelCard(Settings):
     precision: Precision = setting(
         "fp32", "Precision it was trained in; inference runs in it unless told otherwise."
     )
+    exports: dict[str, str] = setting(
+        help="Its exports by format (`segray export`), paths relative to the model's folder.",
+        default_factory=dict,
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

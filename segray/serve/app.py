@@ -90,6 +90,7 @@ class SegmentModel:
             config.model_uri,
             config.fs(config.model_uri),
             precision=config.precision,
+            runtime=config.runtime,
             overlap=config.overlap,
             blend=config.blend,
             batch_size=config.max_batch_size,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import model_validator
 
+from segray.inference.onnx import RUNTIME_HELP, Runtime
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend
 from segray.inference.tta import HELP as TTA_HELP
@@ -37,6 +38,7 @@ class ServeConfig(Settings, storage.Addressed):
     precision: Precision | None = setting(
         None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
     )
+    runtime: Runtime = setting("keras", RUNTIME_HELP)
     batch_wait_timeout_s: float = setting(0.01, "Seconds a batch waits to fill.", ge=0)
     replicas: int = setting(1, "Replicas (the minimum when autoscaling).", ge=1)
     max_replicas: int | None = setting(None, "Autoscale from --replicas up to this many.", ge=1)
