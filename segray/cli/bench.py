@@ -210,12 +210,15 @@ def bench_precision_cmd(
 @click.option("--tiles", default=200, show_default=True, help="Tiles of each job.")
 @click.option("--size", default=64, show_default=True, help="Tile and model size in pixels.")
 @click.option("--repeats", default=3, show_default=True, help="Runs of each side (median).")
-def bench_startup_cmd(tiles: int, size: int, repeats: int) -> None:
+@click.option(
+    "--runtimes", default="keras,onnx", show_default=True, help="Model runtimes of the sides."
+)
+def bench_startup_cmd(tiles: int, size: int, repeats: int, runtimes: str) -> None:
     """Seconds to a job's first mask as whole processes: from nothing, on a running cluster, on
-    a pool, against a plain loop."""
+    a pool, with each model runtime, against a plain loop."""
     from segray.devtools.bench.startup import bench_startup
 
-    bench_startup(tiles, size, repeats, echo=click.echo)
+    bench_startup(tiles, size, repeats, echo=click.echo, runtimes=_listed(runtimes))
 
 
 def _listed(text: str) -> tuple[str, ...]:

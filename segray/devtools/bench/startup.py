@@ -13,6 +13,9 @@ its spawn (the first mask is the first file to appear under the output, polled e
 - **plain loop** — a Python script: import, load the model, read, predict, write the first tile
   (:func:`segray.devtools.bench.predict._loop_rate`'s loop), the anchor of every ratio.
 
+The three segray sides run once per model runtime (``--runtime keras``, and ``onnx``: the
+model's ONNX export in ONNX Runtime, no TensorFlow in the Predictors; ", onnx" in the side's name).
+
 Each figure is the median of ``repeats`` runs, the sides interleaved so that a noisy spell
 touches them alike.
 """
@@ -31,7 +34,16 @@ from typing import Any
 from segray.devtools.bench.harness import median_by_key, save_untrained
 
 SIDES = ("from nothing", "running cluster", "pool", "plain loop")
+RUNTIMES = ("keras", "onnx")
 POOL_NAME = "bench-startup"
+
+
+def side_names(runtimes: tuple[str, ...] = RUNTIMES) -> list[str]:
+    """Every side of a run over ``runtimes``: the segray sides per runtime, the plain loop."""
+    segray = [s for s in SIDES if s != "plain loop"]
+    named = [s if r == "keras" else f"{s}, {r}" for r in runtimes for s in segray]
+    return [*named, "plain loop"]
+
 
 _LOOP = """
 import sys, time
@@ -77,46 +89,56 @@ def bench_startup(
     size: int = 64,
     repeats: int = 3,
     echo: Callable[[str], None] = print,
+    runtimes: tuple[str, ...] = RUNTIMES,
 ) -> dict[str, Any]:
-    """Run every side ``repeats`` times over ``tiles`` tiles of ``size`` px; print the table and
-    return ``{"sides": {side: {"first_s", "end_s", "runs"}}, "tiles", "size"}``."""
+    """Run every side ``repeats`` times over ``tiles`` tiles of ``size`` px with each of
+    ``runtimes``; print the table and return ``{"sides": {side: {"first_s", "end_s", "runs"}},
+    "tiles", "size"}``."""
     from segray.devtools.bench.predict import write_tiles
     from segray.devtools.cluster import LocalCluster
+    from segray.inference.export import ExportConfig, export_model
 
-    runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+    names = side_names(runtimes)
+    runs: dict[str, list[dict[str, float]]] = {side: [] for side in names}
     with tempfile.TemporaryDirectory(prefix="segray-startup-") as tmp:
         root = Path(tmp)
         model, inputs = str(root / "model"), str(root / "tiles")
         save_untrained(model, size)
+        if "onnx" in runtimes:
+            export_model(ExportConfig(model=model))  # the card names it: --runtime onnx finds it
         write_tiles(inputs, tiles, size)
         echo(f"startup: {tiles} tiles of {size} px, {repeats} runs of each side")
         with LocalCluster(root / "cluster", head_cpus=max(4, os.cpu_count() or 1)) as cluster:
             env = cluster.env()
             address = ["--ray-address", cluster.address]
-            started = subprocess.run(
-                [_segray(), "pool", "start", POOL_NAME, "--model", model, *address],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            if started.returncode:
-                raise RuntimeError(f"segray pool start failed: {started.stderr[-2000:]}")
+            for runtime in runtimes:
+                pool = [_segray(), "pool", "start", f"{POOL_NAME}-{runtime}", "--model", model]
+                started = subprocess.run(
+                    [*pool, "--runtime", runtime, *address],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                if started.returncode:
+                    raise RuntimeError(f"segray pool start failed: {started.stderr[-2000:]}")
             job = [_segray(), "predict", "--model", model, "--input", inputs]
             lone = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
             for k in range(repeats):
-                for side in SIDES:
-                    out = root / f"out-{k}-{side.replace(' ', '-')}"
+                for side in names:
+                    out = root / f"out-{k}-{side.replace(' ', '-').replace(',', '')}"
                     log = root / f"{out.name}.log"
                     if side == "plain loop":
                         cmd = [sys.executable, "-c", _LOOP, model, inputs, str(out)]
                         runs[side].append(_first_mask(cmd, out, lone, log))
                         continue
-                    cmd = [*job, "--output", str(out)]
-                    if side != "from nothing":
+                    where, _, runtime = side.partition(", ")
+                    runtime = runtime or "keras"
+                    cmd = [*job, "--output", str(out), "--runtime", runtime]
+                    if where != "from nothing":
                         cmd += address
-                    if side == "pool":
-                        cmd += ["--pool", POOL_NAME]
+                    if where == "pool":
+                        cmd += ["--pool", f"{POOL_NAME}-{runtime}"]
                     runs[side].append(_first_mask(cmd, out, lone, log))
                     written = sum(not p.name.startswith(".tmp-") for p in out.rglob("*.tif"))
                     if written != tiles:
@@ -139,7 +161,7 @@ def format_report(result: dict[str, Any]) -> str:
         "(s) | vs the plain loop's | whole process (s) |",
         "|---|---:|---:|---:|",
     ]
-    for side in SIDES:
+    for side in sides:
         s = sides[side]
         lines.append(
             f"| {side} | {s['first_s']:.2f} | {s['first_s'] / anchor:.2f}× | {s['end_s']:.2f} |"
