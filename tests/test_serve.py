@@ -121,6 +121,20 @@ def uint16_url(url, tmp_path_factory) -> tuple[str, str]:
     return f"{url}/u16", folder
 
 
+@pytest.fixture(scope="module")
+def onnx_url(uint16_url) -> str:
+    """A fourth app at /onnx: the same fitted model's ONNX export, in ONNX Runtime."""
+    from ray import serve as ray_serve
+
+    from segray.inference.export import ExportConfig, export_model
+
+    _, folder = uint16_url
+    export_model(ExportConfig(model=folder))
+    config = ServeConfig(model_uri=folder, num_cpus=0.5, tta="d4", runtime="onnx")
+    ray_serve.run(serve.build_app(config), name="segray-onnx", route_prefix="/onnx")
+    return f"{uint16_url[0].rsplit('/', 1)[0]}/onnx"
+
+
 def tile_png(seed: int = 1, size: int | tuple[int, int] = SIZE, bands: int = 3) -> bytes:
     return imagery.encode_png(synth.generate_tile(size, seed, "binary", bands)[0])
 
@@ -384,7 +398,7 @@ def test_bulk_predict_gives_the_same_masks(url, model_dir, tmp_path):
         np.testing.assert_array_equal(served, bulk)
 
 
-def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, tmp_path):
+def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, onnx_url, tmp_path):
     """One Segmenter on every path: bulk tiles, a bulk scene, /v1/segment and eval give the same
     masks, with test-time augmentation (d4) everywhere, from a fitted model whose masks follow
     the buildings (so no path can agree with another by giving one class everywhere)."""
@@ -417,6 +431,8 @@ def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, t
         (evaluated,) = predict_rows(model, card, [row], tta="d4")
         np.testing.assert_array_equal(served, bulk)
         np.testing.assert_array_equal(evaluated, bulk)
+        on_onnx = png_mask(post(onnx_url, data))  # the onnx runtime: the same masks
+        assert np.mean(on_onnx == bulk) >= 0.999
         nodata = (imagery.decode(data).array == 0).all(-1)
         np.testing.assert_array_equal(bulk == 255, nodata)  # no data in, 255 out
         edged += bool(nodata.any())
@@ -424,6 +440,7 @@ def test_a_uint16_model_gives_one_mask_through_serve_bulk_and_eval(uint16_url, t
         truth = row["mask"] == 1
         hits += int(np.sum((bulk == 1) & truth))
         union += int(np.sum(((bulk == 1) | truth) & ~nodata))
+    assert requests.get(f"{onnx_url}/v1/model", timeout=10).json()["runtime"] == "onnx"
     assert edged  # at least one tile had a no-data corner
     assert changed  # the augmentation changed some pixels: the paths agree on it, not by chance
     # the masks are not constant, and follow the buildings: the model was fitted

@@ -112,7 +112,7 @@ class SegmentModel:
 
     @app.get("/v1/model")
     def model_info(self, request: Request) -> dict:
-        """The model served: name, classes, input size, channels, version."""
+        """The model served: name, classes, input size, channels, version, runtime."""
         self._authorize(request)
         card = self.card
         return {
@@ -124,6 +124,7 @@ class SegmentModel:
             "channels": card.channels,
             "bands": list(card.bands) if card.bands else None,
             "threshold": card.threshold,
+            "runtime": self.config.runtime,
         }
 
     @app.get("/v1/stats")
