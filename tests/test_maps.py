@@ -228,6 +228,43 @@ def test_tilejson_layers_cache_headers_and_errors(base, scene):
 
 
 @pytest.mark.slow
+def test_a_7_band_landsat_cog_under_an_rgb_model_takes_bands_that_serve_offers(base, model_dir):
+    """A real 7-band Landsat COG under an RGB model: refused with a message naming ``--bands``,
+    an option ``segray serve`` has; drawn once the app reads bands 3,2,1; a --bands the model
+    cannot take is refused before any replica starts."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+    from ray import serve as ray_serve
+
+    from segray.cli import cli
+    from segray.errors import ConfigError
+
+    real = str(Path(__file__).parent / "data" / "real")
+    landsat = f"{real}/landsat7_utah.tif"
+    config = ServeConfig(model_uri=model_dir, allowed_sources=(real,), num_cpus=0.25)
+    ray_serve.run(serve.build_app(config), name="segray-rgb", route_prefix="/rgb")
+    landsat_app = serve.build_app(config.replace(bands=(3, 2, 1)))
+    ray_serve.run(landsat_app, name="segray-landsat", route_prefix="/landsat")
+    root = base.rsplit("/v1", 1)[0]
+    z, tiles = native_tiles(landsat)
+    t = tiles[len(tiles) // 2]
+    refused = get_tile(f"{root}/rgb/v1", landsat, z, t.x, t.y)
+    assert refused.status_code == 415, refused.text
+    detail = refused.json()["detail"]
+    assert "7 band(s)" in detail and "--bands" in detail
+    assert "--bands" in CliRunner().invoke(cli, ["serve", "--help"]).output  # it exists
+    drawn = get_tile(f"{root}/landsat/v1", landsat, z, t.x, t.y)
+    assert drawn.status_code == 200, drawn.text
+    assert rgba(drawn)[..., 3].any()
+    info = requests.get(f"{root}/landsat/v1/model", timeout=10).json()
+    assert info["bands"] == [3, 2, 1]
+    with pytest.raises(ConfigError, match="--bands 4,3: the model reads 3 band"):
+        config.replace(bands=(4, 3)).check_card(saving.load_card(model_dir))
+    ray_serve.delete("segray-rgb")
+    ray_serve.delete("segray-landsat")
+
+
 def test_hostile_urls_get_403_and_odd_files_a_clear_error(base, scene):
     for url in (
         "/etc/passwd",

@@ -298,7 +298,7 @@ def serve(**kw: Any) -> None:
     from segray.serve.app import run
 
     config = from_options(ServeConfig, kw)
-    saving.vet(config.model_uri, config.fs(config.model_uri))  # before anything starts
+    config.check_card(saving.vet(config.model_uri, config.fs(config.model_uri)))  # first
     try:
         run(config, blocking=False)
     except RuntimeError as exc:  # Serve's "Deploying application … failed", and why

@@ -143,7 +143,10 @@ class Segmenter:
         if bands:
             imagery.check_band_selection(bands, head.count, source)
         elif head.count != self.card.channels:
-            reason = f"has {head.count} band(s) but the model expects {self.card.channels}"
+            reason = (
+                f"has {head.count} band(s) but the model expects {self.card.channels}; "
+                "select bands with --bands"
+            )
             raise TileError(source, reason, "bands")
         running.check_pixel_type(head.dtype, self.card, source)
 

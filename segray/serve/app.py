@@ -97,6 +97,8 @@ class SegmentModel:
             tta=config.tta,
         )
         self.model, self.card = self.segmenter.model, self.segmenter.card
+        config.check_card(self.card)
+        self.bands = config.bands or self.card.bands  # what every input is read as
         self.token = config.api_token or os.environ.get(TOKEN_ENV) or None
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._in_flight = 0
@@ -122,7 +124,7 @@ class SegmentModel:
             "num_classes": card.num_classes,
             "input_size": list(self.card.input_shape[:2]),
             "channels": card.channels,
-            "bands": list(card.bands) if card.bands else None,
+            "bands": list(self.bands) if self.bands else None,
             "threshold": card.threshold,
             "runtime": self.config.runtime,
         }
@@ -295,7 +297,7 @@ class SegmentModel:
         try:
             with TileReader(data, "request body", max_pixels=self.config.max_pixels) as reader:
                 self._check_header(reader.header())
-                tile = reader.read(bands=self.card.bands)
+                tile = reader.read(bands=self.bands)
             return self.segmenter.prepare(tile)
         except TileError as err:
             raise tile_error(err) from err
@@ -305,7 +307,7 @@ class SegmentModel:
         many pixels, a pixel type or bands the model cannot take, more windows than one request
         may cause."""
         c = self.config
-        self.segmenter.check(head, c.max_pixels, source="request body")
+        self.segmenter.check(head, c.max_pixels, self.bands, source="request body")
         windows = tiling.window_count(head.height, head.width, self.segmenter.window, c.overlap)
         if windows > c.max_windows:
             detail = (

@@ -8,10 +8,11 @@ model_uri=… max_batch_size=16`` and a config file's ``args:`` are checked (and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import model_validator
 
+from segray.errors import ConfigError
 from segray.inference.onnx import RUNTIME_HELP, Runtime
 from segray.inference.run import BATCH_SIZE
 from segray.inference.tiling import BLEND, OVERLAP, Blend
@@ -21,6 +22,9 @@ from segray.io import storage
 from segray.models.precision import Precision
 from segray.serve.ingress import Ingress
 from segray.settings import Settings, setting
+
+if TYPE_CHECKING:
+    from segray.models.card import ModelCard
 
 ProxyLocation = Literal["EveryNode", "HeadOnly"]
 
@@ -39,6 +43,11 @@ class ServeConfig(Settings, storage.Addressed):
         None, "Arithmetic of the model: fp32, bf16 or fp16 (default: the card's, as trained)."
     )
     runtime: Runtime = setting("keras", RUNTIME_HELP)
+    bands: tuple[int, ...] | None = setting(
+        None,
+        "1-based bands of every input the model reads, e.g. 4,3,2 of a 7-band Landsat scene "
+        "under an RGB model (default: the model card's; as many as the model's channels).",
+    )
     batch_wait_timeout_s: float = setting(0.01, "Seconds a batch waits to fill.", ge=0)
     replicas: int = setting(1, "Replicas (the minimum when autoscaling).", ge=1)
     max_replicas: int | None = setting(None, "Autoscale from --replicas up to this many.", ge=1)
@@ -99,6 +108,15 @@ class ServeConfig(Settings, storage.Addressed):
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas {self.max_replicas} is below replicas {self.replicas}")
         return self
+
+    def check_card(self, card: ModelCard) -> None:
+        """Refuse settings the model cannot take, before a replica starts: ``bands`` of another
+        count than the model's channels."""
+        if self.bands and len(self.bands) != card.channels:
+            raise ConfigError(
+                f"--bands {','.join(map(str, self.bands))}: the model reads {card.channels} "
+                "band(s); give as many"
+            )
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of ``SegmentModel.options``: resources, concurrency, scaling.

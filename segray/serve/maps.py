@@ -133,6 +133,7 @@ class MapService:
         replica's batched model calls)."""
         self.config, self.segmenter, self.infer = config, segmenter, infer
         self.card, self.window = segmenter.card, segmenter.window
+        self.bands = config.bands or self.card.bands  # what the model reads of every source
         self.allowed = normalise_prefixes(config.allowed_sources)
         self.cache = TileCache(config.tile_cache_bytes)
         self.margin = self._margin()
@@ -222,7 +223,7 @@ class MapService:
         if not source.tiles.intersects(z, x, y):
             return _empty(size, k)
         tile = await source.call(
-            lambda: source.tiles.read(z, x, y, size=size, margin=m, bands=self.card.bands)
+            lambda: source.tiles.read(z, x, y, size=size, margin=m, bands=self.bands)
         )
         try:
             windows = await asyncio.to_thread(self.segmenter.prepare, tile)
@@ -297,8 +298,9 @@ class MapService:
         return rgba
 
     def image_bands(self, count: int) -> tuple[int, ...]:
-        """The source bands shown as RGB: the card's first three (or its one, as grey)."""
-        bands = tuple(self.card.bands) if self.card.bands else tuple(range(1, count + 1))
+        """The source bands shown as RGB: the first three the model reads (``--bands``, else
+        the card's), or its one, as grey."""
+        bands = tuple(self.bands) if self.bands else tuple(range(1, count + 1))
         return bands[:3] if len(bands) >= 3 else bands[:1] * 3
 
     def read_image(self, source: MapSource, z: int, x: int, y: int, size: int) -> np.ndarray:
