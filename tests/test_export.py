@@ -243,6 +243,11 @@ def test_the_onnx_runtime_gives_the_keras_masks_and_never_imports_tensorflow(run
     assert saving.load_card(folder).exports == {"onnx": "export/onnx/model.onnx"}
     with pytest.raises(ConfigError, match="fp32"):
         Segmenter.load(folder, precision="bf16", runtime="onnx")
+    from segray.errors import ModelError
+
+    card = saving.load_card(folder)
+    with pytest.raises(ModelError, match="export it again"):  # a model changed since its export
+        Segmenter.load(folder, card=card.replace(version="0123456789ab"), runtime="onnx")
     tiles = [decode(p.read_bytes()) for p in osbs_scenes(tmp_path)]
     masks = {}
     for runtime in ("keras", "onnx"):

@@ -9,12 +9,14 @@ back into logits whose every mask, at every threshold, is the same.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
 from segray.errors import ConfigError, ModelError
+from segray.inference.export import CARD_KEY
 from segray.inference.render import logits_of
 from segray.io import storage
 
@@ -51,6 +53,13 @@ class OnnxModel:
             self.session = ort.InferenceSession(data, options, providers=providers)
         except Exception as exc:  # ONNX Runtime's refusals: a torn or foreign file
             raise ModelError(f"{source}: ONNX Runtime cannot open it: {exc}") from exc
+        meta = self.session.get_modelmeta().custom_metadata_map
+        exported = json.loads(meta.get(CARD_KEY, "{}")).get("version")
+        if exported and card.version and exported != card.version:
+            raise ModelError(
+                f"{source}: exported from model version {exported}, not {card.version}: the "
+                "model changed since; export it again (segray export --format onnx)"
+            )
         (self.input,) = (i.name for i in self.session.get_inputs())
         self.output = self.session.get_outputs()[0].name
         self.input_shape = (None, *card.input_shape)
