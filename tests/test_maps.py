@@ -259,6 +259,24 @@ def test_a_7_band_landsat_cog_under_an_rgb_model_takes_bands_that_serve_offers(b
     assert rgba(drawn)[..., 3].any()
     info = requests.get(f"{root}/landsat/v1/model", timeout=10).json()
     assert info["bands"] == [3, 2, 1]
+    # TiTiler's bidx picks the bands per request: the same tile as the app's --bands
+    picked = get_tile(f"{root}/rgb/v1", landsat, z, t.x, t.y, bidx="3,2,1")
+    assert picked.status_code == 200 and picked.content == drawn.content
+    doc = requests.get(
+        f"{root}/rgb/v1/tilejson.json", params={"url": landsat, "bidx": "3,2,1"}, timeout=30
+    ).json()
+    assert "bidx=3,2,1" in doc["tiles"][0]
+    (lon, lat) = doc["center"][:2]
+    point = requests.get(
+        f"{root}/rgb/v1/point",
+        params={"url": landsat, "lon": lon, "lat": lat, "bidx": "3,2,1"},
+        timeout=30,
+    )
+    assert point.status_code == 200, point.text
+    for bidx, words in (("3,2", "the model reads 3"), ("9,2,1", "has 7 band"), ("a,b", "bidx")):
+        wrong = get_tile(f"{root}/rgb/v1", landsat, z, t.x, t.y, bidx=bidx)
+        assert wrong.status_code == 400 and words in wrong.json()["detail"], wrong.text
+        assert "bidx" in wrong.json()["detail"]
     with pytest.raises(ConfigError, match="--bands 4,3: the model reads 3 band"):
         config.replace(bands=(4, 3)).check_card(saving.load_card(model_dir))
     ray_serve.delete("segray-rgb")

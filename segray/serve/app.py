@@ -44,6 +44,7 @@ from segray.serve.http import ApiError, image_bytes, read_body, response_format,
 from segray.serve.maps import LAYERS, MapService, encode_rgba, etag
 
 DEPLOYMENT = "SegmentModel"
+BIDX_HELP = "source bands the model reads, e.g. 3,2,1 (default: --bands, else the card's)"
 log = logging.getLogger(__name__)
 _BINARY = {"type": "string", "format": "binary"}
 _SEGMENT_BODY = {  # for /docs: the body is read raw, not declared as a parameter
@@ -157,6 +158,7 @@ class SegmentModel:
         url: str = Query(description="GeoTIFF/COG under an allowed_sources prefix"),
         layer: str = Query("mask", description="mask, probability, image or precomputed"),
         class_index: int = Query(1, alias="class", description="class of layer=probability"),
+        bidx: str | None = Query(None, description=BIDX_HELP),
     ) -> Response:
         """One map tile (XYZ, TiTiler's conventions) of the model over ``url``, or of the
         source itself: PNG with transparency, ETag and Cache-Control."""
@@ -167,7 +169,8 @@ class SegmentModel:
         self._check_options("probability", class_index)
         source = await self.maps.source(url, page.tms_name(tms))
         page.check_tile(source.tiles, z, x, y)
-        kind = (layer, class_index if layer == "probability" else None)
+        bands = await source.call(self.maps.check_bands, source, bidx)
+        kind = (layer, class_index if layer == "probability" else None, bands)
         tag = etag(source.key, self.card.version, kind, z, x, y, size)
         headers = {"ETag": tag, "Cache-Control": self._cache_control()}
         if tag in request.headers.get("if-none-match", ""):
@@ -177,11 +180,11 @@ class SegmentModel:
             if not source.tiles.intersects(z, x, y):
                 raise ApiError(404, "not found", f"tile {z}/{x}/{y} is outside the source")
             if layer == "image":
-                rgba = await source.call(self.maps.read_image, source, z, x, y, size)
+                rgba = await source.call(self.maps.read_image, source, z, x, y, size, bands)
             elif layer == "precomputed":
                 rgba = await source.call(self.maps.read_precomputed, source, z, x, y, size)
             else:
-                seen = await self.maps.view(source, z, x, y, size)
+                seen = await self.maps.view(source, z, x, y, size, bands)
                 render = self.maps.render_mask if layer == "mask" else self.maps.render_probability
                 args = () if layer == "mask" else (class_index,)
                 rgba = await asyncio.to_thread(render, seen, *args)
@@ -197,15 +200,17 @@ class SegmentModel:
         url: str = Query(description="GeoTIFF/COG under an allowed_sources prefix"),
         layer: str = Query("mask"),
         tms: str = Query("WebMercatorQuad"),
+        bidx: str | None = Query(None, description=BIDX_HELP),
     ) -> dict:
         """TileJSON 3.0 of a layer over ``url``: tile URL template, bounds, zooms."""
         self._authorize(request)
         if layer not in LAYERS:
             raise ApiError(400, "invalid request", f"layer must be one of {LAYERS}; got {layer!r}")
         source = await self.maps.source(url, page.tms_name(tms))
+        bands = await source.call(self.maps.check_bands, source, bidx)
         model_layer = layer in ("mask", "probability")
         minzoom = self.maps.model_minzoom(source) if model_layer else None
-        return page.tilejson(request, source, layer, minzoom, self.card)
+        return page.tilejson(request, source, layer, minzoom, self.card, bands)
 
     @app.get("/v1/point")
     async def point(
@@ -215,16 +220,18 @@ class SegmentModel:
         lon: float = Query(ge=-180, le=180),
         lat: float = Query(ge=-90, le=90),
         tms: str = Query("WebMercatorQuad"),
+        bidx: str | None = Query(None, description=BIDX_HELP),
     ) -> dict:
         """The class the model gives a WGS84 point of ``url`` (at the source's native zoom),
         and the class fractions of the native tile that holds it."""
         self._authorize(request)
         source = await self.maps.source(url, page.tms_name(tms))
+        bands = await source.call(self.maps.check_bands, source, bidx)
         z = source.tiles.info().maxzoom
         x, y, row, col = source.tiles.tile_at(lon, lat, z)
         if not source.tiles.intersects(z, x, y):
             raise ApiError(404, "not found", f"({lon}, {lat}) is outside the source")
-        seen = await self.maps.prediction(source, x, y)
+        seen = await self.maps.prediction(source, x, y, bands)
         return page.point_doc(seen, row, col, (z, x, y), self.card)
 
     @app.get("/v1/map")

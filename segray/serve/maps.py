@@ -193,11 +193,15 @@ class MapService:
 
     # --- predictions on native tiles --------------------------------------------------------
 
-    async def prediction(self, source: MapSource, x: int, y: int) -> Prediction:
-        """The model on native tile (x, y), read with the margin; cached, and run once for
+    async def prediction(
+        self, source: MapSource, x: int, y: int, bands: tuple[int, ...] | None = None
+    ) -> Prediction:
+        """The model on native tile (x, y), read with the margin (``bands``: the source's bands
+        the model reads, default ``--bands``, else the card's); cached, and run once for
         concurrent requests of the same tile."""
         z = source.tiles.info().maxzoom
-        key = ("prediction", source.key, self.card.version, z, x, y)
+        bands = bands or self.bands
+        key = ("prediction", source.key, self.card.version, bands, z, x, y)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
@@ -207,7 +211,7 @@ class MapService:
         future = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
-            result = await self._predict(source, z, x, y)
+            result = await self._predict(source, z, x, y, bands)
             self.cache.put(key, result, result.nbytes)
             future.set_result(result)
             return result
@@ -218,12 +222,14 @@ class MapService:
         finally:
             self._pending.pop(key, None)
 
-    async def _predict(self, source: MapSource, z: int, x: int, y: int) -> Prediction:
+    async def _predict(
+        self, source: MapSource, z: int, x: int, y: int, bands: tuple[int, ...] | None
+    ) -> Prediction:
         m, size, k = self.margin, TILE_SIZE, self.card.num_classes
         if not source.tiles.intersects(z, x, y):
             return _empty(size, k)
         tile = await source.call(
-            lambda: source.tiles.read(z, x, y, size=size, margin=m, bands=self.bands)
+            lambda: source.tiles.read(z, x, y, size=size, margin=m, bands=bands)
         )
         try:
             windows = await asyncio.to_thread(self.segmenter.prepare, tile)
@@ -242,8 +248,17 @@ class MapService:
         probs = [render(full, "probability", c)[0] for c in range(self.card.num_classes)]
         return Prediction(classes, np.stack(probs, axis=-1))
 
-    async def view(self, source: MapSource, z: int, x: int, y: int, size: int) -> Prediction:
-        """The prediction of tile z/x/y at ``size`` px, made from native tiles."""
+    async def view(
+        self,
+        source: MapSource,
+        z: int,
+        x: int,
+        y: int,
+        size: int,
+        bands: tuple[int, ...] | None = None,
+    ) -> Prediction:
+        """The prediction of tile z/x/y at ``size`` px, made from native tiles (``bands``: as
+        :meth:`prediction` takes them)."""
         import morecantile
 
         tms, native = source.tiles.tms, source.tiles.info().maxzoom
@@ -253,7 +268,7 @@ class MapService:
                 raise ApiError(404, "not found", f"zoom {z} is over {native + MAX_ZOOM_IN}")
             parent = tms.parent(morecantile.Tile(x, y, z), zoom=native)[0] if factor > 1 else None
             px, py = (parent.x, parent.y) if parent else (x, y)
-            whole = await self.prediction(source, px, py)
+            whole = await self.prediction(source, px, py, bands)
             part = TILE_SIZE // factor
             oy, ox = (y - py * factor) * part, (x - px * factor) * part
             cut = _crop(whole, oy, ox, part)
@@ -264,7 +279,7 @@ class MapService:
             detail = f"the model layers start at zoom {minzoom} on this source; zoom in"
             raise ApiError(404, "not found", detail)
         children = tms.children(morecantile.Tile(x, y, z), zoom=native)
-        parts = await asyncio.gather(*(self.prediction(source, c.x, c.y) for c in children))
+        parts = await asyncio.gather(*(self.prediction(source, c.x, c.y, bands) for c in children))
         side = TILE_SIZE * factor
         classes = np.full((side, side), inference.NODATA, np.uint8)
         probs = np.zeros((side, side, self.card.num_classes), np.uint8)
@@ -297,16 +312,47 @@ class MapService:
         rgba[..., 3] = np.where(prediction.classes == inference.NODATA, 0, 255)
         return rgba
 
-    def image_bands(self, count: int) -> tuple[int, ...]:
-        """The source bands shown as RGB: the first three the model reads (``--bands``, else
-        the card's), or its one, as grey."""
-        bands = tuple(self.bands) if self.bands else tuple(range(1, count + 1))
+    def check_bands(self, source: MapSource, bidx: str | None) -> tuple[int, ...] | None:
+        """The bands a request's ``bidx`` (TiTiler's parameter: ``3,2,1``) selects, checked
+        against the model and the source; None without it."""
+        if not bidx:
+            return None
+        try:
+            bands = tuple(int(b) for b in bidx.split(","))
+        except ValueError:
+            bands = ()
+        if not bands or min(bands) < 1:
+            detail = (
+                f"bidx must be 1-based band numbers separated by commas, e.g. 3,2,1; got {bidx!r}"
+            )
+            raise ApiError(400, "invalid request", detail)
+        if len(bands) != self.card.channels:
+            detail = f"bidx gives {len(bands)} band(s); the model reads {self.card.channels}"
+            raise ApiError(400, "invalid request", detail)
+        count = source.reader.header().count
+        if max(bands) > count:
+            detail = f"bidx band {max(bands)}: {source.uri} has {count} band(s)"
+            raise ApiError(400, "invalid request", detail)
+        return bands
+
+    def image_bands(self, count: int, bands: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """The source bands shown as RGB: the first three the model reads (``bands``, else
+        ``--bands``, else the card's), or its one, as grey."""
+        bands = tuple(bands or self.bands or range(1, count + 1))
         return bands[:3] if len(bands) >= 3 else bands[:1] * 3
 
-    def read_image(self, source: MapSource, z: int, x: int, y: int, size: int) -> np.ndarray:
+    def read_image(
+        self,
+        source: MapSource,
+        z: int,
+        x: int,
+        y: int,
+        size: int,
+        bands: tuple[int, ...] | None = None,
+    ) -> np.ndarray:
         """RGBA of the source for the eye (in the source's thread)."""
         head = source.reader.header()
-        bands = self.image_bands(head.count)
+        bands = self.image_bands(head.count, bands)
         tile = source.tiles.read(z, x, y, size=size, bands=bands)
         low, high = source.stretch(bands)
         span = np.maximum(high - low, 1e-6)

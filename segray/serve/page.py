@@ -67,11 +67,18 @@ def _prefix(request: Request) -> str:
 
 
 def tilejson(
-    request: Request, source: Any, layer: str, minzoom: int | None, card: Any
+    request: Request,
+    source: Any,
+    layer: str,
+    minzoom: int | None,
+    card: Any,
+    bands: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
-    """TileJSON 3.0.0 of ``layer`` over ``source``."""
+    """TileJSON 3.0.0 of ``layer`` over ``source`` (its tiles read ``bands``, when given)."""
     info = source.tiles.info()
     query = f"url={quote(source.uri, safe='')}&layer={layer}"
+    if bands:
+        query += f"&bidx={','.join(map(str, bands))}"
     template = f"{_prefix(request)}/v1/tiles/{info.tms}/{{z}}/{{x}}/{{y}}.png?{query}"
     doc: dict[str, Any] = {
         "tilejson": "3.0.0",
