@@ -4,6 +4,7 @@ driver resumed, the best trial an ordinary run folder, and nothing left holding 
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -123,6 +124,8 @@ def test_a_search_stops_laggards_resumes_after_its_driver_is_lost_and_keeps_the_
     best = out / "best"
     model, card = saving.load_model(str(best))
     assert f"learning_rate: {float(rows[0]['learning_rate'])}" in (best / "config.yaml").read_text()
+    mlm = json.loads((best / "mlm.json").read_text())  # its STAC MLM item, as every run's
+    assert mlm["properties"]["mlm:hyperparameters"]["threshold"] == card.threshold
     image = imagery.decode((Path(data) / "images" / "tile_00000.png").read_bytes())
     x = inference.prepare(image, card)[None]
     assert inference.render(inference.infer(model, x, card), card).shape == (1, 32, 32)

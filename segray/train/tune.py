@@ -344,6 +344,9 @@ def _write(result: TuneResult, base: TrainConfig) -> None:
             found = storage.join(result.best["out"], name)  # config.yaml of a stopped trial
         if fs.exists(found):
             fs.write_bytes(storage.join(best, name), fs.read_bytes(found))
+    from segray.inference import export
+
+    export.write_run_item(best, fs)  # its STAC MLM item, as every run folder has
 
 
 def _best_checkpoint(trial: str, epoch: int, fs: Any) -> str:
