@@ -258,14 +258,9 @@ def mlm_item(
     bands = []
     for i, name in enumerate(_band_names(card)):
         band: dict[str, Any] = {"name": name, "data_type": card.dtype or "float32"}
-        if stats is not None:
-            band["statistics"] = {
-                "mean": stats.mean[i],
-                "stddev": stats.std[i],
-                "minimum": stats.p2[i],
-                "maximum": stats.p98[i],
-                "valid_percent": 100.0,
-            }
+        if stats is not None:  # of the training pixels; their 2nd and 98th percentiles too
+            band["statistics"] = {"mean": stats.mean[i], "stddev": stats.std[i]}
+            band["segray:p2"], band["segray:p98"] = stats.p2[i], stats.p98[i]
         bands.append(band)
     model_input = {
         "name": INPUT_NAME,

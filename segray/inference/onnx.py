@@ -42,7 +42,7 @@ class OnnxModel:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0"))
+        options.intra_op_num_threads = threads or _omp_threads()
         options.inter_op_num_threads = 1
         providers = [
             p
@@ -68,6 +68,13 @@ class OnnxModel:
     def __call__(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         probs = self.session.run([self.output], {self.input: np.asarray(x, np.float32)})[0]
         return logits_of(probs)
+
+
+def _omp_threads() -> int:
+    """The CPUs Ray gave this process (it sets ``OMP_NUM_THREADS``), else 0: ONNX Runtime's
+    own choice, every core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() else 0
 
 
 def onnx_uri(uri: str, card: ModelCard) -> str:
