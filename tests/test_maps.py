@@ -279,6 +279,19 @@ def test_a_7_band_landsat_cog_under_an_rgb_model_takes_bands_that_serve_offers(b
         assert "bidx" in wrong.json()["detail"]
     with pytest.raises(ConfigError, match="--bands 4,3: the model reads 3 band"):
         config.replace(bands=(4, 3)).check_card(saving.load_card(model_dir))
+    # the map page opened with bidx draws the model over the 7-band source, every request 200
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 700, "height": 500}, bypass_csp=True)
+        failed: list[str] = []
+        tiles_asked: list[str] = []
+        page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+        page.on("request", lambda r: "/tiles/" in r.url and tiles_asked.append(r.url))
+        page.goto(f"{root}/rgb/v1/map?url={landsat}&bidx=3,2,1")
+        _wait_for_tiles(page, 2)
+        browser.close()
+    assert not failed, failed
+    assert tiles_asked and all("bidx=3%2C2%2C1" in u or "bidx=3,2,1" in u for u in tiles_asked)
     ray_serve.delete("segray-rgb")
     ray_serve.delete("segray-landsat")
 

@@ -240,13 +240,14 @@ class SegmentModel:
         url: str = Query(""),
         tms: str = Query("WebMercatorQuad"),
         layer: str = Query("mask", description="the layer shown first over the image"),
+        bidx: str | None = Query(None, description=BIDX_HELP),
     ) -> Response:
         """A slippy map of the image and the model's mask over ``url`` (open to all: the tiles
         it loads ask for the token)."""
         if layer not in LAYERS or layer == "image":
             detail = f"layer must be mask, probability or precomputed; got {layer!r}"
             raise ApiError(400, "invalid request", detail)
-        return page.map_page(url, page.tms_name(tms), layer, bool(self.token), self.card)
+        return page.map_page(url, page.tms_name(tms), layer, bool(self.token), self.card, bidx)
 
     @app.get("/v1/static/{asset:path}")
     def static(self, asset: str) -> Response:

@@ -126,8 +126,11 @@ def point_doc(seen: Any, row: int, col: int, tile: tuple[int, int, int], card: A
     return doc
 
 
-def map_page(url: str, tms: str, layer: str, token_required: bool, card: Any) -> Response:
-    """The map page over ``url``; 503 when the map library was never installed."""
+def map_page(
+    url: str, tms: str, layer: str, token_required: bool, card: Any, bidx: str | None = None
+) -> Response:
+    """The map page over ``url`` (its tiles read bands ``bidx``, when given); 503 when the map
+    library was never installed."""
     if not (LEAFLET / "leaflet.js").is_file():
         detail = "the map library is not installed: run 'make assets' (npm) in the segray checkout"
         raise ApiError(503, "map unavailable", detail)
@@ -135,6 +138,7 @@ def map_page(url: str, tms: str, layer: str, token_required: bool, card: Any) ->
         "url": url,
         "tms": tms,
         "layer": layer,
+        "bidx": bidx or None,
         "tokenRequired": token_required,
         "model": {"name": card.name, "version": card.version},
         "classes": legend(card),

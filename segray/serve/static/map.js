@@ -77,17 +77,19 @@
     window.segrayMap = map;
     if (!settings.url) { map.setView([0, 0], 1); return; }
     if (settings.tms !== "WebMercatorQuad") status("the page draws WebMercatorQuad only");
+    // the source's bands the model reads, when the page was opened with bidx=…
+    const source = settings.bidx ? { url: settings.url, bidx: settings.bidx } : { url: settings.url };
     const [image, mask] = await Promise.all([
-      getJSON("tilejson.json", { url: settings.url, layer: "image" }),
-      getJSON("tilejson.json", { url: settings.url, layer: settings.layer === "precomputed" ? "precomputed" : "mask" }),
+      getJSON("tilejson.json", { ...source, layer: "image" }),
+      getJSON("tilejson.json", { ...source, layer: settings.layer === "precomputed" ? "precomputed" : "mask" }),
     ]);
     map.setMaxZoom(image.maxzoom + 4);
-    const imageLayer = tiles(image, { url: settings.url, layer: "image" }, { zIndex: 1 });
+    const imageLayer = tiles(image, { ...source, layer: "image" }, { zIndex: 1 });
     let maskLayer = null;
     const opacity = () => parseFloat($("opacity").value);
     function showMask() {
       if (maskLayer) map.removeLayer(maskLayer);
-      const query = { url: settings.url, layer: $("layer").value };
+      const query = { ...source, layer: $("layer").value };
       if (query.layer === "probability") query.class = $("class").value;
       $("class-pick").hidden = query.layer !== "probability";
       maskLayer = tiles(mask, query, { zIndex: 2, opacity: opacity() }).addTo(map);
@@ -107,7 +109,7 @@
     let marker = null;
     map.on("click", async (e) => {
       try {
-        const doc = await getJSON("point", { url: settings.url, lon: e.latlng.lng, lat: e.latlng.lat });
+        const doc = await getJSON("point", { ...source, lon: e.latlng.lng, lat: e.latlng.lat });
         if (marker) map.removeLayer(marker);
         marker = L.circleMarker(e.latlng, { radius: 5, color: "#fff", weight: 2 }).addTo(map);
         const rows = Object.entries(doc.fractions).map(([name, f]) =>
