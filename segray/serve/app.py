@@ -169,6 +169,8 @@ class SegmentModel:
         self._check_options("probability", class_index)
         source = await self.maps.source(url, page.tms_name(tms))
         page.check_tile(source.tiles, z, x, y)
+        if layer == "precomputed":  # a class mask: the model reads no band of it
+            bidx = None
         bands = await source.call(self.maps.check_bands, source, bidx)
         kind = (layer, class_index if layer == "probability" else None, bands)
         tag = etag(source.key, self.card.version, kind, z, x, y, size)
@@ -207,6 +209,8 @@ class SegmentModel:
         if layer not in LAYERS:
             raise ApiError(400, "invalid request", f"layer must be one of {LAYERS}; got {layer!r}")
         source = await self.maps.source(url, page.tms_name(tms))
+        if layer == "precomputed":  # a class mask: the model reads no band of it
+            bidx = None
         bands = await source.call(self.maps.check_bands, source, bidx)
         model_layer = layer in ("mask", "probability")
         minzoom = self.maps.model_minzoom(source) if model_layer else None
