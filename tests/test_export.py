@@ -35,6 +35,25 @@ def osbs_tiles() -> tuple[np.ndarray, np.ndarray]:
     return cut(image), cut(mask)
 
 
+NO_TENSORFLOW = """
+import importlib.abc, json, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            raise ImportError("no " + name + " here")
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def without_tensorflow(script: str) -> dict:
+    """Run ``script`` in a fresh Python whose imports of TensorFlow and Keras fail; its last
+    line of output, as JSON."""
+    code = NO_TENSORFLOW + script
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[str, np.ndarray]:
     """A U-Net fitted on the western half of the real OSBS tiles, and the eastern half's model
@@ -121,12 +140,6 @@ def test_an_onnx_export_runs_where_tensorflow_cannot_be_imported(run, tmp_path):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "expected.npy", keras_probabilities(folder, x))
     script = f"""
-import importlib.abc, json, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras"):
-            raise ImportError("no " + name + " here")
-sys.meta_path.insert(0, Refuse())
 import numpy as np, onnxruntime as ort
 try:
     import tensorflow
@@ -143,11 +156,7 @@ loaded = sorted(m for m in sys.modules if m.startswith(("tensorflow", "keras")))
 delta = float(abs(got - expected).max())
 print(json.dumps({{"delta": delta, "same": float(same), "modules": loaded}}))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = without_tensorflow(script)
     assert result["modules"] == [] and result["delta"] < 1e-4 and result["same"] >= 0.999, result
 
 
@@ -261,12 +270,6 @@ def test_the_onnx_runtime_gives_the_keras_masks_and_never_imports_tensorflow(run
     np.save(tmp_path / "expected.npy", masks["keras"])
     uris = [str(p) for p in sorted((tmp_path / "tiles").glob("*.tif"))]
     script = f"""
-import importlib.abc, json, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras"):
-            raise ImportError("no " + name + " here")
-sys.meta_path.insert(0, Refuse())
 import numpy as np
 from segray.bulk import stages
 from segray.bulk.config import PredictConfig
@@ -283,11 +286,7 @@ expected = np.load({str(tmp_path / "expected.npy")!r})
 loaded = sorted(m for m in sys.modules if m.startswith(("tensorflow", "keras")))
 print(json.dumps({{"same": float((got == expected).mean()), "modules": loaded}}))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = without_tensorflow(script)
     assert result["modules"] == [] and result["same"] >= 0.999, result
 
 

@@ -28,6 +28,7 @@ SIZE = 64
 TMS = morecantile.tms.get("WebMercatorQuad")
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = os.path.join(os.path.dirname(__file__), "..", "runs", "screenshots")
+REAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "real")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def base(ray_local, model_dir, scene) -> str:
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(
         model_uri=model_dir,
-        allowed_sources=(scene["allowed"],),
+        allowed_sources=(scene["allowed"], REAL),
         num_cpus=0.5,
         tile_cache_bytes=32 * 2**20,
     )
@@ -232,24 +233,20 @@ def test_a_7_band_landsat_cog_under_an_rgb_model_takes_bands_that_serve_offers(b
     """A real 7-band Landsat COG under an RGB model: refused with a message naming ``--bands``,
     an option ``segray serve`` has; drawn once the app reads bands 3,2,1; a --bands the model
     cannot take is refused before any replica starts."""
-    from pathlib import Path
-
     from click.testing import CliRunner
     from ray import serve as ray_serve
 
     from segray.cli import cli
     from segray.errors import ConfigError
 
-    real = str(Path(__file__).parent / "data" / "real")
-    landsat = f"{real}/landsat7_utah.tif"
-    config = ServeConfig(model_uri=model_dir, allowed_sources=(real,), num_cpus=0.25)
-    ray_serve.run(serve.build_app(config), name="segray-rgb", route_prefix="/rgb")
+    landsat = f"{REAL}/landsat7_utah.tif"
+    config = ServeConfig(model_uri=model_dir, allowed_sources=(REAL,), num_cpus=0.25)
     landsat_app = serve.build_app(config.replace(bands=(3, 2, 1)))
     ray_serve.run(landsat_app, name="segray-landsat", route_prefix="/landsat")
     root = base.rsplit("/v1", 1)[0]
     z, tiles = native_tiles(landsat)
     t = tiles[len(tiles) // 2]
-    refused = get_tile(f"{root}/rgb/v1", landsat, z, t.x, t.y)
+    refused = get_tile(base, landsat, z, t.x, t.y)
     assert refused.status_code == 415, refused.text
     detail = refused.json()["detail"]
     assert "7 band(s)" in detail and "--bands" in detail
@@ -260,21 +257,21 @@ def test_a_7_band_landsat_cog_under_an_rgb_model_takes_bands_that_serve_offers(b
     info = requests.get(f"{root}/landsat/v1/model", timeout=10).json()
     assert info["bands"] == [3, 2, 1]
     # TiTiler's bidx picks the bands per request: the same tile as the app's --bands
-    picked = get_tile(f"{root}/rgb/v1", landsat, z, t.x, t.y, bidx="3,2,1")
+    picked = get_tile(base, landsat, z, t.x, t.y, bidx="3,2,1")
     assert picked.status_code == 200 and picked.content == drawn.content
     doc = requests.get(
-        f"{root}/rgb/v1/tilejson.json", params={"url": landsat, "bidx": "3,2,1"}, timeout=30
+        f"{base}/tilejson.json", params={"url": landsat, "bidx": "3,2,1"}, timeout=30
     ).json()
     assert "bidx=3,2,1" in doc["tiles"][0]
     (lon, lat) = doc["center"][:2]
     point = requests.get(
-        f"{root}/rgb/v1/point",
+        f"{base}/point",
         params={"url": landsat, "lon": lon, "lat": lat, "bidx": "3,2,1"},
         timeout=30,
     )
     assert point.status_code == 200, point.text
     for bidx, words in (("3,2", "the model reads 3"), ("9,2,1", "has 7 band"), ("a,b", "bidx")):
-        wrong = get_tile(f"{root}/rgb/v1", landsat, z, t.x, t.y, bidx=bidx)
+        wrong = get_tile(base, landsat, z, t.x, t.y, bidx=bidx)
         assert wrong.status_code == 400 and words in wrong.json()["detail"], wrong.text
         assert "bidx" in wrong.json()["detail"]
     with pytest.raises(ConfigError, match="--bands 4,3: the model reads 3 band"):
@@ -287,12 +284,11 @@ def test_a_7_band_landsat_cog_under_an_rgb_model_takes_bands_that_serve_offers(b
         tiles_asked: list[str] = []
         page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
         page.on("request", lambda r: "/tiles/" in r.url and tiles_asked.append(r.url))
-        page.goto(f"{root}/rgb/v1/map?url={landsat}&bidx=3,2,1")
+        page.goto(f"{base}/map?url={landsat}&bidx=3,2,1")
         _wait_for_tiles(page, 2)
         browser.close()
     assert not failed, failed
     assert tiles_asked and all("bidx=3%2C2%2C1" in u or "bidx=3,2,1" in u for u in tiles_asked)
-    ray_serve.delete("segray-rgb")
     ray_serve.delete("segray-landsat")
 
 
