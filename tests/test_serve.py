@@ -541,6 +541,38 @@ def test_multipart_extraction_is_byte_exact():
         assert info.value.status == 400 and reason in info.value.detail, reason
 
 
+def test_read_body_answers_499_however_serve_reports_the_departure():
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import Request
+
+    def request(then):
+        """A request whose body sends 3 bytes, then ``then``: a message, or an error raised."""
+        first = {"type": "http.request", "body": b"abc", "more_body": True}
+        messages = iter([first])
+
+        async def receive():
+            message = next(messages, None)
+            if message is not None:
+                return message
+            if isinstance(then, BaseException):
+                raise then
+            return then
+
+        return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+    last = {"type": "http.request", "body": b"de", "more_body": False}
+    assert asyncio.run(http.read_body(request(last), 10)) == b"abcde"
+    # the proxy's disconnect message, or Serve's pull from the proxy cancelled in a race with it
+    for then in ({"type": "http.disconnect"}, TaskCancelledError()):
+        with pytest.raises(http.ApiError) as info:
+            asyncio.run(http.read_body(request(then), 10))
+        assert info.value.status == 499 and "after 3 bytes" in info.value.detail
+    with pytest.raises(RuntimeError):  # anything else is not a departure
+        asyncio.run(http.read_body(request(RuntimeError("boom")), 10))
+
+
 def test_response_format_from_accept():
     assert http.response_format(None, "") == "png"
     assert http.response_format(None, "application/json") == "json"

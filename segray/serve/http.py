@@ -8,6 +8,7 @@ import logging
 from email.message import Message
 
 from fastapi import Request
+from ray.exceptions import TaskCancelledError
 from starlette.requests import ClientDisconnect
 
 from segray.errors import TileError
@@ -72,7 +73,9 @@ async def read_body(
                 f"{chunk_timeout_s:g} s between chunks)"
             )
             raise ApiError(408, "request timeout", detail) from None
-        except ClientDisconnect:
+        except (ClientDisconnect, TaskCancelledError):
+            # Serve's replica can learn of the disconnect as its pull of the next chunk from the
+            # proxy being cancelled (a race with the proxy's own 499): the same departure.
             log.info("client went away after sending %d bytes of its body", size)
             raise ApiError(499, "client closed request", f"after {size} bytes") from None
         size += len(chunk)
