@@ -130,6 +130,57 @@ def test_a_new_output_is_one_new_sink(tmp_path):
     assert not (tmp_path / "out" / "t1.tif").exists()  # nothing of a failed tile's mask
 
 
+def test_a_new_output_with_a_manifest_column_is_one_class_and_nothing_else(tmp_path):
+    """Defining the sink class is all: the job makes it, the write stage's rows and the
+    manifest name its file in its column, and a rerun plans again an input whose file is gone."""
+    from segray.bulk.manifest import schema
+    from segray.bulk.plan import plan
+
+    class AreaFileSink(Sink):
+        column = "area_uri"
+        needs_labels = True
+
+        @classmethod
+        def made(cls, config):
+            return True
+
+        @classmethod
+        def build(cls, config, card, run_id):
+            return cls()
+
+        @staticmethod
+        def beside(mask):
+            return mask.rsplit(".", 1)[0] + ".area.txt"
+
+        def files(self, output):
+            area = int((output.class_ids() == 1).sum())
+            return [(self.beside(output.uri), str(area).encode())]
+
+    try:
+        (tmp_path / "in").mkdir()
+        for i in range(3):
+            (tmp_path / "in" / f"t{i}.tif").write_bytes(b"a tile")
+        config = _config(tmp_path, stac_items=False)
+        sinks = job_sinks(config, _card())
+        assert [type(s).__name__ for s in sinks] == ["AreaFileSink", "MaskSink"]
+        assert "area_uri" in schema().names
+        rows = write_masks(_predicted(tmp_path), config, sinks)
+        out = tmp_path / "out"
+        assert list(rows["area_uri"]) == [str(out / f"t{i}.area.txt") for i in range(3)]
+        assert (out / "t2.area.txt").read_text() == "36"
+        manifest = Manifest(str(out), "model", "v1")
+        manifest.on_rows(rows)
+        table = read_manifest(manifest.close(1.0).manifest)
+        assert table.column("area_uri").to_pylist() == list(rows["area_uri"])
+        assert table.column("footprints_uri").to_pylist() == [None] * 3  # not made: null
+        (out / "t1.area.txt").unlink()
+        todo, done = plan(config)
+        assert [t[0] for t in todo] == [str(tmp_path / "in" / "t1.tif")] and len(done) == 2
+    finally:
+        Sink.kinds.remove(AreaFileSink)
+    assert "area_uri" not in schema().names
+
+
 def test_the_manifest_hears_the_lifecycle_and_records_what_a_stop_left(tmp_path):
     """Rows arrive by block; after a stop, a mask the driver never saw reported but that
     exists gets its ok row; one that was never written gets none."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from segray.bulk.plan import item_uri
+from segray.bulk.outputs import item_uri
 from segray.errors import SegrayError
 from segray.io import stac, storage
 

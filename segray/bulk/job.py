@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 from segray.bulk import pool, stages
 from segray.bulk.config import PredictConfig
 from segray.bulk.manifest import Manifest, PredictResult
-from segray.bulk.plan import outputs, plan_sources
+from segray.bulk.plan import plan_sources
 from segray.bulk.predictor import TilePredictor, render_options
 from segray.bulk.rows import STOP
 from segray.bulk.scenes import SceneJob, run_scenes
-from segray.bulk.sinks import Sink, job_sinks
+from segray.bulk.sinks import Sink, job_sinks, outputs
 from segray.errors import ConfigError, StorageError
 from segray.log import progress
 

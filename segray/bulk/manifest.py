@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray.bulk.sinks import Sink
+from segray.bulk.sinks import MASK_COLUMN, Sink, file_columns
 from segray.errors import StorageError
 from segray.io import storage
 from segray.io.files import FileSystem
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 MANIFEST_DIR = "_manifest"
 STATUSES = ("ok", "skipped", "error")
-#: Manifest columns of the files made beside a mask.
-_SIDE_FILES = ("uncertainty_uri", "footprints_uri", "item_uri")
 #: Errors quoted in the printed summary; the manifest has all of them.
 SUMMARY_ERRORS = 5
 
@@ -52,7 +50,8 @@ log = logging.getLogger(__name__)
 
 
 def schema() -> pa.Schema:
-    """Columns of a manifest."""
+    """Columns of a manifest: the file of every kind of sink that writes one beside each mask
+    (:func:`segray.bulk.sinks.file_columns`) after the input and its outcome."""
     import pyarrow as pa
 
     return pa.schema(
@@ -60,10 +59,7 @@ def schema() -> pa.Schema:
             ("input_uri", pa.string()),
             ("status", pa.string()),
             ("error", pa.string()),
-            ("output_uri", pa.string()),
-            ("uncertainty_uri", pa.string()),
-            ("footprints_uri", pa.string()),
-            ("item_uri", pa.string()),
+            *((column, pa.string()) for column in file_columns()),
             ("class_fractions", pa.list_(pa.float64())),
             ("model_uri", pa.string()),
             ("model_version", pa.string()),
@@ -127,7 +123,7 @@ class PredictResult:
 class Manifest(Sink):
     """Collects manifest rows and writes them in whole Parquet parts under the output prefix:
     the sink of a job's receipt. ``files`` names the files a job makes for a mask, by manifest
-    column (:func:`segray.bulk.plan.outputs`), for the rows of masks it did not see made."""
+    column (:func:`segray.bulk.sinks.outputs`), for the rows of masks it did not see made."""
 
     def __init__(
         self,
@@ -145,7 +141,7 @@ class Manifest(Sink):
         self.model = (model_uri, model_version)
         self.fs = fs or storage.filesystem(output)  # of the parts: a local fallback when full
         self.output, self._output_fs, self._todo = output, self.fs, []
-        self.files = files or (lambda mask: {"output_uri": mask})
+        self.files = files or (lambda mask: {MASK_COLUMN: mask})
         self.rows_per_part, self.flush_s = rows_per_part, flush_s
         self._flushed_at = time.monotonic()
         self._run = f"run-{run}"
@@ -174,13 +170,17 @@ class Manifest(Sink):
         output_uri: str | None = None,
         class_fractions: Sequence[float] | None = None,
         seconds: float = 0.0,
-        uncertainty_uri: str | None = None,
-        footprints_uri: str | None = None,
-        item_uri: str | None = None,
+        **files: str | None,
     ) -> None:
-        """Record one input's outcome (URIs empty or None: no such file)."""
+        """Record one input's outcome: its mask ``output_uri`` and ``files`` beside it by column
+        (:func:`segray.bulk.sinks.file_columns`; empty or None: no such file)."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}; got {status!r}")
+        unknown = set(files) - set(file_columns())
+        if unknown:
+            raise ValueError(f"no manifest column {sorted(unknown)}; files are {file_columns()}")
+        files = {c: files.get(c) or None for c in file_columns()}
+        files[MASK_COLUMN] = output_uri or None
         fractions = None
         if class_fractions is not None and not np.isnan(class_fractions).any():
             fractions = [float(f) for f in class_fractions]
@@ -188,10 +188,7 @@ class Manifest(Sink):
             "input_uri": str(input_uri),
             "status": status,
             "error": error or None,
-            "output_uri": output_uri or None,
-            "uncertainty_uri": uncertainty_uri or None,
-            "footprints_uri": footprints_uri or None,
-            "item_uri": item_uri or None,
+            **files,
             "class_fractions": fractions,
             "model_uri": self.model[0],
             "model_version": self.model[1],
@@ -208,20 +205,19 @@ class Manifest(Sink):
             self.flush()
 
     def add_batch(self, batch: dict[str, Any]) -> None:
-        """Record a batch of rows (columns ``input_uri``, ``status``, ``error``, ``output_uri``,
-        ``class_fractions``, ``seconds``, and optionally ``uncertainty_uri``, ``footprints_uri``,
-        ``item_uri``),
-        as the prediction stages return them."""
+        """Record a batch of rows (columns ``input_uri``, ``status``, ``error``,
+        ``class_fractions``, ``seconds``, and any of :func:`segray.bulk.sinks.file_columns`), as
+        the prediction stages return them."""
+        columns = [c for c in file_columns() if c in batch]
         for i, uri in enumerate(batch["input_uri"]):
-            extra = {k: str(batch[k][i] or "") for k in _SIDE_FILES if k in batch}
+            files = {c: str(batch[c][i] or "") for c in columns}
             self.add(
                 uri,
                 str(batch["status"][i]),
                 str(batch["error"][i] or ""),
-                str(batch["output_uri"][i] or "") or None,
-                batch["class_fractions"][i],
-                float(batch["seconds"][i]),
-                **extra,
+                class_fractions=batch["class_fractions"][i],
+                seconds=float(batch["seconds"][i]),
+                **files,
             )
 
     def record_settled(self, done: list, todo: list[tuple[str, str]]) -> None:

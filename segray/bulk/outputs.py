@@ -1,10 +1,11 @@
 """What one input's result is as a bulk job's sinks see it, in a module of its own so that the
 sinks and the domains they write (the vector layer, STAC items) take it without importing each
-other: the :class:`Output` of one input, and a :data:`File` to write (bytes, or a
-:class:`LocalFile` copied whole)."""
+other: the :class:`Output` of one input, a :data:`File` to write (bytes, or a
+:class:`LocalFile` copied whole), and the names of the files made beside a mask."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,3 +54,19 @@ class Output:
     def confidence_map(self) -> np.ndarray | None:
         """The class probabilities, read now where they are on disk (None: not kept)."""
         return self.confidence() if callable(self.confidence) else self.confidence
+
+
+def uncertainty_uri(mask: str) -> str:
+    """The uncertainty map beside a mask: ``x.tif`` → ``x.uncertainty.tif``."""
+    stem, ext = os.path.splitext(mask)
+    return f"{stem}.uncertainty{ext}"
+
+
+def footprints_uri(mask: str) -> str:
+    """The footprints beside a mask: ``x.tif`` → ``x.geojson``."""
+    return os.path.splitext(mask)[0] + ".geojson"
+
+
+def item_uri(mask: str) -> str:
+    """The STAC item beside a mask: ``x.tif`` → ``x.json``."""
+    return os.path.splitext(mask)[0] + ".json"

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from segray.bulk.sinks import outputs
 from segray.errors import ConfigError, SegrayError, StorageError
 from segray.io import stac, storage
 from segray.io.imagery import TILE_SUFFIXES
@@ -24,7 +25,8 @@ def plan(config: PredictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
     """``(todo, done)``: inputs to predict as ``(input, output)``, and inputs settled already as
     ``(input, output, reason)`` (reason empty: every output exists and is skipped; else an error).
 
-    ``output`` is the mask's URI; :func:`outputs` gives the files made beside it."""
+    ``output`` is the mask's URI; :func:`segray.bulk.sinks.outputs` gives the files made beside
+    it."""
     todo, done, _ = plan_sources(config)
     return todo, done
 
@@ -111,34 +113,6 @@ def stac_candidates(config: PredictConfig) -> Iterator[Candidate]:
         name += ".tif" if config.scene or ext in SCENE_SUFFIXES else ".png"
         out, refused = placed(config, uri, name)
         yield uri, out, refused and f"STAC item {item.id!r}: {refused}", source
-
-
-def outputs(mask: str, config: PredictConfig) -> dict[str, str | None]:
-    """Every file a job makes for one input, by manifest column: ``output_uri`` (the mask),
-    ``uncertainty_uri`` (with ``mc_samples``) and ``footprints_uri`` (with ``footprints``) beside
-    it; None where the job makes no such file."""
-    return {
-        "output_uri": mask,
-        "uncertainty_uri": uncertainty_uri(mask) if config.mc_samples else None,
-        "footprints_uri": footprints_uri(mask) if config.footprints is not None else None,
-        "item_uri": item_uri(mask) if config.stac_items else None,
-    }
-
-
-def uncertainty_uri(mask: str) -> str:
-    """The uncertainty map beside a mask: ``x.tif`` → ``x.uncertainty.tif``."""
-    stem, ext = os.path.splitext(mask)
-    return f"{stem}.uncertainty{ext}"
-
-
-def footprints_uri(mask: str) -> str:
-    """The footprints beside a mask: ``x.tif`` → ``x.geojson``."""
-    return os.path.splitext(mask)[0] + ".geojson"
-
-
-def item_uri(mask: str) -> str:
-    """The STAC item beside a mask: ``x.tif`` → ``x.json``."""
-    return os.path.splitext(mask)[0] + ".json"
 
 
 def list_inputs(config: PredictConfig) -> tuple[str, list[str]]:

@@ -30,6 +30,7 @@ from segray import inference
 from segray.bulk.predictor import TilePredictor, WindowPredictor
 from segray.bulk.rows import STOP, objects
 from segray.bulk.scheduler import bounded
+from segray.bulk.sinks import file_columns
 from segray.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ def _columns(block: list[dict[str, str]]) -> dict[str, np.ndarray]:
 
 def _failed(block: list[dict[str, str]], reason: str, num_classes: int) -> dict[str, np.ndarray]:
     n = len(block)
-    empty = ("output_uri", "uncertainty_uri", "footprints_uri", "item_uri", STOP)
+    empty = (*file_columns(), STOP)
     return {
         "input_uri": objects([row["input_uri"] for row in block]),
         "status": objects(["error"] * n),

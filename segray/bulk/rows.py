@@ -70,15 +70,14 @@ class PredictedColumns(TypedDict, total=False):
 
 class ResultRow(TypedDict, total=False):
     """A manifest row (see :func:`segray.bulk.manifest.schema`), and ``stop``: why the job must
-    stop after this row (the output can take no more writes), never written to the manifest."""
+    stop after this row (the output can take no more writes), never written to the manifest.
+    Besides the mask's ``output_uri``, a row names the file of each sink that writes one beside
+    the mask, in that sink's column (:func:`segray.bulk.sinks.file_columns`)."""
 
     input_uri: str
     status: str
     error: str
     output_uri: str
-    uncertainty_uri: str
-    footprints_uri: str
-    item_uri: str
     class_fractions: list[float]
     seconds: float
     stop: str
@@ -88,12 +87,6 @@ class ResultRow(TypedDict, total=False):
 STOP = "stop"
 #: Predicted columns of uint8 arrays of the mask's shape, written beside it.
 SIDE_COLUMNS = ("uncertainty", "labels", "confidence")
-#: Columns whose values are bytes or strings: kept as numpy object arrays.
-OBJECT_COLUMNS = frozenset(
-    {"input_uri", "output_uri", "error", "pixels", "dtype", "valid", "format", "crs", "status"}
-    | set(SIDE_COLUMNS)
-    | {"uncertainty_uri", "footprints_uri", "item_uri", "source", STOP}
-)
 
 
 def pack(array: np.ndarray) -> tuple[bytes, list[int], str]:
@@ -125,11 +118,13 @@ def objects(values: Sequence[Any]) -> np.ndarray:
 
 
 def columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Rows as a Ray Data batch ``{column: array}``, object columns as :data:`OBJECT_COLUMNS`."""
+    """Rows as a Ray Data batch ``{column: array}``: bytes and strings (of any length) as
+    numpy object arrays, numbers and lists of them as numeric arrays."""
     out = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
-        out[key] = objects(values) if key in OBJECT_COLUMNS else np.asarray(values)
+        text = any(isinstance(v, (str, bytes)) or v is None for v in values)
+        out[key] = objects(values) if text else np.asarray(values)
     return out
 
 

@@ -4,8 +4,13 @@ On the driver a sink hears :meth:`Sink.on_write_start` before the first input is
 :meth:`Sink.on_rows` each time a block's manifest rows arrive, then :meth:`Sink.on_write_complete`
 or :meth:`Sink.on_write_failed`. In the tasks that write (tile blocks, scenes), :meth:`Sink.files`
 gives the files of one input's :class:`Output`; :func:`write_files` writes them in the order of
-the job's sinks, the mask's last, so once a mask exists so does everything beside it. A new
-output of a job is one new sink, added in :func:`job_sinks`.
+the job's sinks, the mask's last, so once a mask exists so does everything beside it.
+
+A new output of a job is one new sink class and nothing else: defining it registers it
+(:attr:`Sink.kinds`, in writing order), :meth:`Sink.made` says which jobs make it and
+:meth:`Sink.build` makes it for one; a sink that writes one file beside each mask names its
+manifest ``column`` and :meth:`Sink.beside`, and the manifest's columns, the plan's outputs (what
+a rerun skips) and the rows of every bulk stage follow (:func:`file_columns`, :func:`outputs`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ import numpy as np
 
 from segray import inference
 from segray.bulk import catalog
-from segray.bulk.outputs import File, LocalFile, Output
-from segray.bulk.plan import footprints_uri, uncertainty_uri
+from segray.bulk.outputs import File, LocalFile, Output, footprints_uri, item_uri, uncertainty_uri
 from segray.errors import SegrayError
 from segray.io import imagery
 from segray.io.imagery import Tile
@@ -32,6 +36,8 @@ if TYPE_CHECKING:
     from segray.models.saving import ModelCard
 
 log = logging.getLogger(__name__)
+#: The manifest column of the mask itself.
+MASK_COLUMN = "output_uri"
 
 
 @dataclass
@@ -44,6 +50,27 @@ class Sink:
     needs_labels: ClassVar[bool] = False
     #: True when :meth:`files` needs the probability of each pixel's class.
     needs_confidence: ClassVar[bool] = False
+    #: Every kind of sink, in writing order as defined (the mask's kind is written last).
+    kinds: ClassVar[list[type[Sink]]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Sink.kinds.append(cls)
+
+    @classmethod
+    def made(cls, config: PredictConfig) -> bool:
+        """Whether a job of ``config`` makes this output (known before the model is read)."""
+        return False
+
+    @classmethod
+    def build(cls, config: PredictConfig, card: ModelCard, run_id: str) -> Sink:
+        """This sink for one job that :meth:`made` it."""
+        raise NotImplementedError(f"{cls.__name__} is not built by job_sinks")
+
+    @staticmethod
+    def beside(mask: str) -> str:
+        """The URI of its file beside the mask at ``mask`` (sinks with a ``column``)."""
+        raise NotImplementedError
 
     def on_write_start(self) -> None:
         """On the driver, before the first input is read."""
@@ -68,9 +95,18 @@ class UncertaintySink(Sink):
     """``x.uncertainty.<ext>`` beside each mask (Monte-Carlo dropout entropy)."""
 
     column: ClassVar[str | None] = "uncertainty_uri"
+    beside = staticmethod(uncertainty_uri)
+
+    @classmethod
+    def made(cls, config: PredictConfig) -> bool:
+        return bool(config.mc_samples)
+
+    @classmethod
+    def build(cls, config: PredictConfig, card: ModelCard, run_id: str) -> Sink:
+        return cls()
 
     def files(self, output: Output) -> list[File]:
-        uri, data = uncertainty_uri(output.uri), output.uncertainty
+        uri, data = self.beside(output.uri), output.uncertainty
         if data is None:
             raise ValueError(f"{output.uri}: no uncertainty was computed")
         if isinstance(data, LocalFile):
@@ -85,11 +121,25 @@ class FootprintsSink(Sink):
     options: dict[str, Any]
     column: ClassVar[str | None] = "footprints_uri"
     needs_labels: ClassVar[bool] = True
+    beside = staticmethod(footprints_uri)
+
+    @classmethod
+    def made(cls, config: PredictConfig) -> bool:
+        return config.footprints is not None
+
+    @classmethod
+    def build(cls, config: PredictConfig, card: ModelCard, run_id: str) -> Sink:
+        options = {
+            "class_index": config.footprints,
+            "name": card.names()[config.footprints],
+            "to_crs": config.footprints_crs,
+        }
+        return cls(options)
 
     def files(self, output: Output) -> list[File]:
         like = output.like
         doc = inference.footprint_doc(output.class_ids(), like, **self.options)
-        return [(footprints_uri(output.uri), json.dumps(doc).encode())]
+        return [(self.beside(output.uri), json.dumps(doc).encode())]
 
 
 @dataclass
@@ -102,6 +152,14 @@ class VectorSink(Sink):
     run_id: str
     needs_labels: ClassVar[bool] = True
     needs_confidence: ClassVar[bool] = True
+
+    @classmethod
+    def made(cls, config: PredictConfig) -> bool:
+        return bool(config.vectors)
+
+    @classmethod
+    def build(cls, config: PredictConfig, card: ModelCard, run_id: str) -> Sink:
+        return cls(config, card, run_id)
 
     def classes(self) -> list[int]:
         """The classes asked, by default every class but the background (0)."""
@@ -134,6 +192,17 @@ class StacItemSink(Sink):
     card: ModelCard
     options: dict[str, Any]
     column: ClassVar[str | None] = "item_uri"
+    beside = staticmethod(item_uri)
+
+    @classmethod
+    def made(cls, config: PredictConfig) -> bool:
+        return bool(config.stac_items)
+
+    @classmethod
+    def build(cls, config: PredictConfig, card: ModelCard, run_id: str) -> Sink:
+        options = catalog.item_options(config, card, legend(config, card))
+        assert options is not None  # made: stac_items is on
+        return cls(config, card, options)
 
     def files(self, output: Output) -> list[File]:
         like = output.like
@@ -159,7 +228,19 @@ class MaskSink(Sink):
 
     config: PredictConfig
     legend: dict[str, Any] = field(default_factory=dict)
-    column: ClassVar[str | None] = "output_uri"
+    column: ClassVar[str | None] = MASK_COLUMN
+
+    @classmethod
+    def made(cls, config: PredictConfig) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, config: PredictConfig, card: ModelCard, run_id: str) -> Sink:
+        return cls(config, legend(config, card))
+
+    @staticmethod
+    def beside(mask: str) -> str:
+        return mask
 
     def on_write_start(self) -> None:
         import time
@@ -188,37 +269,34 @@ STALE_TEMP_S = 60.0
 
 
 def job_sinks(config: PredictConfig, card: ModelCard, run_id: str = "") -> tuple[Sink, ...]:
-    """The sinks of a job's per-input outputs, in writing order: the mask last (the vector
-    layer's before the STAC collection, which lists it)."""
-    legend = inference.mask_legend(card, config.output_mode, config.class_index)
-    sinks: list[Sink] = []
-    if config.mc_samples:
-        sinks.append(UncertaintySink())
-    options = footprint_options(config, card)
-    if options is not None:
-        sinks.append(FootprintsSink(options))
-    if config.vectors:
-        sinks.append(VectorSink(config, card, run_id))
-    item = catalog.item_options(config, card, legend)
-    if item is not None:
-        sinks.append(StacItemSink(config, card, item))
-    return (*sinks, MaskSink(config, legend))
+    """The sinks of a job's per-input outputs, in writing order: every kind the job makes, the
+    mask last (the vector layer's before the STAC collection, which lists it)."""
+    kinds = sorted((k for k in Sink.kinds if k.made(config)), key=lambda k: k is MaskSink)
+    return tuple(kind.build(config, card, run_id) for kind in kinds)
+
+
+def file_columns() -> tuple[str, ...]:
+    """The manifest's columns of files, one for each kind of sink that writes one beside each
+    mask: the mask's own (``output_uri``) first."""
+    named = [k.column for k in Sink.kinds if k.column and k is not MaskSink]
+    return (MASK_COLUMN, *dict.fromkeys(named))
+
+
+def outputs(mask: str, config: PredictConfig) -> dict[str, str | None]:
+    """Every file a job makes for one input, by manifest column: the mask, and the file beside
+    it of every sink the job makes; None where it makes no such file."""
+    made = {k.column: k for k in Sink.kinds if k.column and k.made(config)}
+    return {c: made[c].beside(mask) if c in made else None for c in file_columns()}
+
+
+def legend(config: PredictConfig, card: ModelCard) -> dict[str, Any]:
+    """The colour table and metadata of a job's masks."""
+    return inference.mask_legend(card, config.output_mode, config.class_index)
 
 
 def legend_of(sinks: Sequence[Sink]) -> dict[str, Any]:
     """The colour table and metadata of the masks the sinks write."""
     return next(s.legend for s in sinks if isinstance(s, MaskSink))
-
-
-def footprint_options(config: PredictConfig, card: ModelCard) -> dict[str, Any] | None:
-    """What the footprints need: the ``footprints`` class, its name, the CRS (None when off)."""
-    if config.footprints is None:
-        return None
-    return {
-        "class_index": config.footprints,
-        "name": card.names()[config.footprints],
-        "to_crs": config.footprints_crs,
-    }
 
 
 def files_of(sinks: Sequence[Sink], output: Output) -> tuple[list[File], dict[str, str]]:

@@ -28,7 +28,7 @@ from segray.bulk.rows import (
     tile_of,
     unpack,
 )
-from segray.bulk.sinks import File, Output, Sink, files_of, write_files
+from segray.bulk.sinks import File, Output, Sink, file_columns, files_of, write_files
 from segray.errors import OutputFull, SegrayError
 from segray.io import gdal
 from segray.io.readers import TileReader
@@ -133,10 +133,7 @@ def write_masks(
         "input_uri": batch["input_uri"],
         "status": objects([r[0] for r in rows]),
         "error": objects([r[1] for r in rows]),
-        **{
-            k: objects([r[3].get(k, "") for r in rows])
-            for k in ("output_uri", "uncertainty_uri", "footprints_uri", "item_uri", STOP)
-        },
+        **{k: objects([r[3].get(k, "") for r in rows]) for k in (*file_columns(), STOP)},
         "class_fractions": batch["class_fractions"],
         "seconds": np.asarray(batch["seconds"], np.float64) + [r[2] for r in rows],
     }
