@@ -126,3 +126,26 @@ def test_a_stac_item_reads_its_asset_and_names_itself_when_it_has_none(raster, t
         assert reader.read(Window(0, 0, 8, 8)).array.shape == (8, 8, 3)
     with pytest.raises(DatasetError, match="item-1.*no asset 'nir'"):
         StacItemReader(item, "nir")
+
+
+def test_one_factory_opens_bytes_a_scene_and_a_stac_item_to_the_same_pixels(raster, tmp_path):
+    from segray.io.readers import open_reader
+
+    _, data = raster
+    href = str(tmp_path / "asset.tif")
+    storage.write_bytes(href, data)
+    item = StacInput("item-1", str(tmp_path / "item.json"), {"image": href}, ("image",), None, None)
+    window = Window(10, 20, 16, 24)
+    sources = {TileReader: data, SceneReader: href, StacItemReader: item}
+    tiles = {}
+    for kind, source in sources.items():
+        with open_reader(source, uri="t.tif", asset="image") as reader:
+            assert type(reader) is kind
+            tiles[kind] = reader.read(window, bands=(2,), margin=3)
+    for tile in tiles.values():
+        np.testing.assert_array_equal(tile.array, tiles[TileReader].array)
+        assert tile.transform == tiles[TileReader].transform
+    with pytest.raises(TileError, match="request body"):
+        open_reader(b"not an image", uri="request body").read()
+    with pytest.raises(DatasetError, match="item-1.*no asset 'nir'"):
+        open_reader(item, asset="nir")

@@ -40,7 +40,7 @@ from segray.inference.tiling import SceneStitcher, scene_windows
 from segray.io import gdal, imagery
 from segray.io.imagery import Tile
 from segray.io.rasters import MAX_SCENE_PIXELS, BandWriter, Window
-from segray.io.readers import RasterHeader, SceneReader
+from segray.io.readers import RasterHeader, RasterReader, open_reader
 
 if TYPE_CHECKING:
     from affine import Affine
@@ -196,10 +196,10 @@ def remove_stale_folders(parent: str, older_than: float) -> int:
 
 
 @contextlib.contextmanager
-def _opened(uri: str, job: SceneJob) -> Iterator[tuple[SceneReader, RasterHeader]]:
+def _opened(uri: str, job: SceneJob) -> Iterator[tuple[RasterReader, RasterHeader]]:
     """The scene's reader and its header, checked; a scene that cannot be opened says so."""
     config = job.config
-    with SceneReader(uri, config.fs(uri)) as reader:
+    with open_reader(uri, config.fs(uri)) as reader:
         try:
             head = reader.header()
         except Exception as exc:
@@ -209,7 +209,7 @@ def _opened(uri: str, job: SceneJob) -> Iterator[tuple[SceneReader, RasterHeader
 
 
 def _predicted(
-    scene: SceneReader, windows: list[Window], job: SceneJob, predictors: list, index: int
+    scene: RasterReader, windows: list[Window], job: SceneJob, predictors: list, index: int
 ) -> Iterator[tuple[Window, np.ndarray]]:
     """``(window, logits)`` in row-major order; batches go round the Predictors, starting at
     this scene's ``index``, :data:`BATCHES_AHEAD` at a time."""
@@ -228,7 +228,7 @@ def _predicted(
         yield from _logits(*in_flight.popleft(), ray.get)
 
 
-def _read_batch(scene: SceneReader, windows: list[Window], job: SceneJob) -> dict[str, np.ndarray]:
+def _read_batch(scene: RasterReader, windows: list[Window], job: SceneJob) -> dict[str, np.ndarray]:
     """A batch of window rows (see :class:`segray.bulk.rows.WindowRow`) for a Predictor."""
     packed, valid = [], []
     uri = scene.uri

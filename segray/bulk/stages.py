@@ -31,7 +31,7 @@ from segray.bulk.rows import (
 from segray.bulk.sinks import File, Output, Sink, file_columns, files_of, write_files
 from segray.errors import OutputFull, SegrayError
 from segray.io import gdal
-from segray.io.readers import TileReader
+from segray.io.readers import open_reader
 
 # --- tiles ------------------------------------------------------------------------------------
 
@@ -66,7 +66,7 @@ def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str,
         try:
             if isinstance(data, Exception):
                 raise data
-            tile = TileReader(data, uri).read(bands=bands)
+            tile = open_reader(data, uri=uri).read(bands=bands)
         except SegrayError as exc:
             return failed_tile(str(exc), time.perf_counter() - start)
         except Exception as exc:  # a reader bug must not end the job: the row says what happened

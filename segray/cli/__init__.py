@@ -149,7 +149,7 @@ def synth(
 def check(uris: tuple[str, ...], bands: tuple[int, ...] | None, endpoint: str | None) -> None:
     """Decode tiles (files, folders or s3:// prefixes) and print their shape and georeference."""
     from segray.io import imagery, storage
-    from segray.io.readers import TileReader
+    from segray.io.readers import open_reader
 
     files = [
         f
@@ -161,7 +161,7 @@ def check(uris: tuple[str, ...], bands: tuple[int, ...] | None, endpoint: str | 
     for uri in files:
         try:
             data = storage.filesystem(uri, endpoint).read_bytes(uri)
-            tile = TileReader(data, uri).read(bands=bands)
+            tile = open_reader(data, uri=uri).read(bands=bands)
         except SegrayError as exc:
             if len(files) == 1:
                 raise

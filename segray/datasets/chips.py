@@ -22,7 +22,7 @@ from segray.datasets.scene import Chip, ChipScene
 from segray.errors import DatasetError, TileError
 from segray.io import gdal, rasters, storage, vectors
 from segray.io.files import FileSystem
-from segray.io.readers import Grid, RasterHeader, SceneReader
+from segray.io.readers import Grid, RasterHeader, RasterReader, open_reader
 
 if TYPE_CHECKING:
     from segray.datasets.labels import DatasetSpec
@@ -156,7 +156,7 @@ def _scene(
 
 
 def _header(uri: str, spec: DatasetSpec) -> RasterHeader:
-    with SceneReader(uri, spec.fs(uri)) as reader:
+    with open_reader(uri, spec.fs(uri)) as reader:
         return reader.header()
 
 
@@ -211,7 +211,7 @@ _ENV: list[Any] = []  # the process's GDAL environment, once entered
 CACHE_MIB = 64
 
 
-def _opened(uri: str, fs: FileSystem) -> SceneReader:
+def _opened(uri: str, fs: FileSystem) -> RasterReader:
     """A reader per URI in this process, the last few kept open for the next chip, under one
     GDAL environment with a bounded block cache."""
     if not _ENV:
@@ -222,7 +222,7 @@ def _opened(uri: str, fs: FileSystem) -> SceneReader:
         if len(_OPEN) >= 16:
             _STACK.close()
             _OPEN.clear()
-        _OPEN[uri] = _STACK.enter_context(SceneReader(uri, fs))
+        _OPEN[uri] = _STACK.enter_context(open_reader(uri, fs))
     return _OPEN[uri]
 
 

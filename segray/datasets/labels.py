@@ -28,7 +28,7 @@ from pydantic import field_validator
 
 from segray.errors import DatasetError, TileError
 from segray.io import bands, gdal, imagery, storage
-from segray.io.readers import TileReader
+from segray.io.readers import open_reader
 from segray.settings import Settings, setting
 
 if TYPE_CHECKING:
@@ -263,12 +263,12 @@ def _read_mask(sample: Sample, spec: DatasetSpec, tile: imagery.Tile, palette: A
     if spec.layout == "nuclei":
         merged = np.zeros(tile.shape[:2], np.uint8)
         for uri in sample.labels:
-            part = TileReader(_read(uri, spec), uri).read().array[..., 0]
+            part = open_reader(_read(uri, spec), uri=uri).read().array[..., 0]
             _check_same_size(part.shape, tile, uri, sample.image)
             merged |= (part > 0).astype(np.uint8)
         return merged
     uri = sample.labels[0]
-    decoded = TileReader(_read(uri, spec), uri).read().array
+    decoded = open_reader(_read(uri, spec), uri=uri).read().array
     if spec.layout == "palette":
         return _palette_to_ids(decoded, palette, uri)
     return imagery.as_mask(decoded, uri)
@@ -328,7 +328,7 @@ def load_sample(
     class ids ≥ ``spec.num_classes`` other than it are refused. Raises :class:`TileError`
     naming the file at fault.
     """
-    tile = TileReader(_read(sample.image, spec), sample.image).read(bands=spec.bands)
+    tile = open_reader(_read(sample.image, spec), uri=sample.image).read(bands=spec.bands)
     tile = bands.apply_nodata(tile, spec.nodata)
     mask = _read_mask(sample, spec, tile, palette)
     _check_same_size(mask.shape, tile, sample.labels[0], sample.image)

@@ -7,7 +7,8 @@ the raster's edge they are no data), optionally onto a target :class:`Grid` (rep
 grid's pixels). The tile carries the pixels, the map of those that are data, and the window's
 own georeference. Implementations: :class:`TileReader` (encoded bytes: PNG, JPEG, GeoTIFF),
 :class:`SceneReader` (a GeoTIFF/COG read window by window; ranged reads on S3) and
-:class:`StacItemReader` (an asset of a STAC item). A Zarr or XYZ reader is one more class.
+:class:`StacItemReader` (an asset of a STAC item). Every caller gets its reader from
+:func:`open_reader`: a Zarr or XYZ reader is one more class and one more branch there.
 """
 
 from __future__ import annotations
@@ -27,6 +28,26 @@ from segray.io.imagery import Tile
 if TYPE_CHECKING:
     from segray.io.files import FileSystem
     from segray.io.stac import StacInput
+
+
+def open_reader(
+    source: str | bytes | StacInput,
+    fs: FileSystem | None = None,
+    *,
+    uri: str | None = None,
+    asset: str | None = None,
+    drivers: Sequence[str] | None = None,
+    max_pixels: int = imagery.MAX_PIXELS,
+) -> RasterReader:
+    """The reader of ``source``: encoded bytes (a fetched tile, a request body; ``uri`` names
+    them in errors, ``max_pixels`` bounds their decode), a STAC item (its ``asset``), or the
+    URI of a scene read window by window through ``fs`` (``drivers``: the GDAL drivers that may
+    open it)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return TileReader(bytes(source), uri or "<bytes>", max_pixels)
+    if isinstance(source, str):
+        return SceneReader(source, fs, drivers)
+    return StacItemReader(source, asset, fs)
 
 
 class RasterReader(ABC):

@@ -37,7 +37,7 @@ from segray.errors import TileError
 from segray.inference import tiling
 from segray.inference.segmenter import Segmenter, Windows
 from segray.io import gdal, imagery
-from segray.io.readers import RasterHeader, TileReader
+from segray.io.readers import RasterHeader, open_reader
 from segray.serve import page
 from segray.serve.config import TOKEN_ENV, ServeConfig
 from segray.serve.http import ApiError, image_bytes, read_body, response_format, tile_error
@@ -307,7 +307,7 @@ class SegmentModel:
         if imagery.sniff(data) is None:
             raise ApiError(415, "unsupported media type", "body is not a PNG, JPEG or TIFF image")
         try:
-            with TileReader(data, "request body", max_pixels=self.config.max_pixels) as reader:
+            with open_reader(data, uri="request body", max_pixels=self.config.max_pixels) as reader:
                 self._check_header(reader.header())
                 tile = reader.read(bands=self.bands)
             return self.segmenter.prepare(tile)

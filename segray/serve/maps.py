@@ -35,7 +35,7 @@ from segray.inference import tiling
 from segray.inference.segmenter import Segmenter, Windows
 from segray.io import gdal, storage
 from segray.io.maptiles import TILE_SIZE, MapTiles
-from segray.io.readers import Grid, SceneReader
+from segray.io.readers import Grid, open_reader
 from segray.serve.http import ApiError, tile_error
 from segray.serve.sources import DRIVERS, check_source, normalise_prefixes
 from segray.serve.tilecache import TileCache
@@ -78,7 +78,7 @@ class MapSource:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="segray-map", initializer=_enter_gdal
         )
-        self.reader = SceneReader(uri, fs, DRIVERS)
+        self.reader = open_reader(uri, fs, drivers=DRIVERS)
         self.tiles = MapTiles(self.reader, tms)
         self._stretch: np.ndarray | None = None
 

@@ -128,9 +128,9 @@ def _native_tiles(scene: str) -> list[Any]:
     import morecantile
 
     from segray.io.maptiles import MapTiles
-    from segray.io.readers import SceneReader
+    from segray.io.readers import open_reader
 
-    with SceneReader(scene) as reader:
+    with open_reader(scene) as reader:
         info = MapTiles(reader).info()
     tms = morecantile.tms.get(TMS_NAME)
     return list(tms.tiles(*info.bounds, zooms=[info.maxzoom]))
@@ -142,7 +142,7 @@ def _anchors(model_uri: str, scene: str, tiles: list[Any], config: Any) -> dict[
 
     from segray.inference.segmenter import Segmenter
     from segray.io.maptiles import MapTiles
-    from segray.io.readers import SceneReader
+    from segray.io.readers import open_reader
     from segray.models import saving
     from segray.serve.maps import TILE_SIZE, MapService
 
@@ -150,7 +150,7 @@ def _anchors(model_uri: str, scene: str, tiles: list[Any], config: Any) -> dict[
     segmenter = Segmenter(model, card, overlap=config.overlap, blend=config.blend)
     margin = MapService(config, segmenter, None).margin  # type: ignore[arg-type]
     reads, runs, plain, windows = [], [], [], []
-    with SceneReader(scene) as reader:
+    with open_reader(scene) as reader:
         maps = MapTiles(reader)
         for warmup in (True, False):
             for t in tiles:
