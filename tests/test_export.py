@@ -273,13 +273,13 @@ def test_the_onnx_runtime_gives_the_keras_masks_and_never_imports_tensorflow(run
 import numpy as np
 from segray.bulk import stages
 from segray.bulk.config import PredictConfig
-from segray.bulk.predictor import TilePredictor
+from segray.bulk.predictor import Predictor
 from segray.bulk.rows import objects, unpack
 uris = {uris!r}
 config = PredictConfig(model={folder!r}, input="unused", output="unused", runtime="onnx",
                        tta="flips", overlap=16)
 batch = stages.read_tiles({{"input_uri": objects(uris)}}, config)
-out = TilePredictor(config)(batch)
+out = Predictor(config)(batch)
 assert not any(out["error"]), out["error"]
 got = np.stack([unpack(p, s[:2], d) for p, s, d in zip(out["pixels"], out["shape"], out["dtype"])])
 expected = np.load({str(tmp_path / "expected.npy")!r})

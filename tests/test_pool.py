@@ -212,8 +212,8 @@ def test_a_predictor_imports_keras_without_sklearn_or_pyplot(data, tmp_path):
         f"""
         import sys
         from segray.bulk.config import PredictConfig
-        from segray.bulk.predictor import TilePredictor
-        TilePredictor(PredictConfig(model={first!r}, input={tiles!r}, output="unused"))
+        from segray.bulk.predictor import Predictor
+        Predictor(PredictConfig(model={first!r}, input={tiles!r}, output="unused"))
         loaded = [m for m in ("keras", "sklearn", "matplotlib.pyplot") if m in sys.modules]
         import sklearn, matplotlib.pyplot  # still importable afterwards
         print(",".join(loaded))

@@ -26,7 +26,7 @@ from segray.bulk import pool, stages
 from segray.bulk.config import PredictConfig
 from segray.bulk.manifest import Manifest, PredictResult
 from segray.bulk.plan import plan_sources
-from segray.bulk.predictor import TilePredictor, render_options
+from segray.bulk.predictor import Predictor, render_options
 from segray.bulk.rows import STOP
 from segray.bulk.scenes import SceneJob, run_scenes
 from segray.bulk.sinks import Sink, job_sinks, outputs
@@ -186,7 +186,7 @@ def _run_tiles(
     cpus = config.cpus_per_task
     read = {"config": config}
     ds = ds.map_batches(stages.read_tiles, batch_size=None, fn_kwargs=read, num_cpus=cpus)
-    ds = _predict_stage(ds, config, card, TilePredictor)
+    ds = _predict_stage(ds, config, card, Predictor)
     write = {"config": config, "sinks": sinks}
     ds = ds.map_batches(stages.write_masks, batch_size=None, fn_kwargs=write, num_cpus=cpus)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -225,5 +225,5 @@ def _predict_stage(
         compute=ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
-        fn_constructor_kwargs={"config": config, "card": card},
+        fn_constructor_kwargs={"settings": config, "card": card},
     )

@@ -1,24 +1,22 @@
 """Predictor actors: a job's own, or a named pool on a running cluster that loads a model once.
 
-:class:`PredictorActor` loads a model once and predicts batches of tiles or scene windows for
-whichever job sends them, with that job's settings. A scene job starts its own; ``segray pool
-start NAME --model URI`` starts a pool of detached ones (named ``segray-pool:NAME:i`` in Ray
-namespace ``segray``) that outlive the command, and every ``segray predict --pool NAME`` sends its
-blocks there instead of starting Predictors: each actor reads, predicts and writes a block of
-tiles (in threads of its own, one model call at a time), so the job imports no Keras, loads no
-model and starts no worker process, and its first masks come as soon as it has joined Ray and
-listed its inputs. A pool holds one model version in one
-precision; a job whose card has another version, or that asks for another precision, is refused
-with both named. Its actors restart where they die (``max_restarts=-1``: a lost node), and Monte-
-Carlo dropout is switched on a job's first batch that asks for it, off on the next that does not
-(each switch recompiles the model's call: jobs that differ there are best given pools of their own).
+A :class:`~segray.bulk.predictor.Predictor` actor loads a model once and predicts batches of
+tiles or scene windows for whichever job sends them, with that job's settings. A scene job starts
+its own; ``segray pool start NAME --model URI`` starts a pool of detached ones (named
+``segray-pool:NAME:i`` in Ray namespace ``segray``) that outlive the command, and every ``segray
+predict --pool NAME`` sends its blocks there instead of starting Predictors: each actor reads,
+predicts and writes a block of tiles (in threads of its own, one model call at a time), so the
+job imports no Keras, loads no model and starts no worker process, and its first masks come as
+soon as it has joined Ray and listed its inputs. A pool holds one model version in one precision;
+a job whose card has another version, or that asks for another precision, is refused with both
+named. Its actors restart where they die (``max_restarts=-1``: a lost node), and Monte-Carlo
+dropout is switched on a job's first batch that asks for it, off on the next that does not (each
+switch recompiles the model's call: jobs that differ there are best given pools of their own).
 ``segray pool list`` shows what each pool holds, ``segray pool stop NAME`` ends one.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -26,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segray import inference
-from segray.bulk.predictor import TilePredictor, WindowPredictor
+from segray.bulk.predictor import Predictor
 from segray.bulk.rows import STOP, objects
 from segray.bulk.scheduler import bounded
 from segray.bulk.sinks import file_columns
@@ -76,83 +73,12 @@ class PoolInfo:
         return (self.version, self.precision, self.runtime) == (version, precision, runtime)
 
 
-class PredictorActor:
-    """A Ray actor: the model of ``settings`` (a :class:`PredictConfig` or :class:`PoolConfig`)
-    loaded once, then batches of any job predicted with that job's :class:`PredictConfig`."""
-
-    def __init__(
-        self, settings: PredictConfig | PoolConfig, card: ModelCard, pool: str = ""
-    ) -> None:
-        uri = settings.model
-        fs, precision = settings.fs(uri), settings.precision
-        self.model, self.card = inference.load(uri, fs, card, precision, settings.runtime)
-        if pool:  # what a job's first block needs, ready before any job comes
-            from segray.bulk import stages  # noqa: F401  (the readers and writers)
-
-            inference.warm_up(self.model, self.card)
-        self._monte_carlo = False
-        self._model_lock = threading.Lock()  # one model call at a time, whichever thread asks
-        self._info = {
-            "name": pool,
-            "model": uri,
-            "version": self.card.version,
-            "precision": settings.precision or self.card.precision,
-            "runtime": settings.runtime,
-            "batches": 0,
-            "started": time.time(),
-            "pid": os.getpid(),
-        }
-
-    def _predict(self, kind: type, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict:
-        with self._model_lock:
-            wanted = config.mc_samples > 0
-            if wanted != self._monte_carlo:
-                from segray.models.layers import set_monte_carlo
-
-                set_monte_carlo(self.model, wanted)
-                self._monte_carlo = wanted
-            self._info["batches"] += 1
-            return kind(config, self.card, self.model)(batch)
-
-    def tiles(self, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoded tiles → their masks (:class:`TilePredictor`)."""
-        return self._predict(TilePredictor, config, batch)
-
-    def windows(self, config: PredictConfig, batch: dict[str, np.ndarray]) -> dict:
-        """Scene windows → their logits (:class:`WindowPredictor`)."""
-        return self._predict(WindowPredictor, config, batch)
-
-    def process(
-        self, config: PredictConfig, sinks: Sequence[Sink], batch: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """A block of a pooled tile job, end to end: read and decode, predict (``actor_batch()``
-        tiles a model call), write through ``sinks``; returns its manifest rows. Runs in the
-        actor's ``io`` threads, so that one block's reads and writes overlap another's model
-        calls."""
-        from segray.bulk import stages
-
-        read = stages.read_tiles(batch, config)
-        n, size = len(read["input_uri"]), config.actor_batch()
-        parts = [
-            self.tiles(config, {k: v[i : i + size] for k, v in read.items()})
-            for i in range(0, n, size)
-        ]
-        predicted = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-        return stages.write_masks(predicted, config, sinks)
-
-    def describe(self) -> dict[str, Any]:
-        return dict(self._info)
-
-    def ready(self) -> bool:
-        return True
-
-
 def own_actors(config: PredictConfig, card: ModelCard) -> list:
     """``config.concurrency`` Predictor actors of one job, their models loaded (a model that
     cannot load fails the job here)."""
     import ray
 
-    actor = ray.remote(PredictorActor).options(
+    actor = ray.remote(Predictor).options(
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
         max_restarts=2,
@@ -220,7 +146,7 @@ def start_pool(name: str, settings: PoolConfig) -> PoolInfo:
         )
     # "control": answers what the pool holds while the other groups are busy predicting
     groups = {"io": IO_THREADS, "control": 1}
-    actor = ray.remote(concurrency_groups=groups)(PredictorActor)
+    actor = ray.remote(concurrency_groups=groups)(Predictor)
     options = {
         "lifetime": "detached",
         "namespace": NAMESPACE,
@@ -294,7 +220,7 @@ def run_tiles(
     num_classes: int,
 ) -> Generator[dict[str, np.ndarray], None, None]:
     """The manifest rows of a pooled tile job, a block at a time: blocks of ``tiles_per_task``
-    tiles go to the pool's actors in turn (:meth:`PredictorActor.process`), at most
+    tiles go to the pool's actors in turn (:meth:`Predictor.process`), at most
     :data:`IO_THREADS` in flight on each; a block whose actor call fails becomes error rows (a
     rerun predicts them). No Ray Data here: its tasks would need worker processes of this job,
     seconds to start, where the pool's actors are up already. Closing the generator cancels the

@@ -7,7 +7,7 @@ On the same model and the same synthetic scene (copied ``scenes`` times under ne
 - **model alone** — windows/s of :func:`segray.inference.infer` on in-memory batches of windows.
 
 Peak RSS is sampled from ``/proc`` during the all-at-once job: the driver and every Ray worker
-process by title (``ray::stitch_scene`` while a scene task runs, ``ray::PredictorActor`` the
+process by title (``ray::stitch_scene`` while a scene task runs, ``ray::Predictor`` the
 actors), beside the sizes that matter: a band of the stitcher (``(window + stride) x width x
 classes x 4`` bytes) and the scene whole (its pixels, and its float logits).
 """
