@@ -207,3 +207,27 @@ def test_the_manifest_hears_the_lifecycle_and_records_what_a_stop_left(tmp_path)
     assert rows["in/b.tif"]["status"] == "ok" and rows["in/b.tif"]["class_fractions"] is None
     assert rows["in/a.tif"]["class_fractions"] == pytest.approx([0.25, 0.75])
     assert rows["in/z.tif"]["status"] == "error"
+
+
+def test_one_row_codec_carries_a_tile_and_its_georeference_both_ways():
+    from segray.bulk.rows import failed_tile, pixels_of, tile_columns
+    from segray.io.imagery import Tile
+
+    rng = np.random.default_rng(1)
+    valid = np.ones((5, 7), bool)
+    valid[0, :3] = False
+    tiles = [
+        Tile(rng.integers(0, 9, (5, 7, 2), np.uint16), "a.tif", "tiff", CRS, TRANSFORM, {}, valid),
+        Tile(rng.random((4, 4, 3), dtype=np.float32), "b.png", "png"),  # no georeference
+    ]
+    rows = [{"input_uri": t.source, **tile_columns(t)} for t in tiles]
+    rows.append({"input_uri": "c.tif", **failed_tile("c.tif: broken", 0.1)})
+    batch = columns(rows)
+    for i, tile in enumerate(tiles):
+        back = pixels_of(batch, i)
+        np.testing.assert_array_equal(back.array, tile.array)
+        assert back.array.dtype == tile.array.dtype and back.source == tile.source
+        assert (back.crs, back.transform, back.format) == (tile.crs, tile.transform, tile.format)
+        assert (back.valid is None) == (tile.valid is None)
+    np.testing.assert_array_equal(pixels_of(batch, 0).valid, valid)
+    assert batch["error"][2] == "c.tif: broken" and batch["crs"][1] == ""

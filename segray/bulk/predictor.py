@@ -19,10 +19,9 @@ import numpy as np
 
 from segray import inference
 from segray.bulk.config import PredictConfig
-from segray.bulk.rows import objects, pack, unpack, unpack_valid
+from segray.bulk.rows import objects, pack, pixels_of
 from segray.errors import TileError
 from segray.inference.segmenter import Segmenter
-from segray.io.imagery import Tile
 
 if TYPE_CHECKING:
     from segray.bulk.sinks import Sink
@@ -160,13 +159,11 @@ class Predictor:
         """Logits (h, w, K) per row without an error (K + 1 with the uncertainty), NaN where
         the row's pixels were no data; the windows of all rows batched."""
         rows, tiles = [], []
-        for i, uri in enumerate(batch["input_uri"]):
+        for i in range(len(errors)):
             if errors[i]:
                 continue
-            shape = batch["shape"][i]
-            array = unpack(batch["pixels"][i], shape, batch["dtype"][i])
             rows.append(i)
-            tiles.append(Tile(array, str(uri), valid=unpack_valid(batch["valid"][i], shape)))
+            tiles.append(pixels_of(batch, i))
         out = {}
         for i, result in zip(rows, segmenter.logits(tiles), strict=True):
             if isinstance(result, TileError):

@@ -128,6 +128,39 @@ def columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
+def tile_columns(tile: Tile, seconds: float = 0.0) -> dict[str, Any]:
+    """The columns of a decoded tile or window (:class:`TileRow`): its pixels packed, the map of
+    those that are data, its format and georeference (``crs`` "", ``transform`` NO_TRANSFORM:
+    none). :func:`pixels_of` is the way back."""
+    pixels, shape, dtype = pack(tile.array)
+    t = tile.transform
+    return {
+        "error": "",
+        "seconds": seconds,
+        "pixels": pixels,
+        "shape": shape,
+        "dtype": dtype,
+        "valid": pack_valid(tile.valid),
+        "format": tile.format or "",
+        "crs": tile.crs or "",
+        "transform": list(t)[:6] if t is not None else NO_TRANSFORM,
+    }
+
+
+def pixels_of(batch: dict[str, np.ndarray], i: int) -> Tile:
+    """Row ``i`` of a batch as the :class:`Tile` its columns hold (:func:`tile_columns`): its
+    pixels, the map of those that are data and, where the row has them, its georeference."""
+    shape = batch["shape"][i]
+    array = unpack(batch["pixels"][i], shape, batch["dtype"][i])
+    crs, transform = None, None
+    if "crs" in batch:
+        crs, transform = georeference(str(batch["crs"][i]), batch["transform"][i])
+    fmt = str(batch["format"][i]) if "format" in batch else "tiff"
+    valid = unpack_valid(batch["valid"][i], shape)
+    source = str(batch["input_uri"][i])
+    return Tile(array, source, fmt or "tiff", crs=crs, transform=transform, valid=valid)
+
+
 def failed_tile(reason: str, seconds: float) -> dict[str, Any]:
     """The read columns of a tile that could not be read or decoded."""
     return {

@@ -31,7 +31,7 @@ import numpy as np
 from segray import inference
 from segray.bulk.config import PredictConfig
 from segray.bulk.pool import own_actors
-from segray.bulk.rows import STOP, objects, pack, pack_valid, unpack
+from segray.bulk.rows import STOP, columns, tile_columns, unpack
 from segray.bulk.scheduler import bounded
 from segray.bulk.sinks import LocalFile, Output, Sink, files_of, legend_of, write_files
 from segray.errors import OutputFull, SegrayError, TileError
@@ -230,27 +230,16 @@ def _predicted(
 
 def _read_batch(scene: RasterReader, windows: list[Window], job: SceneJob) -> dict[str, np.ndarray]:
     """A batch of window rows (see :class:`segray.bulk.rows.WindowRow`) for a Predictor."""
-    packed, valid = [], []
     uri = scene.uri
+    rows = []
     for win in windows:
         try:
             tile = scene.read(win, bands=job.config.bands)
-            pixels, valid_map = tile.array, tile.valid
         except Exception as exc:  # a broken block fails this scene, not the job
             where = [win.row, win.col, win.height, win.width]
             raise TileError(uri, f"cannot read window {where}: {exc}", "unreadable") from exc
-        packed.append(pack(pixels))
-        valid.append(pack_valid(valid_map))
-    n = len(windows)
-    return {
-        "input_uri": objects([uri] * n),
-        "error": objects([""] * n),
-        "seconds": np.zeros(n),
-        "pixels": objects([p[0] for p in packed]),
-        "shape": np.asarray([p[1] for p in packed]),
-        "dtype": objects([p[2] for p in packed]),
-        "valid": objects(valid),
-    }
+        rows.append({"input_uri": uri, **tile_columns(tile)})
+    return columns(rows)
 
 
 def _logits(windows: list[Window], ref: Any, get: Any) -> Iterator[tuple[Window, np.ndarray]]:

@@ -17,14 +17,12 @@ import numpy as np
 
 from segray.bulk.config import PredictConfig
 from segray.bulk.rows import (
-    NO_TRANSFORM,
     SIDE_COLUMNS,
     STOP,
     columns,
     failed_tile,
     objects,
-    pack,
-    pack_valid,
+    tile_columns,
     tile_of,
     unpack,
 )
@@ -71,19 +69,7 @@ def read_tiles(batch: dict[str, np.ndarray], config: PredictConfig) -> dict[str,
             return failed_tile(str(exc), time.perf_counter() - start)
         except Exception as exc:  # a reader bug must not end the job: the row says what happened
             return failed_tile(f"{uri}: {type(exc).__name__}: {exc}", time.perf_counter() - start)
-        pixels, shape, dtype = pack(tile.array)
-        t = tile.transform
-        return {
-            "error": "",
-            "seconds": time.perf_counter() - start,
-            "pixels": pixels,
-            "shape": shape,
-            "dtype": dtype,
-            "valid": pack_valid(tile.valid),
-            "format": tile.format,
-            "crs": tile.crs or "",
-            "transform": list(t)[:6] if t is not None else NO_TRANSFORM,
-        }
+        return tile_columns(tile, time.perf_counter() - start)
 
     uris = [str(u) for u in batch["input_uri"]]
     fetched = io_pool(config.io_threads).map(fetch, uris)
