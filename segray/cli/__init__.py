@@ -317,14 +317,19 @@ def _block(grace_s: float = 60.0) -> None:
     cluster it joined) and ends the process; a shutdown still under way after ``grace_s``
     seconds does not keep it alive (a full run of the tests saw one hang)."""
     import os
+    import signal
     import threading
     import time
 
     import ray
 
+    # Python's own Ctrl-C handler, installed again at the C level: native code started with Ray
+    # and Serve may have replaced the process's handler without Python knowing (a full run of
+    # the tests saw one Ctrl-C go unanswered for 120 s)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
-            time.sleep(10)
+            time.sleep(1)
     except KeyboardInterrupt:
         click.echo("stopping: shutting down Ray", err=True)
         done = threading.Event()
