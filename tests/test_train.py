@@ -388,3 +388,22 @@ def test_train_env_only_on_a_ray_this_process_started_and_the_users_setting_wins
     with runtime.train_env():
         assert os.environ[key] == "1"
     assert os.environ[key] == "1"
+
+
+def test_ray_trains_controller_unpickles_nothing_that_imports_tensorflow():
+    """The controller actor unpickles the backend config and the loop; neither may pull in
+    TensorFlow (Ray's ``TensorflowConfig`` did: a third 4 s import beside the two workers')."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray.cloudpickle as cp\n"
+        "from segray.train.backend import MultiWorkerConfig\n"
+        "from segray.train.loop import train_loop\n"
+        "config = cp.loads(cp.dumps(MultiWorkerConfig()))\n"
+        "assert config.backend_cls.__name__ == '_MultiWorkerBackend'\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

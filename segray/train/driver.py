@@ -2,9 +2,10 @@
 
 ``train(config)`` checks everything it can before a worker starts (model name and size, the
 dataset's files and class ids, batch size against workers), saves ``config.yaml`` in the run
-folder, builds the ``TensorflowTrainer``, shows progress while the workers train, and after the
-run writes the run folder: ``model.keras`` + ``model.json`` (the best epoch), ``last/``,
-``metrics.csv`` and ``curves.png``. The per-worker loop lives in :mod:`segray.train.loop`.
+folder, builds the trainer (:mod:`segray.train.backend`), shows progress while the workers
+train, and after the run writes the run folder: ``model.keras`` + ``model.json`` (the best
+epoch), ``last/``, ``metrics.csv`` and ``curves.png``. The per-worker loop lives in
+:mod:`segray.train.loop`.
 """
 
 from __future__ import annotations
@@ -278,10 +279,11 @@ def train(
     """Train ``config.model`` on ``config.workers`` Ray Train workers and write the run folder;
     each finished epoch's metrics also go to ``on_epochs`` (``segray tune`` reports them)."""
     from ray.train import ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from segray.runtime import init_ray, train_env
     from segray.train import tracking
+    from segray.train.backend import MultiWorkerConfig
     from segray.train.loop import train_loop
     from segray.train.progress import Board, follow
 
@@ -299,9 +301,10 @@ def train(
     if config.use_gpu:
         resources["GPU"] = config.gpus_per_worker
     board = Board.remote()
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(  # TensorflowTrainer's work, TensorFlow on the workers only
         train_loop,
         train_loop_config={"plan": dataclasses.replace(plan, board=board)},
+        backend_config=MultiWorkerConfig(),
         scaling_config=ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
         ),
