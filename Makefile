@@ -6,10 +6,8 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test lint format install clean assets browser
+.PHONY: demo test lint format install clean browser
 
-# The map page's library (Leaflet) from the npm registry, served by segray itself.
-LEAFLET := segray/serve/static/vendor/leaflet
 # Debian's Chromium, for the map page's test in a real browser.
 CHROMIUM := /usr/bin/chromium
 
@@ -17,21 +15,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python $(LEAFLET)/leaflet.js
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python $(LEAFLET)/leaflet.js
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@ $(VENV)/.installed $(VENV)/.installed-devtools
-
-$(LEAFLET)/leaflet.js: web/package.json web/package-lock.json
-	cd web && npm ci --no-audit --no-fund
-	rm -rf $(LEAFLET) && mkdir -p $(LEAFLET)
-	cp -r web/node_modules/leaflet/dist/leaflet.js web/node_modules/leaflet/dist/leaflet.css \
-		web/node_modules/leaflet/dist/images web/node_modules/leaflet/LICENSE $(LEAFLET)/
-
-assets: $(LEAFLET)/leaflet.js
 
 # Installs Chromium from Debian's packages when it is missing (as root, or through sudo).
 browser:
@@ -66,4 +56,4 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix segray tests jobs
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache web/node_modules $(LEAFLET)
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

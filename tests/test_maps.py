@@ -466,3 +466,43 @@ def test_map_page_in_chromium_draws_buildings_where_they_are(base, scene):
         browser.close()
     assert not failed, failed
     assert tiles["failed"] == 0 and tiles["loaded"] >= 8, tiles
+
+
+def test_a_wheel_of_segray_draws_its_map_wherever_it_is_installed(tmp_path):
+    """Leaflet comes from a dependency (XStatic-Leaflet), not from an npm step in a checkout: the
+    wheel holds the page and requires the library, and the library is read from where pip put it."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from segray.serve import page
+    from segray.serve.http import ApiError
+
+    root = Path(__file__).resolve().parents[1]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    done = subprocess.run([*build, "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("segray-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [line for line in archive.read(meta).decode().splitlines() if "Requires" in line]
+    static = {f"segray/serve/static/{n}" for n in ("map.html", "map.js", "map.css")}
+    assert static <= names
+    assert any(line.startswith("Requires-Dist: XStatic-Leaflet") for line in requires), requires
+    html = (root / "segray/serve/static/map.html").read_text()
+    assert f"static/{page.VENDOR}leaflet.js" in html and "://" not in html  # nothing from the web
+
+    from importlib.metadata import distribution
+
+    library = page.leaflet()  # where pip put the dependency's files, not a folder of the checkout
+    installed = distribution("XStatic-Leaflet").locate_file("xstatic/pkg/leaflet/data/leaflet.js")
+    assert library is not None and Path(installed).resolve() == (library / "leaflet.js").resolve()
+    served = page.asset(f"{page.VENDOR}leaflet.js")
+    assert served.status_code == 200 and served.body == (library / "leaflet.js").read_bytes()
+    assert b"Leaflet" in served.body[:400]
+    for name in (f"{page.VENDOR}../__init__.py", f"{page.VENDOR}leaflet-src.js", "vendor/x.js"):
+        with pytest.raises(ApiError) as refused:
+            page.asset(name)
+        assert refused.value.status == 404, name

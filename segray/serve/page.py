@@ -1,5 +1,6 @@
 """What the map routes answer besides tiles: tile names, TileJSON, a point's class, the map page
-and its static files (Leaflet comes from npm through ``make``; nothing is fetched from the web).
+and its static files (Leaflet from the XStatic-Leaflet package, a dependency: a wheel of segray
+draws its map wherever it is installed; nothing is fetched from the web).
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from segray.io.maptiles import TILE_SIZE, MapTiles, tile_matrix_set
 from segray.serve.http import ApiError
 
 STATIC = Path(__file__).parent / "static"
-#: The map library's files, put there by ``make`` from the npm package (see web/package.json).
-LEAFLET = STATIC / "vendor" / "leaflet"
+#: Where the page asks for the map library's files (``static/vendor/leaflet/…``).
+VENDOR = "vendor/leaflet/"
 _TILE_NAME = re.compile(r"^(\d{1,9})(@2x)?\.png$")
 #: Files the static route serves: the page's own and the map library's, nothing else.
 ASSETS = (
     "map.js",
     "map.css",
-    "vendor/leaflet/leaflet.js",
-    "vendor/leaflet/leaflet.css",
-    *(f"vendor/leaflet/images/{n}" for n in ("layers.png", "layers-2x.png", "marker-icon.png")),
+    f"{VENDOR}leaflet.js",
+    f"{VENDOR}leaflet.css",
+    *(f"{VENDOR}images/{n}" for n in ("layers.png", "layers-2x.png", "marker-icon.png")),
 )
 
 
@@ -131,8 +132,8 @@ def map_page(
 ) -> Response:
     """The map page over ``url`` (its tiles read bands ``bidx``, when given); 503 when the map
     library was never installed."""
-    if not (LEAFLET / "leaflet.js").is_file():
-        detail = "the map library is not installed: run 'make assets' (npm) in the segray checkout"
+    if leaflet() is None:
+        detail = "the map library is not installed: pip install XStatic-Leaflet (segray needs it)"
         raise ApiError(503, "map unavailable", detail)
     settings = {
         "url": url,
@@ -154,13 +155,25 @@ def map_page(
 _CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'"
 
 
+def leaflet() -> Path | None:
+    """The folder of Leaflet's files in the installed XStatic-Leaflet package; None without it."""
+    try:
+        from xstatic.pkg import leaflet as package
+    except ImportError:
+        return None
+    folder = Path(package.BASE_DIR)
+    return folder if (folder / "leaflet.js").is_file() else None
+
+
 def asset(name: str) -> Response:
     """One of :data:`ASSETS` (404 for any other name: no path reaches another file)."""
-    if name not in ASSETS or not (STATIC / name).is_file():
+    folder = leaflet() if name.startswith(VENDOR) else STATIC
+    path = None if folder is None else folder / name.removeprefix(VENDOR)
+    if name not in ASSETS or path is None or not path.is_file():
         raise ApiError(404, "not found", f"no static file {name!r}")
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     headers = {"Cache-Control": "public, max-age=86400"}
-    return Response((STATIC / name).read_bytes(), media_type=media, headers=headers)
+    return Response(path.read_bytes(), media_type=media, headers=headers)
 
 
 def segment_doc(tile: Any, masks: Any, card: Any, class_index: int | None) -> dict:
