@@ -90,10 +90,12 @@ def started_here() -> bool:
 
 
 @contextmanager
-def train_env() -> Iterator[None]:
+def train_env(local: bool | None = None) -> Iterator[None]:
     """The environment Ray Train reads at ``fit()``: :data:`LOCAL_TRAIN_ENV` on a Ray this process
-    started (what the user set wins), nothing on a joined cluster; restored on the way out."""
-    local = LOCAL_TRAIN_ENV if started_here() else {}
+    started (or, given ``local``, one its caller knows to be such: a Tune trial on the Ray that
+    ``segray tune`` started) — what the user set wins; nothing on a joined cluster; restored on
+    the way out."""
+    local = LOCAL_TRAIN_ENV if (started_here() if local is None else local) else {}
     added = {k: v for k, v in local.items() if k not in os.environ}
     os.environ.update(added)
     try:

@@ -384,6 +384,12 @@ def test_train_env_only_on_a_ray_this_process_started_and_the_users_setting_wins
     with runtime.train_env():
         assert os.environ[key] == value
     assert key not in os.environ  # restored on the way out
+    with runtime.train_env(local=False):  # a caller that knows better wins over the guess
+        assert key not in os.environ
+    monkeypatch.setattr(runtime, "_started_here", False)
+    with runtime.train_env(local=True):  # a Tune trial on the Ray that segray tune started
+        assert os.environ[key] == value
+    assert key not in os.environ
     monkeypatch.setenv(key, "1")
     with runtime.train_env():
         assert os.environ[key] == "1"

@@ -274,10 +274,14 @@ def load_config(uri: str, fs: FileSystem | None = None) -> dict[str, Any]:
 
 
 def train(
-    config: TrainConfig, on_epochs: Callable[[list[dict[str, float]]], None] | None = None
+    config: TrainConfig,
+    on_epochs: Callable[[list[dict[str, float]]], None] | None = None,
+    local_ray: bool | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.workers`` Ray Train workers and write the run folder;
-    each finished epoch's metrics also go to ``on_epochs`` (``segray tune`` reports them)."""
+    each finished epoch's metrics also go to ``on_epochs`` (``segray tune`` reports them).
+    ``local_ray`` says the Ray is a one-machine instance of segray's own when this process did
+    not start it (:func:`segray.runtime.train_env`)."""
     from ray.train import ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -328,7 +332,7 @@ def train(
             outcome["error"] = exc
 
     runner = threading.Thread(target=fit, name="segray-train-fit", daemon=True)
-    with train_env():
+    with train_env(local_ray):
         runner.start()
         follow(board, runner, config.epochs, _both(tracker.epochs if tracker else None, on_epochs))
     try:

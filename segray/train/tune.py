@@ -102,8 +102,9 @@ def trial_config(base: TrainConfig, values: Mapping[str, Any], out: str) -> Trai
     return TrainConfig(**fields)
 
 
-def _trial(values: dict[str, Any], base: dict[str, Any], root: str) -> None:
-    """One Tune trial: a segray training run that reports each epoch's metrics to Tune."""
+def _trial(values: dict[str, Any], base: dict[str, Any], root: str, local: bool = False) -> None:
+    """One Tune trial: a segray training run that reports each epoch's metrics to Tune; ``local``
+    when the search runs on a Ray that ``segray tune`` started (Ray Train's local settings)."""
     import ray.tune
 
     from segray.train.driver import train
@@ -121,7 +122,7 @@ def _trial(values: dict[str, Any], base: dict[str, Any], root: str) -> None:
                 reported.add(epoch)
                 ray.tune.report({**row, "trial_out": config.out})
 
-    result = train(config, on_epochs=report)
+    result = train(config, on_epochs=report, local_ray=local)
     report(result.history, last=True)  # and those the progress board had not shown yet
 
 
@@ -138,7 +139,7 @@ def tune(base: TrainConfig, tune_config: TuneConfig, space_flags: Sequence[str] 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from segray.runtime import init_ray
+    from segray.runtime import init_ray, started_here
 
     root = base.out
     if storage.parse(root).scheme != "file":
@@ -158,7 +159,8 @@ def tune(base: TrainConfig, tune_config: TuneConfig, space_flags: Sequence[str] 
         else FIFOScheduler()
     )
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(_trial, base=base.to_dict(), root=root), {"CPU": 0.01}
+        ray_tune.with_parameters(_trial, base=base.to_dict(), root=root, local=started_here()),
+        {"CPU": 0.01},
     )
     at_once = tune_config.max_concurrent or concurrency(base, ray.cluster_resources()["CPU"])
     search = os.path.join(root, "tune")
