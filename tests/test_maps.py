@@ -480,8 +480,15 @@ def test_a_wheel_of_segray_draws_its_map_wherever_it_is_installed(tmp_path):
     from segray.serve.http import ApiError
 
     root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy: setuptools writes build/ beside what it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(root / "segray", source / "segray", ignore=skip)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-    done = subprocess.run([*build, "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    build += ["-w", str(tmp_path), str(source)]
+    done = subprocess.run(build, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = tmp_path.glob("segray-*.whl")
     with zipfile.ZipFile(wheel) as archive:
